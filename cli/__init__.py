@@ -1,0 +1,1 @@
+"""The ``segpipe`` command line: thin Typer commands over the ``segpipe`` library."""

@@ -1,0 +1,72 @@
+"""The ``segpipe`` application: global options and the list of commands."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from cli import data
+from cli._common import setup_logging, state
+from segpipe import __version__
+
+app = typer.Typer(
+    name="segpipe",
+    help="3D lesion segmentation for brain MRI (ISLES, WMH) with the boundary loss, Dice and cross-entropy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"segpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    state.debug = state.debug or debug
+    setup_logging(verbose, quiet)
+
+
+app.command("manifest")(data.manifest)
+app.command("synth")(data.synth)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: usage errors become one line (``error: ...``) and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="segpipe", standalone_mode=False)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        fmt = getattr(exc, "format_message", None)
+        code = getattr(exc, "exit_code", None)
+        if callable(fmt) and isinstance(code, int):  # the parser's usage errors
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"error: {fmt()}{hint}", err=True)
+            sys.exit(code)
+        if type(exc).__name__ == "Abort":
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        raise
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Atomic output: write under a temporary name in the destination folder, then rename.
+
+A reader (or a rerun after ``kill -9``) sees either the complete file or none at all, never a
+half-written one. Temporary names start with ``.tmp-`` so that stale ones are easy to spot and clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from segpipe.errors import SegpipeError
+
+__all__ = ["TMP_PREFIX", "atomic_path", "atomic_write_bytes", "atomic_write_text", "ensure_writable_dir"]
+
+TMP_PREFIX = ".tmp-"
+
+
+def ensure_writable_dir(path: str | os.PathLike, *, what: str = "output folder") -> Path:
+    """Create ``path`` (and parents) and check that files can be written in it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SegpipeError(
+            f"{what} '{path}': cannot be created ({exc.strerror or exc}); choose a folder you can write to"
+        ) from exc
+    if not path.is_dir():
+        raise SegpipeError(f"{what} '{path}': expected a folder, found a file; choose another path")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SegpipeError(f"{what} '{path}': not writable; choose a folder you can write to or fix its permissions")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it onto ``final`` when the block succeeds.
+
+    With ``directory=True`` the temporary path is a fresh folder, and an existing ``final`` folder is
+    replaced. On any exception (Ctrl-C included) the temporary path is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    parent = final.parent
+    ensure_writable_dir(parent)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=parent))
+    else:
+        # the temporary name ends with the final one, so that writers that go by the extension
+        # (nibabel: ".nii.gz") write the right format
+        fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + final.name, dir=parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            if final.exists():
+                old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".old.", dir=parent))
+                os.replace(final, old / "x")
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        else:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

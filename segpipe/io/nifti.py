@@ -1,0 +1,139 @@
+"""Reading and writing volumes (NIfTI through nibabel; MetaImage/NRRD through SimpleITK).
+
+Every read problem becomes one :class:`~segpipe.errors.SegpipeError` line that names the file. Arrays are
+indexed ``(x, y, z)`` in voxel order, as nibabel gives them; ``affine`` maps voxel indices to RAS+ world
+millimetres (the NIfTI convention).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from segpipe.errors import SegpipeError
+from segpipe.io.atomic import atomic_path
+
+__all__ = ["Volume", "read_volume", "save_nifti", "spacing_of"]
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D volume with its geometry. ``header`` keeps the NIfTI header (codes, units) when there is one."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path | None = None
+    header: nib.Nifti1Header | None = field(default=None, repr=False)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return spacing_of(self.affine)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel size in mm along each array axis (the norms of the affine's columns)."""
+    return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img)  # (z, y, x)
+    arr = np.ascontiguousarray(np.transpose(arr, tuple(range(arr.ndim))[::-1]))
+    dim = img.GetDimension()
+    direction = np.asarray(img.GetDirection()).reshape(dim, dim)
+    affine = np.eye(4)
+    affine[:dim, :dim] = direction * np.asarray(img.GetSpacing())[None, :]
+    affine[:dim, 3] = img.GetOrigin()
+    return arr, _LPS_TO_RAS @ affine
+
+
+def read_volume(path: str | os.PathLike, *, what: str = "image", dtype: np.dtype | None = np.float32) -> Volume:
+    """Read a 3D volume. A 4D file with a single volume is accepted; more volumes are an error.
+
+    ``what`` names the role of the file in messages ("image", "label", "channel 'dwi'").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SegpipeError(f"{what} '{path}': file not found; check the path (or the manifest that names it)")
+    name = path.name.lower()
+    header = None
+    try:
+        if name.endswith((".nii", ".nii.gz", ".img", ".hdr")):
+            img = nib.load(str(path))
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                img = nib.Nifti1Image.from_image(img)
+            header = img.header
+            affine = np.asarray(img.affine, dtype=np.float64)
+            arr = np.asanyarray(img.dataobj)
+        else:
+            arr, affine = _read_sitk(path)
+    except SegpipeError:
+        raise
+    except Exception as exc:  # nibabel/zlib/SimpleITK raise many types for damaged files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SegpipeError(
+            f"{what} '{path}': cannot be read ({type(exc).__name__}: {reason}); the file is damaged or not an image: "
+            "export or download it again"
+        ) from exc
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise SegpipeError(
+            f"{what} '{path}': expected a 3D volume, found {arr.ndim}D with shape {tuple(arr.shape)}; "
+            "split multi-volume files (e.g. keep one b-value or one time point) before using them"
+        )
+    if dtype is not None:
+        arr = np.asarray(arr, dtype=dtype)
+    return Volume(arr, affine, path, header)
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    affine: np.ndarray,
+    *,
+    header: nib.Nifti1Header | None = None,
+    dtype: np.dtype | type | None = None,
+    qform_code: int | None = None,
+    sform_code: int | None = None,
+) -> Path:
+    """Write ``array`` as NIfTI, atomically.
+
+    With ``header`` (the input's header) the codes, units and intent are kept, so that a mask written for an
+    input opens in the same place as the input in any viewer; the data type is ``dtype`` (default: the
+    array's). Without a header, both codes default to 1 (scanner anatomical).
+    """
+    path = Path(path)
+    arr = np.asarray(array) if dtype is None else np.asarray(array, dtype=dtype)
+    if header is not None:
+        hdr = header.copy()
+        hdr.set_data_dtype(arr.dtype)
+        hdr.set_slope_inter(1.0, 0.0)
+        img = nib.Nifti1Image(arr, affine, header=hdr)
+        q_code = int(header["qform_code"]) if qform_code is None else qform_code
+        s_code = int(header["sform_code"]) if sform_code is None else sform_code
+    else:
+        img = nib.Nifti1Image(arr, affine)
+        img.header.set_xyzt_units("mm", "sec")
+        q_code = 1 if qform_code is None else qform_code
+        s_code = 1 if sform_code is None else sform_code
+    # set both even when a code is 0, so that the stored matrices are the given affine
+    img.set_qform(affine, code=q_code)
+    img.set_sform(affine, code=s_code)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
