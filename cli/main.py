@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli import data
+from cli import data, preprocess
 from cli._common import setup_logging, state
 from segpipe import __version__
 
@@ -43,6 +43,8 @@ def _main(
 
 app.command("manifest")(data.manifest)
 app.command("synth")(data.synth)
+app.command("preprocess")(preprocess.preprocess)
+app.command("inspect")(preprocess.inspect)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,3 +71,45 @@ def synth_wmh(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth_wmh")
     synthesize(root, "wmh17", cases=3, seed=3, shape=(48, 48, 16))
     return root
+
+
+def toy_volume(shape=(24, 24, 16), seed=0, lesion=True):
+    """A tiny 'head' (ellipsoid of ~100) with noise and, optionally, a bright cubic lesion."""
+    rng = np.random.default_rng(seed)
+    idx = np.indices(shape).astype(float)
+    c = (np.array(shape) - 1) / 2
+    r = np.sqrt(sum(((idx[i] - c[i]) / (0.42 * shape[i])) ** 2 for i in range(3)))
+    img = np.where(r < 1, 100.0, 0.0) + rng.normal(0, 3, shape)
+    lab = np.zeros(shape, np.float32)
+    if lesion:
+        s = tuple(slice(int(c[i]) - 2, int(c[i]) + 2) for i in range(3))
+        lab[s] = 1
+        img[s] += 80
+    return img.astype(np.float32), lab
+
+
+def make_toy_dataset(root: Path, n: int = 2, shape=(24, 24, 16), spacing=(1.5, 1.5, 2.0)) -> Path:
+    """n cases with channels t1, flair and a label, and a manifest (root/manifest.json)."""
+    import json
+
+    aff = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])  # LAS, like the real files
+    cases = []
+    for i in range(n):
+        img, lab = toy_volume(shape, seed=i)
+        cid = f"case{i}"
+        write_nifti(root / cid / "t1.nii.gz", img, aff)
+        write_nifti(root / cid / "flair.nii.gz", img * 0.7 + 5, aff)
+        write_nifti(root / cid / "label.nii.gz", lab, aff)
+        cases.append({"id": cid, "images": {"t1": f"{cid}/t1.nii.gz", "flair": f"{cid}/flair.nii.gz"}, "label": f"{cid}/label.nii.gz"})
+    manifest = {
+        "name": "toy", "root": ".", "channels": ["t1", "flair"],
+        "label": {"classes": ["background", "lesion"], "ignore_value": None, "threshold": 0.5},
+        "cases": cases, "folds": {"k": n, "seed": 0, "validation": [[f"case{i}"] for i in range(n)]},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root / "manifest.json"
+
+
+@pytest.fixture
+def toy_dataset(tmp_path) -> Path:
+    return make_toy_dataset(tmp_path / "toy")

@@ -1,0 +1,85 @@
+"""``segpipe preprocess`` and ``segpipe inspect``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli._common import handle_errors, state
+
+
+@handle_errors
+def preprocess(
+    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Dataset manifest (see `segpipe manifest`).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder to fill.", show_default=False)],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment config (YAML); defaults when omitted.")] = None,
+    workers: Annotated[int, typer.Option(help="Cases preprocessed in parallel (processes).")] = 1,
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="Report a failing case and continue with the others.")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Config overrides, e.g. preprocess.target_spacing=[1,1,3].", show_default=False)
+    ] = None,
+) -> None:
+    """Fingerprint a dataset, plan the network, and cache every case preprocessed, with its distance maps.
+
+    Resample channels onto the reference grid, reorient to RAS, resample to the target spacing, crop to the
+    head, z-score, and compute one signed distance map per foreground class (mm). Reruns process only missing
+    or stale cases; every entry is written atomically.
+    """
+    from segpipe.config import load_config
+    from segpipe.data.manifest import load_manifest
+    from segpipe.data.preprocess import preprocess_dataset
+    from segpipe.errors import SegpipeError, UsageError
+
+    if workers < 1:
+        raise UsageError(f"--workers: expected at least 1, got {workers}")
+    cfg = load_config(config, overrides or [])
+    m = load_manifest(manifest)
+    report = preprocess_dataset(m, cfg, out, workers=workers, keep_going=keep_going, debug=state.debug)
+    plan = report.plan
+    done = len(report.processed) + len(report.up_to_date)
+    typer.echo(
+        f"cache {out}: {done} cases ready ({len(report.processed)} processed, {len(report.up_to_date)} up to date, "
+        f"{len(report.failed)} failed) in {report.seconds:.1f} s"
+    )
+    if plan is not None:
+        fmt = "x".join
+        typer.echo(
+            f"plan: spacing {fmt(f'{v:g}' for v in plan.target_spacing)} mm, patch {fmt(str(v) for v in plan.patch_size)}, "
+            f"batch {plan.batch_size}, {len(plan.network.strides)} stages, ~{plan.memory_estimate_gb:g} GiB"
+        )
+    if report.failed:
+        raise SegpipeError(f"{len(report.failed)} case(s) failed: {', '.join(report.failed)} (messages above)")
+
+
+@handle_errors
+def inspect(
+    cache: Annotated[Path, typer.Argument(help="Cache folder made by `segpipe preprocess`.", show_default=False)],
+    case: Annotated[str | None, typer.Argument(help="A case id: show it, and export it with the options below.")] = None,
+    export_nifti: Annotated[
+        Path | None, typer.Option("--export-nifti", help="Write the case's channels, label and distance maps as NIfTI here.")
+    ] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Write a PNG panel of a lesion slice of the case.")] = None,
+) -> None:
+    """Summarise a preprocessed cache (cases, shapes, spacing, lesions), or look at one case.
+
+    For a case, --export-nifti writes image_<channel>.nii.gz, label.nii.gz and sdm_<class>.nii.gz with the
+    preprocessed affine (open them in ITK-SNAP or 3D Slicer), and --png draws the channels, the label and the
+    distance map (diverging colours) through the slice with the most lesion.
+    """
+    from segpipe.data.inspect import case_summary, export_case_nifti, render_case_png, summarize_cache
+    from segpipe.errors import UsageError
+
+    if case is None:
+        if export_nifti or png:
+            raise UsageError("--export-nifti and --png need a CASE (see `segpipe inspect CACHE` for the ids)")
+        typer.echo(summarize_cache(cache))
+        return
+    typer.echo(case_summary(cache, case))
+    if export_nifti:
+        written = export_case_nifti(cache, case, export_nifti)
+        typer.echo(f"wrote {len(written)} NIfTI files to {export_nifti}")
+    if png:
+        render_case_png(cache, case, png)
+        typer.echo(f"wrote {png}")

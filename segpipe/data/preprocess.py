@@ -1,0 +1,294 @@
+"""``segpipe preprocess``: fingerprint a dataset, plan, and fill the case cache (in parallel, resumable)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from segpipe.config import Config
+from segpipe.data.cache import CaseCache, case_key, foreground_locations
+from segpipe.data.manifest import Case, Manifest
+from segpipe.errors import SegpipeError
+from segpipe.io.atomic import ensure_writable_dir
+from segpipe.planning import Plan, make_plan
+from segpipe.progress import track
+from segpipe.transforms.preprocessing import IGNORE_INDEX, build_preprocessing, channel_key, run_chain
+
+__all__ = ["PreprocessReport", "case_inputs", "header_geometry", "preprocess_dataset", "preprocess_case"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreprocessReport:
+    processed: list[str] = field(default_factory=list)
+    up_to_date: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    unlabelled: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    plan: Plan | None = None
+
+
+def header_geometry(path: Path, what: str = "image") -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """Spacing and shape of an image in the axis order it will have after reorientation (header only)."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            img = nib.load(str(path))
+            affine, shape = np.asarray(img.affine), tuple(int(s) for s in img.shape[:3])
+        else:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            dim = reader.GetDimension()
+            direction = np.asarray(reader.GetDirection()).reshape(dim, dim)
+            affine = np.eye(4)
+            affine[:3, :3] = np.diag([-1, -1, 1]) @ direction[:3, :3] * np.asarray(reader.GetSpacing()[:3])[None, :]
+            shape = tuple(int(s) for s in reader.GetSize()[:3])
+    except FileNotFoundError:
+        raise SegpipeError(f"{what} '{path}': file not found") from None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise SegpipeError(
+            f"{what} '{path}': cannot be read (its header: {type(exc).__name__}: {first}); the file is damaged or not an "
+            "image: export or download it again"
+        ) from None
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    ornt = nib.orientations.io_orientation(affine)
+    out_sp = [0.0] * 3
+    out_sh = [0] * 3
+    for i in range(3):
+        out_sp[int(ornt[i, 0])] = float(spacing[i])
+        out_sh[int(ornt[i, 0])] = int(shape[i])
+    return tuple(round(v, 6) for v in out_sp), tuple(out_sh)
+
+
+def case_inputs(manifest: Manifest, case: Case, with_label: bool = True) -> dict[str, str]:
+    d = {channel_key(ch): str(manifest.image_path(case, ch)) for ch in manifest.channels}
+    if with_label and case.label is not None:
+        d["label"] = str(manifest.label_path(case))
+    return d
+
+
+def _label_stats(label: np.ndarray, num_classes: int, spacing: tuple[float, ...]) -> dict[str, Any]:
+    voxel_mm3 = float(np.prod(spacing))
+    valid = label != IGNORE_INDEX
+    n = max(int(valid.sum()), 1)
+    out: dict[str, Any] = {"fractions": [float((label == k).sum()) / n for k in range(num_classes)], "ignored_voxels": int((~valid).sum())}
+    per_class = []
+    for k in range(1, num_classes):
+        lab, count = ndimage.label(label == k, structure=np.ones((3, 3, 3)))
+        sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, count + 1)) * voxel_mm3 if count else np.zeros(0)
+        per_class.append({"lesions": int(count), "sizes_mm3": sorted((round(float(s), 2) for s in sizes), reverse=True),
+                          "volume_ml": float((label == k).sum()) * voxel_mm3 / 1000.0})
+    out["classes"] = per_class
+    return out
+
+
+def preprocess_case(plan: Plan, inputs: dict[str, str]) -> dict[str, Any]:
+    """Run the chain on one case; returns the chain's output dictionary."""
+    chain = build_preprocessing(plan, with_label="label" in inputs)
+    return run_chain(chain, inputs)
+
+
+def _work(job: dict[str, Any], raise_errors: bool = False) -> tuple[str, str, dict[str, Any] | str]:
+    """One case, in a worker process: preprocess, then write the cache entry atomically. Errors come back
+    as messages (``raise_errors``: raised, for ``--debug``)."""
+    case_id = job["case"]
+    try:
+        if job.get("single_thread"):
+            import SimpleITK as sitk
+            import torch
+
+            torch.set_num_threads(1)
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        start = time.perf_counter()
+        plan = Plan.from_json(job["plan"])
+        out = preprocess_case(plan, job["inputs"])
+        image = np.asarray(out["image"], dtype=np.float32)
+        label = np.asarray(out["label"][0], dtype=np.uint8)
+        sdm = np.asarray(out["sdm"], dtype=np.float32)
+        affine = np.asarray(out["image"].affine, dtype=np.float64)
+        spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+        fg = foreground_locations(label, plan.num_classes, rng)
+        meta = {
+            "key": job["key"],
+            "case": case_id,
+            "channels": list(plan.channels),
+            "shape": list(image.shape[1:]),
+            "spacing": list(spacing),
+            "affine": affine.tolist(),
+            "crop": {"start": np.asarray(out.get("foreground_start_coord", [])).tolist(),
+                     "end": np.asarray(out.get("foreground_end_coord", [])).tolist()},
+            "inputs": job["inputs"],
+            "stats": {"intensity": out.get("stats", {}).get("intensity", {}), "label": _label_stats(label, plan.num_classes, spacing)},
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        CaseCache(job["cache"]).write(case_id, {"image": image, "label": label, "sdm": sdm, "fg": fg}, meta)
+        return "ok", case_id, meta
+    except SegpipeError as exc:
+        if raise_errors:
+            raise
+        return "error", case_id, str(exc)
+    except MemoryError:
+        if raise_errors:
+            raise
+        return "error", case_id, "out of memory; use fewer --workers"
+    except Exception as exc:
+        if raise_errors:
+            raise  # a bug, reported per case so the others go on with --keep-going
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return "error", case_id, f"unexpected {type(exc).__name__}: {first} (a bug in segpipe; rerun with --debug --workers 1)"
+
+
+def preprocess_dataset(
+    manifest: Manifest,
+    config: Config,
+    out: str | os.PathLike,
+    *,
+    workers: int = 1,
+    keep_going: bool = False,
+    debug: bool = False,
+) -> PreprocessReport:
+    """Fingerprint, plan and preprocess every labelled case of ``manifest`` into the cache at ``out``.
+
+    Cases already in the cache with the same key are kept; others are (re)made. With ``keep_going`` a failing
+    case is reported and the others continue; otherwise the first failure stops the run (finished cases
+    stay cached). Returns a report; the caller decides the exit code.
+    """
+    start = time.perf_counter()
+    root = ensure_writable_dir(out, what="--out cache folder")
+    cache = CaseCache(root)
+    ensure_writable_dir(cache.cases_dir, what="cache folder")
+    if (n := cache.clean_temporary()):
+        log.info("removed %d unfinished entries of an interrupted run", n)
+    report = PreprocessReport()
+    labelled = [c for c in manifest.cases if c.label is not None]
+    report.unlabelled = [c.id for c in manifest.cases if c.label is None]
+    if report.unlabelled:
+        log.info("%d cases without a label are not preprocessed (training needs labels; `segpipe infer` preprocesses on the fly)", len(report.unlabelled))
+    if not labelled:
+        raise SegpipeError(f"manifest '{manifest.where}': no case has a label; nothing to preprocess for training")
+
+    # 1. fingerprint from the headers of the reference channel, then the plan
+    ref = config.data.reference_channel or manifest.channels[0]
+    if ref not in manifest.channels:
+        raise SegpipeError(f"config 'data.reference_channel': '{ref}' is not a channel of the manifest {list(manifest.channels)}")
+    geometry: dict[str, tuple[tuple[float, ...], tuple[int, ...]]] = {}
+    for case in labelled:
+        try:
+            geometry[case.id] = header_geometry(manifest.image_path(case, ref), f"channel '{ref}'")
+        except SegpipeError as exc:
+            if not keep_going:
+                raise SegpipeError(f"case '{case.id}': {exc.message}") from None
+            report.failed[case.id] = exc.message
+    if not geometry:
+        raise SegpipeError("no case could be read; see the errors above")
+    plan = make_plan(
+        config, manifest.channels, manifest.label.classes, manifest.label.ignore_value, manifest.label.threshold,
+        [g[0] for g in geometry.values()], [g[1] for g in geometry.values()],
+    )
+    report.plan = plan
+    cache.write_json("plan.json", plan.to_json())
+
+    # 2. the cases
+    jobs = []
+    for case in labelled:
+        if case.id not in geometry:
+            continue
+        inputs = case_inputs(manifest, case)
+        key = case_key(plan.preprocessing_key(), {k: Path(v) for k, v in inputs.items()})
+        if cache.is_fresh(case.id, key):
+            report.up_to_date.append(case.id)
+            continue
+        jobs.append({"case": case.id, "inputs": inputs, "key": key, "plan": plan.to_json(), "cache": str(root),
+                     "single_thread": workers > 1})
+    if report.up_to_date:
+        log.info("%d of %d cases are up to date in the cache", len(report.up_to_date), len(labelled))
+
+    def handle(status: str, case_id: str, payload: Any) -> None:
+        if status == "ok":
+            report.processed.append(case_id)
+            return
+        report.failed[case_id] = payload
+        log.error("case '%s': %s", case_id, payload)
+        if not keep_going:
+            raise _Stop(case_id, payload)
+
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in track(jobs, "preprocessing"):
+                handle(*_work(job, raise_errors=debug))
+        else:
+            ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [pool.submit(_work, job) for job in jobs]
+                try:
+                    for fut in track(cf.as_completed(futures), "preprocessing", total=len(futures)):
+                        handle(*fut.result())
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    except _Stop as stop:
+        report.seconds = time.perf_counter() - start
+        _write_index(cache, manifest, plan, report)
+        raise SegpipeError(
+            f"case '{stop.case_id}': {stop.message}" + (f" ({len(report.processed)} other cases were cached; " if report.processed else " (")
+            + "pass --keep-going to continue past failing cases)"
+        ) from None
+    report.seconds = time.perf_counter() - start
+    _write_index(cache, manifest, plan, report)
+    return report
+
+
+class _Stop(Exception):
+    def __init__(self, case_id: str, message: str) -> None:
+        super().__init__(message)
+        self.case_id = case_id
+        self.message = message
+
+
+def _write_index(cache: CaseCache, manifest: Manifest, plan: Plan, report: PreprocessReport) -> None:
+    """fingerprint.json and cache.json from every complete, fresh entry."""
+    ok = [c.id for c in manifest.cases if c.id in set(report.processed) | set(report.up_to_date)]
+    per_case = {}
+    for cid in ok:
+        meta = cache.meta(cid) or {}
+        per_case[cid] = {"spacing": meta.get("spacing"), "shape": meta.get("shape"), "stats": meta.get("stats", {}),
+                         "seconds": meta.get("seconds")}
+    fractions = [per_case[c]["stats"].get("label", {}).get("fractions", []) for c in ok]
+    summary = {
+        "cases": len(ok),
+        "median_shape": np.median([per_case[c]["shape"] for c in ok], axis=0).tolist() if ok else [],
+        "mean_class_fractions": np.mean(fractions, axis=0).tolist() if fractions and all(fractions) else [],
+    }
+    cache.write_json("fingerprint.json", {"summary": summary, "cases": per_case})
+    folds = [[c for c in fold if c in set(ok)] for fold in manifest.folds]
+    cache.write_json("cache.json", {
+        "format": "segpipe-cache",
+        "version": 1,
+        "name": manifest.name,
+        "manifest": str(manifest.path) if manifest.path else None,
+        "channels": list(plan.channels),
+        "classes": list(plan.classes),
+        "ignore_value": plan.ignore_value,
+        "cases": ok,
+        "failed": report.failed,
+        "folds": folds,
+        "preprocessing": plan.preprocessing_key(),
+    })

@@ -1,0 +1,235 @@
+"""The case cache and `segpipe preprocess`: atomic entries, staleness, resume after kill -9, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from segpipe.config import load_config
+from segpipe.data.cache import CaseCache
+from segpipe.data.manifest import load_manifest
+from segpipe.data.preprocess import preprocess_dataset
+from segpipe.errors import SegpipeError
+from tests.conftest import make_toy_dataset, toy_volume, write_nifti
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(manifest, out, *overrides, **kw):
+    return preprocess_dataset(load_manifest(manifest), load_config(None, list(overrides)), out, **kw)
+
+
+def test_cache_layout_and_memory_maps(toy_dataset, tmp_path):
+    out = tmp_path / "cache"
+    report = _run(toy_dataset, out)
+    assert sorted(report.processed) == ["case0", "case1"] and not report.failed
+    for name in ("plan.json", "fingerprint.json", "cache.json"):
+        assert (out / name).is_file()
+    index = json.loads((out / "cache.json").read_text())
+    assert index["cases"] == ["case0", "case1"] and index["folds"] == [["case0"], ["case1"]]
+    c = CaseCache(out).load("case0")
+    assert isinstance(c.image, np.memmap) and isinstance(c.sdm, np.memmap)
+    assert c.image.dtype == np.float32 and c.label.dtype == np.uint8 and c.sdm.dtype == np.float32
+    assert c.image.shape[1:] == c.label.shape == c.sdm.shape[1:]
+    assert c.fg.shape[1] == 4 and (c.label[tuple(c.fg[:, 1:].T)] == c.fg[:, 0]).all()
+    fp = json.loads((out / "fingerprint.json").read_text())
+    st = fp["cases"]["case0"]["stats"]
+    assert set(st["intensity"]) == {"t1", "flair"} and st["label"]["classes"][0]["lesions"] == 1
+
+
+def test_rerun_is_incremental_and_settings_make_entries_stale(toy_dataset, tmp_path):
+    out = tmp_path / "cache"
+    _run(toy_dataset, out)
+    mtime = (out / "cases" / "case0" / "image.npy").stat().st_mtime_ns
+    again = _run(toy_dataset, out)
+    assert sorted(again.up_to_date) == ["case0", "case1"] and not again.processed
+    assert (out / "cases" / "case0" / "image.npy").stat().st_mtime_ns == mtime
+    # a changed setting never reuses a stale entry
+    changed = _run(toy_dataset, out, "preprocess.crop_margin_mm=2")
+    assert sorted(changed.processed) == ["case0", "case1"]
+    # a changed input file makes its case stale, and only that one
+    p = toy_dataset.parent / "case1" / "t1.nii.gz"
+    img, _ = toy_volume(seed=9)
+    write_nifti(p, img, nib.load(str(p)).affine)
+    os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))
+    later = _run(toy_dataset, out, "preprocess.crop_margin_mm=2")
+    assert later.processed == ["case1"] and later.up_to_date == ["case0"]
+
+
+def test_entries_are_atomic(toy_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    cache = CaseCache(out)
+    original = np.save
+
+    def failing_save(path, arr, **kw):
+        if str(path).endswith("sdm.npy"):
+            raise OSError(28, "No space left on device")
+        return original(path, arr, **kw)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    report = _run(toy_dataset, out, keep_going=True)
+    assert set(report.failed) == {"case0", "case1"}
+    assert not any(p.name for p in (out / "cases").iterdir())  # no half-written entry, no temporary left
+    assert cache.meta("case0") is None
+
+
+def test_keep_going_past_a_damaged_case(toy_dataset, tmp_path):
+    bad = toy_dataset.parent / "case0" / "flair.nii.gz"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "cache"
+    with pytest.raises(SegpipeError, match=r"case 'case0': channel 'flair' .*cannot be read.*--keep-going"):
+        _run(toy_dataset, out)
+    report = _run(toy_dataset, out, keep_going=True)
+    assert report.processed == ["case1"] and list(report.failed) == ["case0"]
+    assert json.loads((out / "cache.json").read_text())["cases"] == ["case1"]
+
+
+def test_parallel_workers_match_serial(tmp_path):
+    manifest = make_toy_dataset(tmp_path / "ds", n=3)
+    _run(manifest, tmp_path / "serial")
+    _run(manifest, tmp_path / "parallel", workers=2)
+    for cid in ("case0", "case1", "case2"):
+        a, b = CaseCache(tmp_path / "serial").load(cid), CaseCache(tmp_path / "parallel").load(cid)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.sdm, b.sdm) and np.array_equal(a.label, b.label)
+
+
+def _preprocess_proc(manifest, out, workers=1):
+    code = "from cli.main import main; main()"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "preprocess", "-m", str(manifest), "-o", str(out), "--workers", str(workers)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+
+
+def _complete(out: Path) -> list[str]:
+    cache = CaseCache(out)
+    return sorted(p.name for p in (out / "cases").glob("*") if not p.name.startswith(".") and cache.meta(p.name))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes(tmp_path, sig):
+    manifest = make_toy_dataset(tmp_path / "ds", n=6, shape=(40, 40, 24))
+    out = tmp_path / "cache"
+    proc = _preprocess_proc(manifest, out)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "cases").is_dir() or len(_complete(out)) < 1:
+        if proc.poll() is not None or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT and proc.returncode not in (0,):
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    done = _complete(out)
+    for cid in done:  # every complete entry loads
+        CaseCache(out).load(cid)
+    report = _run(manifest, out)
+    assert sorted(report.up_to_date) == done
+    assert sorted(report.processed) == sorted(set(f"case{i}" for i in range(6)) - set(done))
+    assert not [p for p in (out / "cases").iterdir() if p.name.startswith(".tmp-")]
+
+
+# -- bad input through the command line ---------------------------------------------------------------------
+
+
+def _cli_preprocess(cli, manifest, out, *extra):
+    return cli("preprocess", "-m", manifest, "-o", out, *extra)
+
+
+def _corrupt(kind: str, root: Path) -> None:
+    case = root / "case0"
+    aff = nib.load(str(case / "t1.nii.gz")).affine
+    img, lab = toy_volume()
+    if kind == "truncated":
+        data = (case / "t1.nii.gz").read_bytes()
+        (case / "t1.nii.gz").write_bytes(data[:300])
+    elif kind == "4d":
+        write_nifti(case / "t1.nii.gz", np.stack([img, img], -1), aff)
+    elif kind == "nan":
+        img[3, 3, 3] = np.nan
+        write_nifti(case / "t1.nii.gz", img, aff)
+    elif kind == "shape":
+        write_nifti(case / "label.nii.gz", lab[:, :, :-2], aff)
+    elif kind == "affine":
+        moved = aff.copy()
+        moved[0, 3] += 3.0
+        write_nifti(case / "label.nii.gz", lab, moved)
+    elif kind == "values":
+        lab[0, 0, 0] = 3
+        write_nifti(case / "label.nii.gz", lab, aff)
+    elif kind == "zeros":
+        write_nifti(case / "t1.nii.gz", np.zeros_like(img), aff)
+
+
+@pytest.mark.parametrize(
+    "kind, needle",
+    [
+        ("truncated", "cannot be read"),
+        ("4d", "expected a 3D volume, found 4D"),
+        ("nan", "1 voxels are NaN or infinite"),
+        ("shape", "not on the grid of channel 't1'"),
+        ("affine", "largest affine difference 3"),
+        ("values", "expected a binary mask"),
+        ("zeros", "every voxel is 0"),
+    ],
+)
+def test_bad_input_one_line_and_others_continue(cli, toy_dataset, tmp_path, kind, needle):
+    _corrupt(kind, toy_dataset.parent)
+    out = tmp_path / "cache"
+    r = _cli_preprocess(cli, toy_dataset, out)
+    assert r.exit_code == 1 and needle in r.output and "case0" in r.output and "Traceback" not in r.output
+    r = _cli_preprocess(cli, toy_dataset, out, "--keep-going")
+    assert r.exit_code == 1 and "1 case(s) failed: case0" in r.output
+    assert CaseCache(out).meta("case1") is not None and CaseCache(out).meta("case0") is None
+
+
+def test_empty_label_is_allowed(cli, toy_dataset, tmp_path, caplog):
+    aff = nib.load(str(toy_dataset.parent / "case0" / "label.nii.gz")).affine
+    write_nifti(toy_dataset.parent / "case0" / "label.nii.gz", np.zeros((24, 24, 16), np.float32), aff)
+    out = tmp_path / "cache"
+    r = _cli_preprocess(cli, toy_dataset, out)
+    assert r.exit_code == 0, r.output
+    c = CaseCache(out).load("case0")
+    assert not np.asarray(c.sdm).any() and len(c.fg) == 0
+
+
+def test_unwritable_and_missing(cli, toy_dataset, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = _cli_preprocess(cli, toy_dataset, tmp_path / "file" / "cache")
+    assert r.exit_code == 1 and "cannot be created" in r.output
+    r = _cli_preprocess(cli, tmp_path / "none.json", tmp_path / "c")
+    assert r.exit_code == 1 and "manifest" in r.output and "not found" in r.output
+    r = _cli_preprocess(cli, toy_dataset, tmp_path / "c", "--workers", "0")
+    assert r.exit_code == 2 and "--workers" in r.output
+    r = _cli_preprocess(cli, toy_dataset, tmp_path / "c", "plan.patch_size=[7,7]")
+    assert r.exit_code == 2 and "plan.patch_size" in r.output
+
+
+def test_inspect(cli, toy_dataset, tmp_path):
+    out = tmp_path / "cache"
+    assert _cli_preprocess(cli, toy_dataset, out).exit_code == 0
+    r = cli("inspect", out)
+    assert r.exit_code == 0 and "case0" in r.output and "case1" in r.output and "lesion %" in r.output
+    r = cli("inspect", out, "case0", "--export-nifti", tmp_path / "nii", "--png", tmp_path / "p.png")
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in (tmp_path / "nii").iterdir())
+    assert names == ["image_flair.nii.gz", "image_t1.nii.gz", "label.nii.gz", "sdm_lesion.nii.gz"]
+    meta = CaseCache(out).meta("case0")
+    img = nib.load(str(tmp_path / "nii" / "sdm_lesion.nii.gz"))
+    assert np.allclose(img.affine, meta["affine"], atol=1e-5)
+    assert np.allclose(np.asanyarray(img.dataobj), CaseCache(out).load("case0").sdm[0])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = cli("inspect", out, "case9")
+    assert r.exit_code == 1 and "no case 'case9'" in r.output
+    r = cli("inspect", tmp_path / "nothing")
+    assert r.exit_code == 1 and "segpipe preprocess" in r.output

@@ -1,0 +1,73 @@
+"""Planning: target spacing rule, topology for isotropic and thick-slice data, patch/batch budget, overrides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segpipe.config import Config, load_config
+from segpipe.errors import UsageError
+from segpipe.planning import Plan, estimate_memory_gb, make_plan, plan_topology, target_spacing_from
+
+
+def test_target_spacing_median_when_isotropic():
+    assert target_spacing_from([(1, 1, 1), (1.2, 1.2, 1.2), (0.9, 0.9, 0.9)], [(100, 100, 100)] * 3) == (1.0, 1.0, 1.0)
+
+
+def test_target_spacing_anisotropic_rule():
+    spacings = [(0.9, 0.9, 5.0)] * 5 + [(0.9, 0.9, 3.0)] * 3 + [(0.9, 0.9, 6.0)] * 2
+    shapes = [(256, 256, 30)] * 10
+    t = target_spacing_from(spacings, shapes)
+    assert t[:2] == (0.9, 0.9)
+    assert t[2] == pytest.approx(np.percentile([s[2] for s in spacings], 10))  # not the median 5.0
+    # anisotropic spacing but many slices: the median stays
+    assert target_spacing_from(spacings, [(256, 256, 200)] * 10)[2] == 5.0
+
+
+def test_topology_isotropic():
+    net = plan_topology((1, 1, 1), (128, 128, 128))
+    assert net.strides[0] == (1, 1, 1) and all(s == (2, 2, 2) for s in net.strides[1:])
+    assert all(k == (3, 3, 3) for k in net.kernel_sizes)
+    assert len(net.strides) == 6 and net.divisor == (32, 32, 32)
+    assert net.filters == (32, 64, 128, 256, 320, 320)
+
+
+def test_topology_thick_slices_waits_before_pooling_z():
+    net = plan_topology((0.9, 0.9, 5.0), (224, 224, 24))
+    assert net.kernel_sizes[0] == (3, 3, 1)  # no context across 5 mm slices at full resolution
+    assert net.strides[1] == (2, 2, 1) and net.strides[2] == (2, 2, 1)
+    assert any(s[2] == 2 for s in net.strides[3:])  # z is pooled once in-plane has caught up
+    first_z = next(i for i, s in enumerate(net.strides) if s[2] == 2)
+    assert net.kernel_sizes[first_z - 1][2] == 3 or net.kernel_sizes[first_z][2] == 3
+
+
+def test_plan_fits_the_memory_budget_and_patch_is_divisible():
+    cfg = load_config(None, ["plan.gpu_memory_gb=4"])
+    plan = make_plan(cfg, ("t1", "flair"), ("bg", "les"), None, 0.5, [(1, 1, 1)] * 4, [(180, 200, 170)] * 4)
+    assert estimate_memory_gb(plan.patch_size, plan.network, plan.batch_size, 2) <= 4.0
+    assert all(p % d == 0 for p, d in zip(plan.patch_size, plan.network.divisor))
+    big = make_plan(load_config(None, ["plan.gpu_memory_gb=40"]), ("t1",), ("bg", "les"), None, 0.5, [(1, 1, 1)] * 4, [(180, 200, 170)] * 4)
+    assert np.prod(big.patch_size) * big.batch_size > np.prod(plan.patch_size) * plan.batch_size
+
+
+def test_overrides_from_config_and_json_round_trip():
+    cfg = load_config(None, ["plan.patch_size=[32,32,16]", "plan.batch_size=3", "preprocess.target_spacing=[1,1,2]", "plan.base_features=8"])
+    plan = make_plan(cfg, ("a",), ("bg", "x"), None, 0.5, [(1, 1, 1)], [(64, 64, 64)])
+    assert plan.patch_size == (32, 32, 16) and plan.batch_size == 3 and plan.target_spacing == (1.0, 1.0, 2.0)
+    assert plan.network.filters[0] == 8
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_patch_not_divisible_is_refused():
+    cfg = load_config(None, ["plan.patch_size=[30,32,32]"])
+    with pytest.raises(UsageError, match=r"must be a multiple of"):
+        make_plan(cfg, ("a",), ("bg", "x"), None, 0.5, [(1, 1, 1)], [(64, 64, 64)])
+
+
+def test_reference_channel_must_exist():
+    with pytest.raises(UsageError, match="data.reference_channel"):
+        make_plan(load_config(None, ["data.reference_channel=dwi"]), ("t1",), ("bg", "x"), None, 0.5, [(1, 1, 1)], [(64, 64, 64)])
+
+
+def test_default_config_is_valid():
+    assert Config().plan.gpu_memory_gb > 0

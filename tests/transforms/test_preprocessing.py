@@ -1,0 +1,230 @@
+"""Each step of the preprocessing chain on tiny synthetic volumes, and the whole chain on the real sample."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from segpipe.config import load_config
+from segpipe.data.manifest import load_manifest
+from segpipe.errors import SegpipeError
+from segpipe.planning import make_plan
+from segpipe.transforms import signed_distance_maps
+from segpipe.transforms.preprocessing import (
+    IGNORE_INDEX,
+    CleanLabeld,
+    LoadVolumed,
+    MatchReferenceGridd,
+    ZScored,
+    build_preprocessing,
+    run_chain,
+    channel_key,
+    head_mask,
+)
+from tests.conftest import toy_volume, write_nifti
+
+
+def _mt(arr, affine=None):
+    return MetaTensor(torch.as_tensor(np.asarray(arr, dtype=np.float32))[None], affine=torch.as_tensor(np.eye(4) if affine is None else affine))
+
+
+def _plan(channels=("t1", "flair"), overrides=(), classes=("background", "lesion"), ignore=None):
+    cfg = load_config(None, list(overrides))
+    return make_plan(cfg, channels, classes, ignore, 0.5 if len(classes) == 2 else None, [(1.5, 1.5, 2.0)], [(24, 24, 16)])
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+
+
+def test_load_channel_first_with_affine(tmp_path):
+    aff = np.diag([-2.0, 2.0, 3.0, 1.0])
+    p = write_nifti(tmp_path / "a.nii.gz", np.arange(24, dtype=np.float32).reshape(2, 3, 4), aff)
+    out = LoadVolumed(["x"], {"x": "channel 'x'"})({"x": str(p)})["x"]
+    assert tuple(out.shape) == (1, 2, 3, 4) and np.allclose(out.affine, aff)
+    # a 4D file holding a single volume is accepted
+    p4 = write_nifti(tmp_path / "b.nii.gz", np.ones((2, 3, 4, 1), np.float32) * np.arange(2)[:, None, None, None], aff)
+    assert tuple(LoadVolumed(["x"], {})({"x": str(p4)})["x"].shape) == (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: write_nifti(p, np.ones((4, 4, 4, 3), np.float32)), "expected a 3D volume, found 4D"),
+        (lambda p: write_nifti(p, np.where(np.eye(4)[:, :, None] > 0, np.nan, 1.0).repeat(4, 2).astype(np.float32)), "16 voxels are NaN or infinite"),
+        (lambda p: write_nifti(p, np.zeros((4, 4, 4), np.float32)), "every voxel is 0, an empty image"),
+        (lambda p: p.write_bytes(b"not an image at all"), "cannot be read"),
+    ],
+)
+def test_load_bad_input(tmp_path, make, needle):
+    p = tmp_path / "bad.nii.gz"
+    make(p)
+    with pytest.raises(SegpipeError) as info:
+        LoadVolumed(["x"], {"x": "channel 'dwi'"})({"x": str(p)})
+    assert needle in str(info.value) and "channel 'dwi'" in str(info.value) and str(p) in str(info.value)
+
+
+def test_load_truncated_gzip(tmp_path):
+    img, _ = toy_volume()
+    good = write_nifti(tmp_path / "good.nii.gz", img)
+    data = good.read_bytes()
+    bad = tmp_path / "truncated.nii.gz"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SegpipeError, match="cannot be read"):
+        LoadVolumed(["x"], {})({"x": str(bad)})
+    assert gzip.decompress(data)  # the good one is fine
+
+
+# -- labels ----------------------------------------------------------------------------------------------
+
+
+def test_binarise_real_mask_values():
+    clean = CleanLabeld("label", 2, None, 0.5)
+    arr = np.array([0.0, 0.99999999977, 0.3, 0.51])
+    assert clean.clean(arr, "x").tolist() == [0, 1, 0, 1]
+    assert clean.clean(np.array([0.0, 255.0, 255.0]), "x").tolist() == [0, 1, 1]
+
+
+def test_ignore_value_mapped_first():
+    clean = CleanLabeld("label", 2, 2, 0.5)
+    assert clean.clean(np.array([0.0, 1.0, 2.0, 1.0]), "x").tolist() == [0, 1, IGNORE_INDEX, 1]
+
+
+def test_values_outside_classes_are_an_error():
+    with pytest.raises(SegpipeError, match=r"found values \[0.0, 1.0, 2.0\].*ignore_value: 2"):
+        CleanLabeld("label", 2, None, 0.5).clean(np.array([0.0, 1.0, 2.0]), "wmh.nii.gz")
+    with pytest.raises(SegpipeError, match="outside the declared classes 0..2"):
+        CleanLabeld("label", 3, None, None).clean(np.array([0.0, 1.0, 4.0]), "x")
+    assert CleanLabeld("label", 3, None, None).clean(np.array([0.0, 2.0, 1.0]), "x").tolist() == [0, 2, 1]
+
+
+# -- grids -------------------------------------------------------------------------------------------------
+
+
+def test_channel_on_another_grid_lands_on_the_reference_grid():
+    ref_aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    ref = np.zeros((20, 20, 20), np.float32)
+    ref[8:12, 8:12, 8:12] = 1
+    # the same cube, world 16..24 mm, on a finer, thick-slice, shifted grid
+    fine_aff = np.diag([0.5, 0.5, 4.0, 1.0])
+    fine_aff[:3, 3] = [0.25, 0.25, 0.0]
+    world = np.indices((80, 80, 10)).astype(float)
+    wx, wy, wz = (world[0] * 0.5 + 0.25, world[1] * 0.5 + 0.25, world[2] * 4.0)
+    fine = ((wx > 15) & (wx < 23) & (wy > 15) & (wy < 23) & (wz > 15) & (wz < 23)).astype(np.float32)
+    d = {"a": _mt(ref, ref_aff), "b": _mt(fine, fine_aff), "label": _mt(ref, ref_aff + 1e-7)}
+    out = MatchReferenceGridd(["a", "b"], "a", "label")(d)
+    assert tuple(out["b"].shape) == (1, 20, 20, 20) and np.allclose(out["b"].affine, ref_aff)
+    b = np.asarray(out["b"][0])
+    assert b[9, 9, 9] > 0.5 and b[2, 2, 2] == 0 and b[15, 9, 9] == 0
+    assert np.allclose(out["label"].affine, ref_aff)  # 1e-7 differences are accepted
+
+
+def test_label_off_the_reference_grid_is_an_error():
+    d = {"a": _mt(np.ones((8, 8, 8)), np.eye(4)), "label": _mt(np.zeros((8, 8, 7)), np.eye(4))}
+    with pytest.raises(SegpipeError, match=r"not on the grid of.*shape \(8, 8, 7\) vs \(8, 8, 8\)"):
+        MatchReferenceGridd(["a"], "a", "label")(d)
+    aff = np.eye(4)
+    aff[0, 3] = 0.5
+    d = {"a": _mt(np.ones((8, 8, 8)), np.eye(4)), "label": _mt(np.zeros((8, 8, 8)), aff)}
+    with pytest.raises(SegpipeError, match="largest affine difference 0.5"):
+        MatchReferenceGridd(["a"], "a", "label")(d)
+
+
+# -- head, normalisation ---------------------------------------------------------------------------------------
+
+
+def test_head_mask_and_zscore():
+    img, _ = toy_volume((32, 32, 20))
+    mask = head_mask(img[None])
+    assert mask[16, 16, 10] and not mask[0, 0, 0]
+    d = {"image": _mt(img), "head": _mt(mask)}
+    d["image"] = MetaTensor(torch.as_tensor(img)[None], affine=torch.eye(4))
+    out = ZScored("image", "head", ["t1"])(d)
+    z = np.asarray(out["image"][0])
+    assert abs(z[mask].mean()) < 1e-4 and abs(z[mask].std() - 1) < 1e-3 and (z[~mask] == 0).all()
+    assert out["stats"]["intensity"]["t1"]["mean"] == pytest.approx(float(img[mask].mean()), rel=1e-5)
+
+
+# -- the whole chain ----------------------------------------------------------------------------------------
+
+
+def test_chain_on_toy_case(toy_dataset):
+    m = load_manifest(toy_dataset)
+    plan = _plan(overrides=["preprocess.target_spacing=[1.0,1.0,1.0]", "preprocess.crop_margin_mm=2"])
+    c = m.cases[0]
+    inputs = {channel_key(ch): str(m.image_path(c, ch)) for ch in m.channels}
+    inputs["label"] = str(m.label_path(c))
+    out = build_preprocessing(plan, with_label=True)(inputs)
+    img, lab, sdm = out["image"], out["label"], out["sdm"]
+    assert img.dtype == torch.float32 and lab.dtype == torch.uint8 and sdm.dtype == torch.float32
+    assert img.shape[0] == 2 and lab.shape[0] == 1 and sdm.shape[0] == 1
+    assert nib.aff2axcodes(np.asarray(img.affine)) == ("R", "A", "S")
+    assert np.allclose(np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(0)), 1.0)
+    raw = nib.load(str(m.label_path(c)))
+    raw_ml = float((np.asarray(raw.dataobj) > 0.5).sum()) * 1.5 * 1.5 * 2.0
+    assert abs(float((lab == 1).sum()) - raw_ml) / raw_ml < 0.2  # 4x4x4 voxel cube resampled
+    assert set(torch.unique(lab).tolist()) <= {0, 1}
+    expected = signed_distance_maps(lab[0].numpy(), 2, (1.0, 1.0, 1.0))
+    assert np.allclose(sdm.numpy(), expected, atol=1e-5)
+
+
+def test_crop_to_head_keeps_a_margin(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 2, (60, 50, 30)).astype(np.float32)
+    img[20:36, 15:31, 10:20] += 100  # the "head": 16 x 16 x 10 voxels
+    for name in ("t1", "flair"):
+        write_nifti(tmp_path / f"{name}.nii.gz", img)
+    plan = _plan(overrides=["preprocess.target_spacing=[1,1,1]", "preprocess.crop_margin_mm=3"])
+    out = build_preprocessing(plan, with_label=False)({channel_key(c): str(tmp_path / f"{c}.nii.gz") for c in ("t1", "flair")})
+    shape = np.array(out["image"].shape[1:])
+    need = np.array([16, 16, 10]) + 2 * 3
+    assert (shape >= need).all() and (shape <= need + 2).all(), shape  # the smoothed mask may add a voxel
+
+
+def test_chain_without_label_for_inference(toy_dataset):
+    m = load_manifest(toy_dataset)
+    c = m.cases[0]
+    out = build_preprocessing(_plan(), with_label=False)({channel_key(ch): str(m.image_path(c, ch)) for ch in m.channels})
+    assert "label" not in out and "sdm" not in out and out["image"].shape[0] == 2
+
+
+def test_empty_label_gives_zero_maps(tmp_path):
+    img, _ = toy_volume()
+    write_nifti(tmp_path / "t1.nii.gz", img)
+    write_nifti(tmp_path / "flair.nii.gz", img)
+    write_nifti(tmp_path / "lab.nii.gz", np.zeros(img.shape, np.float32))
+    inputs = {channel_key("t1"): str(tmp_path / "t1.nii.gz"), channel_key("flair"): str(tmp_path / "flair.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+    out = build_preprocessing(_plan(), with_label=True)(inputs)
+    assert not out["sdm"].any() and not out["label"].any()
+
+
+def test_real_sample(sample_dir):
+    """FLAIR lands on the DWI grid, orientation RAS, lesion volume in ml preserved within 5 %."""
+    from segpipe.data.layouts import discover
+
+    m = discover(sample_dir)
+    c = m.cases[0]
+    raw = nib.load(str(m.label_path(c)))
+    raw_ml = float((np.asarray(raw.dataobj) > 0.5).sum()) * float(np.prod(raw.header.get_zooms()[:3])) / 1000
+    assert raw_ml == pytest.approx(4.184, abs=1e-3)
+    for spacing in ([2.0, 2.0, 2.0], [1.0, 1.0, 1.0], [3.0, 3.0, 3.0]):
+        cfg = load_config(None, [f"preprocess.target_spacing={spacing}"])
+        plan = make_plan(cfg, m.channels, m.label.classes, None, 0.5, [(2, 2, 2)], [(112, 112, 73)])
+        inputs = {channel_key(ch): str(m.image_path(c, ch)) for ch in m.channels}
+        inputs["label"] = str(m.label_path(c))
+        chain = build_preprocessing(plan, with_label=True)
+        out = run_chain(chain, inputs)
+        aff = np.asarray(out["image"].affine)
+        assert nib.aff2axcodes(aff) == ("R", "A", "S")
+        ml = float((out["label"] == 1).sum()) * float(np.prod(spacing)) / 1000
+        assert abs(ml - raw_ml) / raw_ml < 0.05, (spacing, ml)
+        flair = np.asarray(out["image"][2])
+        dwi = np.asarray(out["image"][0])
+        head = dwi != 0
+        # the FLAIR is on the DWI grid: its brain overlaps the DWI's and it correlates with it
+        assert np.corrcoef(flair[head], dwi[head])[0, 1] > 0.3
+        assert out["image"].shape[1:] == out["label"].shape[1:] == out["sdm"].shape[1:]
