@@ -59,7 +59,8 @@ def _sitk_distance(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     """
     import SimpleITK as sitk
 
-    img = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
+    mask = np.ascontiguousarray(mask)
+    img = sitk.GetImageFromArray(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8))
     img.SetSpacing(spacing[::-1])
     dist = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True, backgroundValue=0)
     return sitk.GetArrayFromImage(dist)  # a copy: a view would dangle once the image is freed
@@ -73,42 +74,75 @@ def _outside(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     return np.maximum(out, 0, out=out)
 
 
-def _inside(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """``d - h`` on the object below its inner boundary layer (see the module docstring), 0 elsewhere.
+_BLOCK = 8  # coarse block edge (voxels) used to find the objects' bounding boxes cheaply
 
-    Computed on the object's bounding box (plus one voxel) only: the nearest background voxel of an object
-    voxel always lies in it.
+
+def _object_boxes(mask: np.ndarray) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """Boxes that together cover every object voxel, each with the mask of the voxels it owns.
+
+    Objects are found on a coarse grid (blocks of 8 voxels per axis, a block counts when it holds an object
+    voxel), whose 26-connected components each contain whole objects; a box is such a component's extent
+    plus one voxel. Far cheaper than labelling the full-resolution mask, and exact (see ``_inside``).
     """
-    out = np.zeros(mask.shape, dtype=np.float32)
-    coords = np.nonzero(mask)
-    lo = [max(int(c.min()) - 1, 0) for c in coords]
-    hi = [min(int(c.max()) + 2, n) for c, n in zip(coords, mask.shape)]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    crop = mask[box]
-    if crop.all():
-        return out  # no background within reach: nothing inside has a boundary (voxels past the edge are not background)
+    pad = [(0, (-n) % _BLOCK) for n in mask.shape]
+    padded = np.pad(mask, pad) if any(p[1] for p in pad) else mask
+    coarse_shape = [n // _BLOCK for n in padded.shape]
+    split = [v for n in coarse_shape for v in (n, _BLOCK)]
+    coarse = padded.reshape(split).any(axis=tuple(range(1, 2 * mask.ndim, 2)))
+    labels, n = ndimage.label(coarse, structure=np.ones((3,) * mask.ndim))
+    boxes = []
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        lo = [max(s.start * _BLOCK - 1, 0) for s in sl]
+        hi = [min(s.stop * _BLOCK + 1, dim) for s, dim in zip(sl, mask.shape)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        owner = labels[sl] == i
+        for axis in range(mask.ndim):
+            owner = np.repeat(owner, _BLOCK, axis=axis)
+        # the owner mask covers the blocks [sl.start * B, sl.stop * B); align it with the box
+        start = [s.start * _BLOCK for s in sl]
+        own = np.zeros(tuple(b - a for a, b in zip(lo, hi)), dtype=bool)
+        src = tuple(slice(a - st, b - st) for a, b, st in zip([max(x, st) for x, st in zip(lo, start)],
+                                                           [min(y, st + o) for y, st, o in zip(hi, start, owner.shape)], start))
+        dst = tuple(slice(max(st, a) - a, min(st + o, b) - a) for a, b, st, o in zip(lo, hi, start, owner.shape))
+        own[dst] = owner[src]
+        boxes.append((box, own & mask[box]))
+    return boxes
+
+
+def _inside(mask: np.ndarray, spacing: tuple[float, ...], out: np.ndarray) -> None:
+    """Subtract ``d - h`` on the object below its inner boundary layer (see the module docstring).
+
+    Computed box by box (:func:`_object_boxes`). Exact: for an object voxel ``x`` in a box that holds its whole
+    object plus one voxel around, the nearest background voxel can be taken inside the box -- any voxel
+    outside, clipped onto the box's border layer, comes at least as close, and if that border voxel belongs
+    to another object, a background voxel lies on the monotone path to it, closer still.
+    """
     isotropic = max(spacing) - min(spacing) <= 1e-6 * max(spacing)
-    if isotropic:
-        dist = ndimage.distance_transform_edt(crop, sampling=spacing)
-        step: np.ndarray | float = spacing[0]
-    else:
-        dist, idx = ndimage.distance_transform_edt(crop, sampling=spacing, return_indices=True)
-        # one voxel step along the axis where the displacement to the nearest background voxel is longest (mm)
-        longest = np.zeros(crop.shape, dtype=np.float32)
-        step = np.full(crop.shape, spacing[0], dtype=np.float32)
-        for axis, s in enumerate(spacing):
-            pos = np.arange(crop.shape[axis]).reshape([-1 if a == axis else 1 for a in range(crop.ndim)])
-            comp = np.abs(idx[axis] - pos).astype(np.float32) * np.float32(s)
-            better = comp > longest
-            longest[better] = comp[better]
-            step[better] = s
-        del idx
-    inner = (dist - step).astype(np.float32)
-    # the inner boundary layer (a face neighbour in the background) is 0, in every direction
-    layer = crop & ~ndimage.binary_erosion(crop, border_value=1)
-    inner[layer | ~crop] = 0.0
-    out[box] = inner
-    return out
+    for box, own in _object_boxes(mask):
+        crop = mask[box]
+        if crop.all():
+            continue  # no background within reach (voxels past the volume's edge are not background)
+        if isotropic:
+            dist = ndimage.distance_transform_edt(crop, sampling=spacing)
+            step: np.ndarray | float = spacing[0]
+        else:
+            dist, idx = ndimage.distance_transform_edt(crop, sampling=spacing, return_indices=True)
+            # one voxel step along the axis where the displacement to the nearest background voxel is longest
+            longest = np.zeros(crop.shape, dtype=np.float32)
+            step = np.full(crop.shape, spacing[0], dtype=np.float32)
+            for axis, s in enumerate(spacing):
+                pos = np.arange(crop.shape[axis]).reshape([-1 if a == axis else 1 for a in range(crop.ndim)])
+                comp = np.abs(idx[axis] - pos).astype(np.float32) * np.float32(s)
+                better = comp > longest
+                longest[better] = comp[better]
+                step[better] = s
+            del idx
+        inner = (dist - step).astype(np.float32)
+        # the inner boundary layer (a face neighbour in the background) is 0, in every direction
+        layer = crop & ~ndimage.binary_erosion(crop, border_value=1)
+        inner[layer] = 0.0
+        region = out[box]
+        region[own] -= inner[own]
 
 
 def signed_distance_map(mask: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
@@ -121,7 +155,7 @@ def signed_distance_map(mask: np.ndarray, spacing: Sequence[float] | None = None
     if not mask.any() or mask.all():
         return np.zeros(mask.shape, dtype=np.float32)
     sdm = _outside(mask, spacing)
-    sdm -= _inside(mask, spacing)
+    _inside(mask, spacing, sdm)
     return sdm
 
 
@@ -133,7 +167,9 @@ def signed_distance_maps(label: np.ndarray, num_classes: int, spacing: Sequence[
     add nothing to the boundary loss.
     """
     label = np.asarray(label)
-    maps = np.stack([signed_distance_map(label == k, spacing) for k in range(1, num_classes)]) if num_classes > 1 else np.zeros((0, *label.shape), np.float32)
+    maps = np.empty((max(num_classes - 1, 0), *label.shape), dtype=np.float32)
+    for k in range(1, num_classes):
+        maps[k - 1] = signed_distance_map(label == k, spacing)
     if ignore_index is not None:
         maps[:, label == ignore_index] = 0.0
     return maps

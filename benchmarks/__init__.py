@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: each runs its baseline in the same process and reports a ratio."""

@@ -1,0 +1,38 @@
+"""Run the benchmarks: ``python -m benchmarks [NAME ...] [--quick]``.
+
+Each benchmark runs its baseline in the same process, prints one or two lines with the ratio, and writes a
+JSON file under ``benchmarks/results/``. Names: see ``BENCHMARKS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+BENCHMARKS = {
+    "distance_maps": (["--repeat", "3"], ["--repeat", "1", "--shape", "96", "112", "96"]),
+    "preprocess_sample": (["--repeat", "3"], ["--repeat", "1"]),
+    "loss_overhead": ([], ["--size", "48", "--repeat", "1"]),
+}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description="Run segpipe's benchmarks (CPU or GPU).")
+    ap.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
+    args = ap.parse_args(argv)
+    names = args.names or list(BENCHMARKS)
+    for name in names:
+        if name not in BENCHMARKS:
+            ap.error(f"unknown benchmark '{name}'; choose from {', '.join(BENCHMARKS)}")
+    for name in names:
+        full, quick = BENCHMARKS[name]
+        print(f"== {name}")
+        t = time.perf_counter()
+        importlib.import_module(f"benchmarks.{name}").main(quick if args.quick else full)
+        print(f"   ({time.perf_counter() - t:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
