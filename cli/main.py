@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli import data, preprocess
+from cli import data, preprocess, train
 from cli._common import setup_logging, state
 from segpipe import __version__
 
@@ -45,6 +45,7 @@ app.command("manifest")(data.manifest)
 app.command("synth")(data.synth)
 app.command("preprocess")(preprocess.preprocess)
 app.command("inspect")(preprocess.inspect)
+app.command("train")(train.train)
 
 
 def main(argv: list[str] | None = None) -> None:

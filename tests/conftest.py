@@ -113,3 +113,28 @@ def make_toy_dataset(root: Path, n: int = 2, shape=(24, 24, 16), spacing=(1.5, 1
 @pytest.fixture
 def toy_dataset(tmp_path) -> Path:
     return make_toy_dataset(tmp_path / "toy")
+
+
+TINY = [
+    "plan.patch_size=[16,16,16]", "plan.batch_size=2", "plan.base_features=4", "plan.max_features=16", "plan.max_stages=3",
+    "train.iterations_per_epoch=3", "train.epochs=2", "train.num_workers=0", "train.validate_every=1",
+    "preprocess.target_spacing=[2.0,2.0,2.0]", "preprocess.crop_margin_mm=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A preprocessed synthetic ISLES dataset (3 cases, 3 folds) with a tiny network plan, for training tests."""
+    from segpipe.config import load_config
+    from segpipe.data.layouts import discover
+    from segpipe.data.manifest import load_manifest, write_manifest
+    from segpipe.data.preprocess import preprocess_dataset
+    from segpipe.data.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("train_ds")
+    synthesize(root / "raw", "isles22", cases=3, seed=5, shape=(32, 32, 24))
+    m = discover(root / "raw", folds=3)
+    write_manifest(m, root / "m.json")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY)
+    preprocess_dataset(load_manifest(root / "m.json"), cfg, root / "cache")
+    return root / "cache"

@@ -16,11 +16,13 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from segpipe.config import Config
+import yaml
+
+from segpipe.config import Config, config_to_dict
 from segpipe.data.cache import CaseCache, case_key, foreground_locations
 from segpipe.data.manifest import Case, Manifest
 from segpipe.errors import SegpipeError
-from segpipe.io.atomic import ensure_writable_dir
+from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
 from segpipe.planning import Plan, make_plan
 from segpipe.progress import track
 from segpipe.transforms.preprocessing import IGNORE_INDEX, build_preprocessing, channel_key, run_chain
@@ -204,6 +206,8 @@ def preprocess_dataset(
     )
     report.plan = plan
     cache.write_json("plan.json", plan.to_json())
+    # the config the cache was made with: `segpipe train` without --config trains with it
+    atomic_write_text(root / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     # 2. the cases
     jobs = []

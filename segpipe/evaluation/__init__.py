@@ -1,0 +1,1 @@
+"""Metrics with the challenges' conventions, and challenge evaluation protocols."""

@@ -1,0 +1,119 @@
+"""Segmentation metrics, with the challenges' conventions for empty masks.
+
+The definitions follow the organisers' evaluation code, re-implemented with NumPy/SciPy (their code needs
+``cc3d`` or Python 2):
+
+- ISLES 2022 (``eval_utils.py`` in ezequieldlrosa/isles22): Dice (1.0 when both masks are empty), absolute
+  volume difference in ml, absolute difference of the lesion counts, lesion-wise F1 (26-connected
+  components; a ground-truth lesion is detected when one voxel overlaps the prediction, a predicted
+  component that overlaps no ground truth is a false positive; ``tp / (tp + (fp + fn) / 2)``, 1.0 when both
+  masks are empty).
+- WMH 2017 (``evaluation.py`` in hjkuijf/wmhchallenge): Dice (scipy's, NaN when both are empty), the 95th
+  percentile Hausdorff distance between the borders (voxels removed by an in-plane 2D erosion), in world mm,
+  the larger of the two directed 95th percentiles (NaN when the prediction is empty), the absolute volume
+  difference in percent of the ground truth, lesion recall and lesion F1 (26-connected; recall and precision
+  are 1.0 when there is nothing to detect or no detection).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+__all__ = [
+    "absolute_volume_difference_ml",
+    "components",
+    "dice",
+    "hausdorff95",
+    "lesion_count_difference",
+    "lesion_detection",
+    "lesion_f1",
+]
+
+_FULL = np.ones((3, 3, 3), dtype=bool)
+
+
+def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected components (3D), 8-connected in 2D."""
+    mask = np.asarray(mask, dtype=bool)
+    return ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+
+
+def dice(gt: np.ndarray, pred: np.ndarray, empty_value: float = 1.0) -> float:
+    gt = np.asarray(gt, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    total = int(gt.sum()) + int(pred.sum())
+    if total == 0:
+        return float(empty_value)
+    return 2.0 * int(np.logical_and(gt, pred).sum()) / total
+
+
+def absolute_volume_difference_ml(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> float:
+    return abs(float(np.count_nonzero(gt)) - float(np.count_nonzero(pred))) * float(voxel_ml)
+
+
+def lesion_count_difference(gt: np.ndarray, pred: np.ndarray) -> int:
+    return abs(components(gt)[1] - components(pred)[1])
+
+
+def lesion_f1(gt: np.ndarray, pred: np.ndarray, empty_value: float = 1.0) -> float:
+    """ISLES 2022 lesion-wise F1."""
+    gt = np.asarray(gt, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    lab_gt, n_gt = components(gt)
+    lab_pred, n_pred = components(pred)
+    hit_gt = np.unique(lab_gt[gt & pred])
+    tp = int(np.count_nonzero(hit_gt))
+    fn = n_gt - tp
+    hit_pred = np.unique(lab_pred[gt & pred])
+    fp = n_pred - int(np.count_nonzero(hit_pred))
+    if tp + fp + fn == 0:
+        return float(empty_value)
+    return tp / (tp + (fp + fn) / 2)
+
+
+def lesion_detection(gt: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """WMH 2017 (recall, F1) of lesion detection."""
+    gt = np.asarray(gt, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    lab_gt, n_gt = components(gt)
+    lab_pred, n_pred = components(pred)
+    detected = int(np.count_nonzero(np.unique(lab_gt[pred])))
+    recall = 1.0 if n_gt == 0 else detected / n_gt
+    true_detections = int(np.count_nonzero(np.unique(lab_pred[gt])))
+    precision = 1.0 if n_pred == 0 else true_detections / n_pred
+    f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return recall, f1
+
+
+def _border(mask: np.ndarray, inplane: bool) -> np.ndarray:
+    if inplane:  # erosion in x and y only (WMH: SimpleITK BinaryErode with radius (1, 1, 0))
+        structure = np.ones((3, 3, 1), dtype=bool)
+    else:
+        structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    eroded = ndimage.binary_erosion(mask, structure=structure, border_value=0)
+    return mask & ~eroded
+
+
+def hausdorff95(gt: np.ndarray, pred: np.ndarray, affine_or_spacing: np.ndarray | Sequence[float], *, inplane: bool = True) -> float:
+    """Larger of the two directed 95th-percentile distances between the borders, in mm (world coordinates
+    when an affine is given). NaN when the prediction is empty, or the ground truth is (where the WMH
+    organisers' code would fail)."""
+    gt = np.asarray(gt, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    if not pred.any() or not gt.any():
+        return math.nan
+    a = np.asarray(affine_or_spacing, dtype=float)
+    if a.shape == (4, 4):
+        to_world = lambda idx: idx @ a[:3, :3].T + a[:3, 3]  # noqa: E731
+    else:
+        to_world = lambda idx: idx * a  # noqa: E731
+    bg = to_world(np.argwhere(_border(gt, inplane)).astype(float))
+    bp = to_world(np.argwhere(_border(pred, inplane)).astype(float))
+    d_gt_to_pred = cKDTree(bg).query(bp, k=1)[0]
+    d_pred_to_gt = cKDTree(bp).query(bg, k=1)[0]
+    return float(max(np.percentile(d_gt_to_pred, 95), np.percentile(d_pred_to_gt, 95)))

@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction, test-time mirroring, inversion to the input's geometry, writers."""

@@ -1,0 +1,75 @@
+"""Checkpoints: tensors and JSON-able metadata only, loadable with ``torch.load(weights_only=True)``.
+
+A checkpoint holds the model and optimiser state, the grad-scaler state, the epoch, the loss schedule,
+the resolved config and the plan (so ``segpipe infer`` needs nothing else), the RNG states, and the best
+metric so far. It is written under a temporary name and renamed: a ``kill -9`` never leaves a damaged one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segpipe.errors import SegpipeError
+from segpipe.io.atomic import atomic_path
+
+__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+
+CHECKPOINT_FORMAT = "segpipe-checkpoint-v1"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training touches, as tensors and JSON-able values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a segpipe checkpoint safely (``weights_only=True``: no pickled code is ever run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegpipeError(f"checkpoint '{path}': file not found; give a run folder or a checkpoint_*.pt file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SegpipeError(
+            f"checkpoint '{path}': refused, loading it would run pickled code ({str(exc).splitlines()[0][:120]}); "
+            "only segpipe checkpoints (tensors and plain metadata) are loaded"
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise SegpipeError(f"checkpoint '{path}': not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SegpipeError(f"checkpoint '{path}': not a segpipe checkpoint (no '{CHECKPOINT_FORMAT}' marker); train one with `segpipe train`")
+    return ckpt

@@ -1,0 +1,184 @@
+"""Patches from the memory-mapped cache, with foreground oversampling, as batches.
+
+Each worker builds whole batches (``batch_size`` patches): the last ``max(1, round(fraction * B))`` patches
+of every batch are centred on a voxel of a foreground class present in the case (nnU-Net samples a third of
+each batch this way; a case without lesion falls back to a random centre), the others are centred anywhere.
+A patch is cut from the memory maps directly (only the voxels it needs are read), padded where it leaves
+the volume (image and label with 0, the distance maps with their edge values), then augmented jointly
+(:mod:`segpipe.transforms.augmentation`).
+
+Randomness is a pure function of ``(seed, epoch, rank, worker, batch index)``: an epoch draws the same
+patches whether or not the run was interrupted and resumed, and every DDP rank draws its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from segpipe.data.cache import CachedCase, CaseCache
+from segpipe.transforms.augmentation import JointAffined, build_augmentation, sampled_extent
+
+__all__ = ["PatchBatches", "crop_padded", "make_loader"]
+
+
+def crop_padded(arr: np.ndarray, start: Sequence[int], size: Sequence[int], *, mode: str = "constant") -> np.ndarray:
+    """``arr[..., start:start+size]`` over the last ``len(size)`` axes, padded where it leaves the array
+    (``mode``: "constant" with 0, or "edge"). Reads only the overlapping part (memory maps stay lazy)."""
+    nd = len(size)
+    spatial = arr.shape[-nd:]
+    lead = arr.shape[:-nd]
+    lo = [min(max(s, 0), dim) for s, dim in zip(start, spatial)]
+    hi = [max(min(s + n, dim), l) for s, n, dim, l in zip(start, size, spatial, lo)]
+    src = (Ellipsis,) + tuple(slice(l, h) for l, h in zip(lo, hi))
+    before = [l - s for s, l in zip(start, lo)]
+    if all(b == 0 for b in before) and all(h - l == n for l, h, n in zip(lo, hi, size)):
+        return np.array(arr[src])
+    out = np.zeros(lead + tuple(size), dtype=arr.dtype)
+    if any(h <= l for l, h in zip(lo, hi)):
+        return out  # no overlap at all
+    dst = tuple(slice(b, b + h - l) for b, l, h in zip(before, lo, hi))
+    out[(Ellipsis,) + dst] = arr[src]
+    if mode == "edge":
+        for axis in range(nd):
+            ax = out.ndim - nd + axis
+            b, e = dst[axis].start, dst[axis].stop
+            if b > 0:
+                idx = [slice(None)] * out.ndim
+                idx[ax] = slice(0, b)
+                edge = [slice(None)] * out.ndim
+                edge[ax] = slice(b, b + 1)
+                out[tuple(idx)] = out[tuple(edge)]
+            if e < size[axis]:
+                idx = [slice(None)] * out.ndim
+                idx[ax] = slice(e, None)
+                edge = [slice(None)] * out.ndim
+                edge[ax] = slice(e - 1, e)
+                out[tuple(idx)] = out[tuple(edge)]
+    return out
+
+
+class PatchBatches(IterableDataset):
+    """An endless (per epoch: ``batches`` long) stream of batches from the cache."""
+
+    def __init__(
+        self,
+        cache_root: str | Path,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        batch_size: int,
+        *,
+        batches: int,
+        foreground_fraction: float = 0.34,
+        augment: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        with_sdm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.cache_root = str(cache_root)
+        self.case_ids = list(case_ids)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size = int(batch_size)
+        self.batches = int(batches)
+        self.foreground_fraction = float(foreground_fraction)
+        self.augment = augment
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.with_sdm = with_sdm
+        self.epoch = 0
+        self._cases: dict[str, CachedCase] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _open(self) -> dict[str, CachedCase]:
+        if self._cases is None:  # opened lazily in each worker process: memory maps are shared, not copied
+            cache = CaseCache(self.cache_root)
+            self._cases = {cid: cache.load(cid, mmap=True) for cid in self.case_ids}
+        return self._cases
+
+    def _rng(self, worker: int, index: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, index]))
+
+    def _centre(self, rng: np.random.Generator, case: CachedCase, force_fg: bool) -> np.ndarray:
+        shape = np.asarray(case.image.shape[1:])
+        if force_fg and len(case.fg):
+            classes = np.unique(case.fg[:, 0])
+            k = rng.choice(classes)
+            rows = case.fg[case.fg[:, 0] == k]
+            return rows[rng.integers(len(rows)), 1:].astype(int)
+        # anywhere such that the patch overlaps the volume by at least half (nnU-Net pads similarly)
+        half = np.asarray(self.patch_size) // 2
+        lo = np.minimum(half, shape // 2)
+        hi = np.maximum(shape - half, shape // 2 + 1)
+        return np.array([rng.integers(a, max(b, a + 1)) for a, b in zip(lo, hi)])
+
+    def sample(self, rng: np.random.Generator, force_fg: bool, affine: JointAffined | None) -> dict[str, Any]:
+        cases = self._open()
+        case = cases[self.case_ids[rng.integers(len(self.case_ids))]]
+        centre = self._centre(rng, case, force_fg)
+        if affine is not None:
+            affine.set_random_state(int(rng.integers(2**31)))
+            affine.randomize()
+        if affine is None or not affine.active:
+            start = [int(c) - s // 2 for c, s in zip(centre, self.patch_size)]
+            item = {"image": crop_padded(case.image, start, self.patch_size)}
+            if case.label is not None:
+                item["label"] = crop_padded(case.label[None], start, self.patch_size)
+            if self.with_sdm and case.sdm is not None:
+                item["sdm"] = crop_padded(case.sdm, start, self.patch_size, mode="edge")
+            return item
+        # read only the region the rotated, zoomed patch samples from (within the volume); the sampler
+        # supplies edge values (image, maps) and 0 (label) outside it
+        shape = np.asarray(case.image.shape[1:])
+        centre_f = centre - 0.5 + 0.5 * (np.asarray(self.patch_size) % 2)  # the patch's geometric centre
+        ext = sampled_extent(self.patch_size, affine.angles, affine.zoom)
+        lo = np.clip(np.floor(centre_f - ext).astype(int), 0, shape - 1)
+        hi = np.clip(np.ceil(centre_f + ext).astype(int) + 1, lo + 1, shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        region = {"image": torch.from_numpy(np.array(case.image[(slice(None),) + box]))}
+        if case.label is not None:
+            region["label"] = torch.from_numpy(np.array(case.label[box]))[None]
+        if self.with_sdm and case.sdm is not None:
+            region["sdm"] = torch.from_numpy(np.array(case.sdm[(slice(None),) + box]))
+        offset = centre_f - (lo + (hi - lo - 1) / 2)
+        return affine.apply(region, affine.angles, affine.zoom, offset)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        affine = JointAffined(self.patch_size) if self.augment else None
+        aug = build_augmentation(self.patch_size, enabled=self.augment)
+        n_fg = max(1, round(self.foreground_fraction * self.batch_size)) if self.foreground_fraction > 0 else 0
+        for index in range(worker, self.batches, n_workers):
+            rng = self._rng(0, index)  # a batch's patches depend on its index only, not on the worker count
+            aug.set_random_state(int(rng.integers(2**31)))
+            batch: dict[str, torch.Tensor] = {}
+            for i in range(self.batch_size):
+                item = self.sample(rng, force_fg=i >= self.batch_size - n_fg, affine=affine)
+                item = aug({k: torch.as_tensor(v) for k, v in item.items()})
+                for k, v in item.items():
+                    v = torch.as_tensor(v)
+                    if k not in batch:  # labels travel as uint8 (255 = ignore): an eighth of int64's bytes
+                        dtype = torch.uint8 if k == "label" else torch.float32
+                        batch[k] = torch.empty((self.batch_size, *v.shape), dtype=dtype)
+                    batch[k][i] = v
+            yield batch
+
+    def __len__(self) -> int:
+        return self.batches
+
+
+def make_loader(dataset: PatchBatches, *, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over whole batches; workers persist across epochs (memory maps opened once each)."""
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(persistent_workers=False, prefetch_factor=max(2, math.ceil(4 / max(num_workers, 1))))
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)

@@ -1,0 +1,107 @@
+"""The run folder's records: ``metrics.csv``, ``progress.png``, TensorBoard events, ``train.log``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from segpipe.io.atomic import atomic_path, atomic_write_text
+
+__all__ = ["MetricsLog", "attach_log_file", "plot_progress"]
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """``metrics.csv``: one row per epoch, a fixed set of columns for the run."""
+
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self.path = path
+        self.columns = list(columns)
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop rows of epochs after ``epoch`` (written before an interruption that lost their checkpoint)."""
+        keep = [r for r in self.rows() if int(r["epoch"]) <= epoch]
+        self._write(keep)
+
+    def append(self, row: dict[str, Any]) -> None:
+        rows = self.rows()
+        rows.append({c: _fmt(row.get(c)) for c in self.columns})
+        self._write(rows)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(r)
+        atomic_write_text(self.path, buf.getvalue())
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _num(v: str) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_progress(metrics: MetricsLog, out: Path, terms: Sequence[str]) -> None:
+    """Loss terms, the schedule's weights and the validation Dice over epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = metrics.rows()
+    if not rows:
+        return
+    ep = [int(r["epoch"]) for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    for name in ["loss", *terms]:
+        axes[0].plot(ep, [_num(r.get(name, "")) for r in rows], label=name, lw=2 if name == "loss" else 1)
+    axes[0].set_ylabel("training loss")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(ep, [_num(r.get("regional_weight", "")) for r in rows], label="regional weight")
+    axes[1].plot(ep, [_num(r.get("boundary_weight", "")) for r in rows], label="boundary weight")
+    axes[1].set_ylabel("schedule")
+    axes[1].legend(fontsize=8)
+    val = [(e, _num(r.get("val_dice", ""))) for e, r in zip(ep, rows) if not math.isnan(_num(r.get("val_dice", "")))]
+    if val:
+        axes[2].plot([v[0] for v in val], [v[1] for v in val], "o-", label="validation Dice")
+        f1 = [(e, _num(r.get("val_lesion_f1", ""))) for e, r in zip(ep, rows) if not math.isnan(_num(r.get("val_lesion_f1", "")))]
+        axes[2].plot([v[0] for v in f1], [v[1] for v in f1], "s--", label="validation lesion F1")
+        axes[2].legend(fontsize=8)
+    axes[2].set_ylabel("validation")
+    axes[2].set_xlabel("epoch")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("segpipe").addHandler(handler)
+    if logging.getLogger("segpipe").level > logging.INFO or logging.getLogger("segpipe").level == logging.NOTSET:
+        logging.getLogger("segpipe").setLevel(logging.INFO)
+    return handler

@@ -1,0 +1,179 @@
+"""Training augmentation, applied jointly to ``image``, ``label`` and ``sdm`` (MONAI dictionary transforms).
+
+What touches the distance map, and how:
+
+- **flips** (each axis with p = 0.5; MONAI ``Flip``): the map is flipped with the label; exact.
+- **rotation and scaling** (``JointAffined``: MONAI's ``Affine`` with one set of sampled parameters for all
+  keys; rotation p = 0.2, up to 30 degrees about z and 15 about x/y by default, scale p = 0.2 in [0.7, 1.4]):
+  the image is resampled linearly, the label by nearest neighbour, the map linearly (a distance field is
+  smooth away from the boundary, and a rotation keeps distances), and the map's values are multiplied by the
+  zoom so that they stay in mm: objects drawn ``z`` times larger are ``z`` times further from everything.
+  The loader reads just the region the rotated, zoomed patch samples from (clipped to the volume; outside
+  it the image and maps take their edge values, the label 0), so rotated corners hold real data.
+- **intensity** (image only): Gaussian noise, brightness (multiplicative), contrast about the mean, gamma
+  (MONAI ``RandGaussianNoised``, ``RandScaleIntensityd``, ``RandScaleIntensityFixedMeand``,
+  ``RandAdjustContrastd``), with nnU-Net's probabilities.
+
+Nothing else changes the map. Labels keep the ignore value 255 (nearest neighbour only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    Flip,
+    MapTransform,
+    RandAdjustContrastd,
+    RandGaussianNoised,
+    Randomizable,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+)
+from monai.transforms.utils import create_rotate
+from torch.nn import functional as F
+
+__all__ = ["JointAffined", "build_augmentation", "sampled_extent"]
+
+
+def _matrix(angles: Sequence[float], zoom: float) -> np.ndarray:
+    """3x3 map from centred patch coordinates to centred input coordinates (rotation, zoom ``zoom``)."""
+    rot = np.asarray(create_rotate(3, list(angles), backend="numpy"))[:3, :3]
+    return rot / zoom
+
+
+def sampled_extent(patch_size: Sequence[int], angles: Sequence[float], zoom: float) -> np.ndarray:
+    """Half-size (voxels) of the input region that a rotated, zoomed patch samples from, plus one voxel."""
+    half = (np.asarray(patch_size, dtype=float) - 1) / 2
+    corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(3, -1)
+    return np.abs(_matrix(angles, zoom) @ corners).max(axis=1) + 1.0
+
+
+class JointAffined(Randomizable, MapTransform):
+    """Rotate and zoom image, label and distance maps with one set of sampled parameters, and crop the centre
+    ``spatial_size``; the maps' values are multiplied by the zoom (see the module docstring)."""
+
+    def __init__(
+        self,
+        spatial_size: Sequence[int],
+        *,
+        image_key: str = "image",
+        label_key: str = "label",
+        sdm_key: str = "sdm",
+        prob_rotate: float = 0.2,
+        prob_scale: float = 0.2,
+        max_rotation_deg: Sequence[float] = (15.0, 15.0, 30.0),
+        scale_range: tuple[float, float] = (0.7, 1.4),
+    ) -> None:
+        MapTransform.__init__(self, [image_key, label_key, sdm_key], allow_missing_keys=True)
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.image_key, self.label_key, self.sdm_key = image_key, label_key, sdm_key
+        self.prob_rotate, self.prob_scale = prob_rotate, prob_scale
+        self.max_rotation = np.deg2rad(np.asarray(max_rotation_deg, dtype=float))
+        self.scale_range = scale_range
+        self.angles: np.ndarray = np.zeros(3)
+        self.zoom = 1.0
+
+    def randomize(self, data: Any = None) -> None:
+        self.angles = np.zeros(3)
+        self.zoom = 1.0
+        if self.R.random_sample() < self.prob_rotate:
+            self.angles = self.R.uniform(-self.max_rotation, self.max_rotation)
+        if self.R.random_sample() < self.prob_scale:
+            self.zoom = float(self.R.uniform(*self.scale_range))
+
+    @property
+    def active(self) -> bool:
+        return bool(np.any(self.angles != 0) or self.zoom != 1.0)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize()
+        return self.apply(data, self.angles, self.zoom)
+
+    def apply(self, data: Mapping[Hashable, Any], angles: Sequence[float], zoom: float,
+              offset: Sequence[float] = (0.0, 0.0, 0.0)) -> dict[Hashable, Any]:
+        """Rotate by ``angles`` (radians about x, y, z), zoom by ``zoom`` (> 1 enlarges) and sample the
+        ``spatial_size`` patch whose centre sits ``offset`` voxels from the input's centre. One grid serves
+        all keys; image and maps are sampled together (linear, edge values outside), the label apart
+        (nearest, 0 outside). The sampling is PyTorch's ``grid_sample``: MONAI's ``Affine`` builds a
+        homogeneous grid per key and call, three times the work for the same result."""
+        d = dict(data)
+        ref = next(torch.as_tensor(d[k]) for k in (self.image_key, self.sdm_key, self.label_key) if k in d)
+        grid = _sampling_grid(self.spatial_size, ref.shape[1:], _matrix(angles, zoom), offset)
+        smooth = [k for k in (self.image_key, self.sdm_key) if k in d]
+        if smooth:
+            stacked = torch.cat([torch.as_tensor(d[k], dtype=torch.float32) for k in smooth])[None]
+            out = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+            i = 0
+            for k in smooth:
+                n = int(torch.as_tensor(d[k]).shape[0])
+                d[k] = out[i:i + n]
+                i += n
+            if self.sdm_key in d:
+                d[self.sdm_key] = d[self.sdm_key] * zoom
+        if self.label_key in d:
+            lab = torch.as_tensor(d[self.label_key])
+            out = F.grid_sample(lab[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
+            d[self.label_key] = out.round().to(lab.dtype)
+        return d
+
+
+def _sampling_grid(out_size: Sequence[int], in_size: Sequence[int], matrix: np.ndarray, offset: Sequence[float]) -> torch.Tensor:
+    """``grid_sample`` grid (1, X, Y, Z, 3) that maps each output voxel, centred, through ``matrix`` and
+    ``offset`` onto input voxels (centred), normalised for ``align_corners=True``. Built from three 1D ramps
+    (the map is linear), which is far cheaper than multiplying a full homogeneous grid."""
+    ramps = [torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in out_size]
+    m = torch.as_tensor(matrix, dtype=torch.float32)
+    grid = torch.empty((*out_size, 3), dtype=torch.float32)
+    for j in range(3):  # input axis j
+        centre = (in_size[j] - 1) / 2
+        scale = 2.0 / max(in_size[j] - 1, 1)
+        val = (ramps[0] * m[j, 0]).view(-1, 1, 1) + (ramps[1] * m[j, 1]).view(1, -1, 1) + (ramps[2] * m[j, 2]).view(1, 1, -1)
+        # grid_sample indexes the last grid component along the first spatial axis: input axis j goes to 2 - j
+        grid[..., 2 - j] = (val + float(offset[j]) + centre) * scale - 1.0
+    return grid[None]
+
+
+class RandJointFlipd(Randomizable, MapTransform):
+    """Flip every key along each spatial axis with probability ``prob`` (independently per axis), all chosen
+    axes in one MONAI ``Flip`` per key: one copy per key, where three ``RandFlipd`` make up to three."""
+
+    def __init__(self, keys: Sequence[str], prob: float = 0.5) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        self.prob = prob
+        self.axes: list[int] = []
+
+    def randomize(self, data: Any = None) -> None:
+        self.axes = [a for a in range(3) if self.R.random_sample() < self.prob]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize()
+        d = dict(data)
+        if self.axes:
+            flip = Flip(spatial_axis=self.axes)
+            for key in self.key_iterator(d):
+                out = flip(torch.as_tensor(d[key]))
+                d[key] = out.as_tensor() if hasattr(out, "as_tensor") else out
+        return d
+
+
+def build_augmentation(patch_size: Sequence[int], *, enabled: bool = True) -> Compose:
+    """The training augmentation after :class:`JointAffined` (which the loader applies while cutting the
+    patch): flips on all keys, intensity changes on the image only."""
+    keys = ["image", "label", "sdm"]
+    if not enabled:
+        return Compose([])
+    return Compose(
+        [
+            RandJointFlipd(keys, prob=0.5),
+            RandGaussianNoised("image", prob=0.1, mean=0.0, std=0.1),
+            RandScaleIntensityd("image", factors=0.25, prob=0.15),
+            RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True),
+            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+        ],
+        map_items=False,
+    )

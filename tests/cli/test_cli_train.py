@@ -1,0 +1,37 @@
+"""`segpipe train` through Typer's runner: a short run, and bad input as one line."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_train_short_run(cli, tiny_cache, tmp_path):
+    r = cli("train", "--cache", tiny_cache, "--out", tmp_path / "run", "--epochs", "1", "--loss", "0.5*ce+dice+boundary",
+            "--schedule", "increase:step=0.05")
+    assert r.exit_code == 0, r.output
+    assert "trained 1 epochs" in r.output and (tmp_path / "run" / "checkpoint_best.pt").is_file()
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert "ce,dice,boundary" in header
+
+
+@pytest.mark.parametrize(
+    "args, code, needle",
+    [
+        (["--loss", "dice+boundry"], 2, "did you mean 'boundary'"),
+        (["--schedule", "rebalance:floor=2"], 2, "'floor' expected a number in [0, 1]"),
+        (["--fold", "9"], 2, "--fold: the cache has 3 folds"),
+        (["--fold", "x"], 2, "--fold: expected a fold number"),
+        (["--epochs", "0"], 2, "--epochs"),
+        (["train.epocs=3"], 2, "did you mean 'epochs'"),
+        (["--device", "tpu"], 2, "--device: expected auto, cpu or cuda"),
+    ],
+)
+def test_bad_input_is_one_line(cli, tiny_cache, tmp_path, args, code, needle):
+    r = cli("train", "--cache", tiny_cache, "--out", tmp_path / "run", *args)
+    assert r.exit_code == code, r.output
+    assert needle in r.output and "Traceback" not in r.output
+
+
+def test_missing_cache(cli, tmp_path):
+    r = cli("train", "--cache", tmp_path / "none", "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "segpipe preprocess" in r.output

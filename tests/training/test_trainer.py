@@ -1,0 +1,188 @@
+"""Training: real steps lower the loss, schedules in metrics.csv, resume, torchrun, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.errors import SegpipeError, UsageError
+from segpipe.losses import CompositeLoss
+from segpipe.models import build_network
+from segpipe.planning import load_plan
+from segpipe.training.checkpoint import load_checkpoint
+from segpipe.training.loader import PatchBatches, make_loader
+from segpipe.training.trainer import resolve_train_config, train
+
+ROOT = Path(__file__).resolve().parents[2]
+def _cfg(cache, *extra):
+    return resolve_train_config(cache, None, list(extra))
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_real_steps_lower_the_loss(tiny_cache):
+    torch.manual_seed(0)
+    plan = load_plan(tiny_cache / "plan.json")
+    net = build_network(plan)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    loss_fn = CompositeLoss("dice+boundary", "constant:weight=0.01", num_classes=2)
+    ds = PatchBatches(tiny_cache, ["sub-strokecase0002"], plan.patch_size, 2, batches=1, augment=False, foreground_fraction=1.0)
+    batch = next(iter(make_loader(ds, num_workers=0, pin_memory=False)))
+    target = {"label": batch["label"].long(), "sdm": batch["sdm"]}
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        total, _ = loss_fn(net(batch["image"]), target, 0)
+        total.backward()
+        opt.step()
+        losses.append(float(total.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_run_folder_and_schedule_weights_follow_the_formula(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    result = train(_cfg(tiny_cache, "train.epochs=4", "loss.schedule=rebalance:step=0.1"), tiny_cache, run)
+    assert result.epochs_run == 4
+    for name in ("config.yaml", "plan.json", "checkpoint_latest.pt", "checkpoint_best.pt", "metrics.csv", "progress.png", "train.log"):
+        assert (run / name).is_file(), name
+    rows = _rows(run)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        e = int(r["epoch"])
+        assert float(r["regional_weight"]) == pytest.approx(1 - 0.1 * e) and float(r["boundary_weight"]) == pytest.approx(0.1 * e)
+        for col in ("loss", "dice", "boundary", "lr", "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds"):
+            assert r[col] != ""
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # poly decay
+    ckpt = torch.load(run / "checkpoint_latest.pt", weights_only=True)  # tensors and plain metadata only
+    assert ckpt["epoch"] == 3 and ckpt["schedule"]["name"] == "rebalance" and ckpt["plan"]["patch_size"] == [16, 16, 16]
+    increase = train(_cfg(tiny_cache, "train.epochs=3", "loss.schedule=increase"), tiny_cache, tmp_path / "inc")
+    assert [round(r["boundary_weight"], 6) for r in increase.history] == [0.01, 0.02, 0.03]
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, run)
+    with pytest.raises(SegpipeError, match="--resume to continue it or --overwrite"):
+        train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, run)
+    train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, run, overwrite=True)
+    other = tmp_path / "notarun"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    with pytest.raises(SegpipeError, match="not a segpipe run folder"):
+        train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, other, overwrite=True)
+    assert (other / "thesis.tex").read_text() == "precious"
+
+
+def test_resume_with_a_config_that_matters_is_refused(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, run)
+    with pytest.raises(SegpipeError, match=r"differs from the run's.*loss\.spec.*train\.learning_rate"):
+        train(_cfg(tiny_cache, "train.epochs=2", "loss.spec=dice+ce", "train.learning_rate=0.5"), tiny_cache, run, resume=True)
+    # more epochs is fine
+    result = train(_cfg(tiny_cache, "train.epochs=2"), tiny_cache, run, resume=True)
+    assert result.epochs_run == 1 and [int(r["epoch"]) for r in _rows(run)] == [0, 1]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cache, tmp_path, monkeypatch):
+    from segpipe.losses import composite
+
+    run = tmp_path / "run"
+    train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, run)
+    real = composite.boundary_loss
+    monkeypatch.setattr(composite, "boundary_loss", lambda p, s, validate=True: real(p, s, validate=validate) * float("nan"))
+    with pytest.raises(SegpipeError, match=r"epoch 1, iteration 0: the loss term\(s\) boundary became NaN.*last good epoch"):
+        train(_cfg(tiny_cache, "train.epochs=3"), tiny_cache, run, resume=True)
+    assert load_checkpoint(run / "checkpoint_latest.pt")["epoch"] == 0
+    assert [int(r["epoch"]) for r in _rows(run)] == [0]
+
+
+def test_damaged_cache_is_caught_on_the_first_batch(tiny_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    for sdm in (cache / "cases").glob("*/sdm.npy"):
+        arr = np.load(sdm)
+        arr[:] = np.nan
+        np.save(sdm, arr)
+    with pytest.raises(SegpipeError, match=r"sdm: expected finite values.*segpipe preprocess"):
+        train(_cfg(cache, "train.epochs=1"), cache, tmp_path / "run")
+
+
+def test_bad_input(tiny_cache, tmp_path):
+    with pytest.raises(SegpipeError, match="no cache.json; run `segpipe preprocess"):
+        resolve_train_config(tmp_path / "nocache", None, [])
+    with pytest.raises(UsageError, match=r"--fold: the cache has 3 folds \(0..2\), got 7"):
+        train(_cfg(tiny_cache), tiny_cache, tmp_path / "r1", fold="7")
+    with pytest.raises(SegpipeError, match="--device cuda: no CUDA GPU") if not torch.cuda.is_available() else pytest.raises(Exception):
+        train(_cfg(tiny_cache), tiny_cache, tmp_path / "r2", device="cuda")
+    other = tmp_path / "other.yaml"
+    other.write_text("preprocess:\n  crop_margin_mm: 12\n")
+    with pytest.raises(SegpipeError, match=r"preprocess\.crop_margin_mm.*segpipe preprocess --config"):
+        resolve_train_config(tiny_cache, other, [])
+    with pytest.raises(SegpipeError, match="--resume: no checkpoint_latest.pt"):
+        train(_cfg(tiny_cache), tiny_cache, tmp_path / "r3", resume=True)
+
+
+def test_cuda_out_of_memory_names_the_setting(tiny_cache, tmp_path, monkeypatch):
+    from segpipe.models import unet
+
+    def boom(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(unet.SegUNet, "forward", boom)
+    with pytest.raises(SegpipeError, match=r"out of memory.*plan\.batch_size"):
+        train(_cfg(tiny_cache), tiny_cache, tmp_path / "oom")
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-c", "from cli.main import main; main()", *map(str, args)]
+
+
+def test_resume_after_kill_gives_the_same_weights(tiny_cache, tmp_path):
+    args = ["train", "--cache", tiny_cache, "--deterministic", "train.epochs=5", "train.iterations_per_epoch=4"]
+    straight = subprocess.run(_cli(*args, "--out", tmp_path / "straight"), cwd=ROOT, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", run), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.csv").exists() and len(_rows(run)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(run / "checkpoint_latest.pt")["epoch"] < 4  # it really was cut short
+    resumed = subprocess.run(_cli(*args, "--out", run, "--resume"), cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint_latest.pt")
+    b = load_checkpoint(run / "checkpoint_latest.pt")
+    assert a["epoch"] == b["epoch"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["loss"] for r in _rows(tmp_path / "straight")] == [r["loss"] for r in _rows(run)]
+
+
+def test_torchrun_two_processes_train_and_write_once(tiny_cache, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cli.main",
+           "train", "--cache", str(tiny_cache), "--out", str(run), "--device", "cpu", "train.epochs=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [int(r["epoch"]) for r in _rows(run)] == [0, 1]
+    log = (run / "train.log").read_text()
+    assert log.count("training fold 0") == 1 and "x 2 processes" in log
+    assert load_checkpoint(run / "checkpoint_latest.pt")["world_size"] == 2
+    assert not list(run.glob(".tmp-*"))

@@ -1,0 +1,98 @@
+"""Joint augmentation: the distance map of an augmented patch is the map of the augmented label."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.transforms import signed_distance_maps
+from segpipe.transforms.augmentation import JointAffined, RandJointFlipd, build_augmentation, sampled_extent
+
+
+def _blob(shape=(40, 40, 40)):
+    idx = np.indices(shape).astype(float)
+    c = np.array(shape) / 2
+    lab = ((((idx[0] - c[0]) / 9) ** 2 + ((idx[1] - c[1] - 3) / 6) ** 2 + ((idx[2] - c[2]) / 7) ** 2) < 1).astype(np.uint8)
+    lab[8:11, 8:12, 20:23] = 1  # a small second lesion off-centre
+    return lab
+
+
+def _item(lab):
+    sdm = signed_distance_maps(lab, 2, (1.0, 1.0, 1.0))
+    img = torch.from_numpy(lab.astype(np.float32))[None].repeat(2, 1, 1, 1)
+    return {"image": img, "label": torch.from_numpy(lab)[None], "sdm": torch.from_numpy(sdm)}
+
+
+def test_flips_keep_the_map_exact():
+    lab = _blob()
+    flip = RandJointFlipd(["image", "label", "sdm"], prob=1.0)
+    out = flip(_item(lab))
+    assert flip.axes == [0, 1, 2]
+    new_lab = out["label"][0].numpy()
+    assert np.array_equal(new_lab, lab[::-1, ::-1, ::-1])
+    np.testing.assert_allclose(out["sdm"].numpy(), signed_distance_maps(new_lab, 2, (1, 1, 1)), atol=1e-5)
+
+
+def test_quarter_turn_is_exact():
+    lab = _blob()
+    aff = JointAffined((40, 40, 40))
+    out = aff.apply(_item(lab), (0.0, 0.0, np.pi / 2), 1.0)
+    new_lab = out["label"][0].numpy()
+    assert new_lab.sum() == lab.sum() and not np.array_equal(new_lab, lab)
+    np.testing.assert_allclose(out["sdm"].numpy(), signed_distance_maps(new_lab, 2, (1, 1, 1)), atol=1e-3)
+
+
+def test_arbitrary_rotation_keeps_the_map_within_interpolation_error():
+    lab = _blob()
+    out = JointAffined((40, 40, 40)).apply(_item(lab), (0.2, -0.1, 0.5), 1.0)
+    new_lab = out["label"][0].numpy()
+    err = np.abs(out["sdm"].numpy() - signed_distance_maps(new_lab, 2, (1, 1, 1)))[0]
+    r = np.sqrt(((np.indices(lab.shape) - 19.5) ** 2).sum(0))
+    inside = r < 16  # where the rotated patch samples inside the input (the loader reads a larger region)
+    assert err[inside].mean() < 0.3 and np.percentile(err[inside], 99) < 1.5
+
+
+@pytest.mark.parametrize("zoom", [0.8, 1.3])
+def test_zoom_multiplies_the_map_so_it_stays_in_mm(zoom):
+    lab = _blob()
+    item = _item(lab)
+    out = JointAffined((40, 40, 40)).apply(item, (0.0, 0.0, 0.0), zoom)
+    new_lab = out["label"][0].numpy()
+    truth = signed_distance_maps(new_lab, 2, (1, 1, 1))
+    r = np.sqrt(((np.indices(lab.shape) - 19.5) ** 2).sum(0))[None]
+    near = (np.abs(truth) > 3) & (np.abs(truth) < 10) & (r < 14 * min(zoom, 1.0))  # away from the padded border
+    err = np.abs(out["sdm"].numpy() - truth)[near]
+    err_unscaled = np.abs(out["sdm"].numpy() / zoom - truth)[near]
+    assert err.mean() < 0.6
+    assert err.mean() < 0.5 * err_unscaled.mean()  # without the zoom factor the map is off by (zoom - 1) * d
+    assert abs(new_lab.sum() / lab.sum() - zoom**3) < 0.15 * zoom**3
+
+
+def test_offset_samples_the_requested_place():
+    lab = np.zeros((30, 30, 30), np.uint8)
+    lab[20:24, 5:9, 10:14] = 1
+    item = _item(lab)
+    out = JointAffined((10, 10, 10)).apply(item, (0.0, 0.0, 0.0), 1.0, offset=(21.5 - 14.5, 6.5 - 14.5, 11.5 - 14.5))
+    assert out["label"][0].numpy().sum() == 64 and out["label"][0, 3:7, 3:7, 3:7].all()
+
+
+def test_extent_covers_the_rotated_patch():
+    ext = sampled_extent((64, 64, 32), (0.0, 0.0, np.pi / 4), 0.8)
+    assert ext[0] > 32 * np.sqrt(2) / 0.8 - 1 and ext[2] == pytest.approx(15.5 / 0.8 + 1)
+
+
+def test_intensity_changes_touch_the_image_only():
+    lab = _blob()
+    item = _item(lab)
+    aug = build_augmentation((40, 40, 40))
+    aug.set_random_state(3)
+    changed = 0
+    for _ in range(8):
+        out = aug(dict(item))
+        lab = out["label"][0].numpy()
+        assert set(np.unique(lab)) <= {0, 1} and lab.sum() == _blob().sum()
+        np.testing.assert_allclose(out["sdm"].numpy(), signed_distance_maps(lab, 2, (1, 1, 1)), atol=1e-4)
+        # the image is the label, flipped the same way, unless an intensity change touched it
+        changed += not np.allclose(out["image"][0].numpy(), lab.astype(np.float32))
+    assert changed >= 1
