@@ -1,7 +1,8 @@
 """Run the benchmarks: ``python -m benchmarks [NAME ...] [--quick]``.
 
 Each benchmark runs its baseline in the same process, prints one or two lines with the ratio, and writes a
-JSON file under ``benchmarks/results/``. Names: see ``BENCHMARKS``.
+JSON file under ``benchmarks/results/``. Names: see ``BENCHMARKS``. The GPU training benchmark runs on its
+own (``benchmarks/gpu_train.sh`` on a GPU machine).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ BENCHMARKS = {
     "distance_maps": (["--repeat", "3"], ["--repeat", "1", "--shape", "96", "112", "96"]),
     "preprocess_sample": (["--repeat", "3"], ["--repeat", "1"]),
     "loss_overhead": ([], ["--size", "48", "--repeat", "1"]),
+    "loader": ([], ["--batches", "3"]),
 }
 
 
