@@ -1,0 +1,36 @@
+"""``segpipe evaluate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli._common import handle_errors
+
+
+@handle_errors
+def evaluate(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted masks, <case id>.nii.gz (what `segpipe infer` writes).", show_default=False)],
+    gt: Annotated[Path, typer.Option("--gt", help="Folder of ground-truth masks named by case id, or a manifest.", show_default=False)],
+    protocol: Annotated[str, typer.Option(help="isles22 (Dice, AVD ml, lesion count difference, lesion F1) or wmh17 (Dice, HD95, AVD %, lesion recall, lesion F1).")] = "isles22",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the per-case and mean metrics as JSON.")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write them as CSV (one row per case, then the mean).")] = None,
+    ignore_missing: Annotated[bool, typer.Option("--ignore-missing", help="Evaluate the cases found on both sides instead of failing.")] = False,
+) -> None:
+    """Score predictions against ground truth with a challenge's own metrics, number for number.
+
+    isles22 follows the ISLES 2022 organisers' eval_utils.py; wmh17 follows the WMH 2017 organisers'
+    evaluation.py (label 2 of the ground truth is ignored). Prints a table; --json and --csv write reports.
+    """
+    from segpipe.evaluation.protocols import evaluate as run
+    from segpipe.evaluation.protocols import format_table, write_report
+    from segpipe.progress import track
+
+    report = run(pred, gt, protocol, ignore_missing=ignore_missing, progress=track)
+    write_report(report, json_out, csv_out)
+    typer.echo(format_table(report))
+    for path in (json_out, csv_out):
+        if path:
+            typer.echo(f"wrote {path}")

@@ -1,0 +1,239 @@
+"""``segpipe evaluate``: the ISLES 2022 and WMH 2017 evaluation protocols, number for number.
+
+- ``isles22`` (the organisers' ``eval_utils.py``): ground truth and prediction are binarised as "non-zero";
+  keys ``dice`` (1.0 when both are empty), ``avd_ml`` (voxel volume from the ground truth's header),
+  ``lesion_count_diff`` and ``lesion_f1`` (26-connectivity).
+- ``wmh17`` (the organisers' ``evaluation.py``, written with SimpleITK; so is this): the ground truth's label 1
+  is WMH and label 2 "other pathology", where the prediction is set to 0; an integer prediction is
+  foreground from 1, a floating-point one from 0.5. Keys ``dice`` (scipy's; NaN when both are empty),
+  ``hd95`` (mm; borders by in-plane erosion, the larger of the two directed 95th percentiles; NaN when the
+  prediction is empty), ``avd_pct`` (percent of the ground-truth volume), ``lesion_recall``, ``lesion_f1``.
+  Where the official code raises (``hd95`` and ``avd_pct`` with an empty ground truth) the value is NaN and a
+  warning is logged.
+
+The JSON report is ``{"cases": {"<id>": {<key>: value}}, "mean": {<key>: value}}``; the means skip NaN.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from segpipe.errors import SegpipeError, UsageError, did_you_mean, problems_error
+from segpipe.evaluation.metrics import absolute_volume_difference_ml, dice, lesion_count_difference, lesion_f1
+from segpipe.io.atomic import atomic_write_text
+
+__all__ = ["PROTOCOLS", "evaluate", "evaluate_isles22", "evaluate_wmh17", "pair_cases", "write_report"]
+
+log = logging.getLogger(__name__)
+NIFTI = (".nii.gz", ".nii")
+
+
+def evaluate_isles22(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> dict[str, float]:
+    g = np.asarray(gt) != 0
+    p = np.asarray(pred) != 0
+    return {
+        "dice": float(dice(g, p, empty_value=1.0)),
+        "avd_ml": float(absolute_volume_difference_ml(g, p, voxel_ml)),
+        "lesion_count_diff": int(lesion_count_difference(g, p)),
+        "lesion_f1": float(lesion_f1(g, p, empty_value=1.0)),
+    }
+
+
+def _sitk(arr: np.ndarray, affine: np.ndarray):
+    """A SimpleITK image of an (x, y, z) array with the geometry of a RAS ``affine`` (ITK is LPS)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr, (2, 1, 0))))
+    lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, float)[:3, :4]
+    spacing = np.sqrt((lps[:, :3] ** 2).sum(axis=0))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetDirection(tuple(float(v) for v in (lps[:, :3] / spacing).ravel()))
+    img.SetOrigin(tuple(float(v) for v in lps[:, 3]))
+    return img
+
+
+def evaluate_wmh17(gt: np.ndarray, pred: np.ndarray, affine: np.ndarray, case: str = "") -> dict[str, float]:
+    import scipy.spatial
+    import SimpleITK as sitk
+
+    gt = np.asarray(gt)
+    pred = np.asarray(pred)
+    wmh = ((gt >= 0.5) & (gt <= 1.5)).astype(np.uint8)
+    keep = ~((gt >= 1.5) & (gt <= 2.5))
+    masked = np.where(keep, pred, 0)
+    if np.issubdtype(pred.dtype, np.integer) or pred.dtype == bool:
+        res = ((masked >= 1) & (masked <= 1000)).astype(np.uint8)
+    else:
+        res = ((masked >= 0.5) & (masked <= 1000)).astype(np.uint8)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dsc = 1.0 - float(scipy.spatial.distance.dice(wmh.ravel(), res.ravel()))
+
+    t_img, r_img = _sitk(wmh, affine), _sitk(res, affine)
+    if res.sum() == 0:
+        hd = math.nan
+    elif wmh.sum() == 0:
+        log.warning("case '%s': empty ground truth; the WMH organisers' code fails on hd95 here: reported as NaN", case)
+        hd = math.nan
+    else:
+        def border_points(img):
+            edge = sitk.Subtract(img, sitk.BinaryErode(img, (1, 1, 0)))
+            idx = np.flipud(np.nonzero(sitk.GetArrayFromImage(edge))).T.astype(int)
+            return np.array([img.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in idx])
+
+        tc, rc = border_points(t_img), border_points(r_img)
+        d_t2r = scipy.spatial.KDTree(tc, leafsize=100).query(rc, k=1, eps=0, p=2)[0]
+        d_r2t = scipy.spatial.KDTree(rc, leafsize=100).query(tc, k=1, eps=0, p=2)[0]
+        hd = float(max(np.percentile(d_t2r, 95), np.percentile(d_r2t, 95)))
+
+    if wmh.sum() == 0:
+        log.warning("case '%s': empty ground truth; the WMH organisers' code fails on avd_pct here: reported as NaN", case)
+        avd = math.nan
+    else:
+        avd = abs(float(wmh.sum()) - float(res.sum())) / float(wmh.sum()) * 100
+
+    cc = sitk.ConnectedComponentImageFilter()
+    cc.SetFullyConnected(True)
+    cc_test = cc.Execute(t_img)
+    l_result = sitk.Multiply(cc_test, sitk.Cast(r_img, sitk.sitkUInt32))
+    n_wmh = len(np.unique(sitk.GetArrayFromImage(cc_test))) - 1
+    recall = 1.0 if n_wmh == 0 else (len(np.unique(sitk.GetArrayFromImage(l_result))) - 1) / n_wmh
+    cc_result = cc.Execute(r_img)
+    l_test = sitk.Multiply(cc_result, sitk.Cast(t_img, sitk.sitkUInt32))
+    n_det = len(np.unique(sitk.GetArrayFromImage(cc_result))) - 1
+    precision = 1.0 if n_det == 0 else (len(np.unique(sitk.GetArrayFromImage(l_test))) - 1) / n_det
+    f1 = 0.0 if precision + recall == 0 else 2.0 * precision * recall / (precision + recall)
+    return {"dice": dsc, "hd95": hd, "avd_pct": avd, "lesion_recall": float(recall), "lesion_f1": float(f1)}
+
+
+PROTOCOLS: dict[str, tuple[str, ...]] = {
+    "isles22": ("dice", "avd_ml", "lesion_count_diff", "lesion_f1"),
+    "wmh17": ("dice", "hd95", "avd_pct", "lesion_recall", "lesion_f1"),
+}
+
+
+def _strip(name: str) -> str:
+    for ext in NIFTI:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    return {_strip(p.name): p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(NIFTI)}
+
+
+def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tuple[str, Path, Path]]:
+    """(case id, prediction, ground truth) triples. ``gt`` is a folder of NIfTI files named by case id, or a
+    manifest (its labelled cases). Predictions are ``<case id>.nii.gz`` (what ``segpipe infer`` writes)."""
+    if not pred.is_dir():
+        raise SegpipeError(f"--pred '{pred}': folder not found; give the folder `segpipe infer --out` wrote")
+    preds = _nifti_files(pred)
+    if gt.is_dir():
+        gts = _nifti_files(gt)
+    elif gt.is_file() and gt.suffix.lower() == ".json":
+        from segpipe.data.manifest import load_manifest
+
+        m = load_manifest(gt)
+        gts = {c.id: m.label_path(c) for c in m.labelled}
+    else:
+        raise SegpipeError(f"--gt '{gt}': expected a folder of NIfTI masks named by case id, or a manifest (.json); not found")
+    missing_pred = sorted(set(gts) - set(preds))
+    missing_gt = sorted(set(preds) - set(gts))
+    if (missing_pred or missing_gt) and not ignore_missing:
+        problems = [f"no prediction for case '{c}' in {pred}{did_you_mean(c, preds)}" for c in missing_pred]
+        problems += [f"no ground truth for predicted case '{c}'{did_you_mean(c, gts)}" for c in missing_gt]
+        raise problems_error("evaluate: cases missing on one side", problems, hint="pass --ignore-missing to evaluate the cases found on both")
+    common = sorted(set(preds) & set(gts))
+    if not common:
+        raise SegpipeError(f"evaluate: no case has both a prediction in '{pred}' and a ground truth in '{gt}'")
+    return [(c, preds[c], gts[c]) for c in common]
+
+
+def _load(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    try:
+        img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise SegpipeError(f"{what} '{path}': cannot be read ({type(exc).__name__}: {exc})") from None
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    return arr, np.asarray(img.affine), tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, ignore_missing: bool = False,
+             progress: Callable | None = None) -> dict[str, Any]:
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got '{protocol}'{did_you_mean(protocol, PROTOCOLS)}")
+    pairs = pair_cases(Path(pred), Path(gt), ignore_missing=ignore_missing)
+    cases: dict[str, dict[str, float]] = {}
+    items = progress(pairs, "evaluating") if progress else pairs
+    for cid, p_path, g_path in items:
+        p, p_aff, p_zoom = _load(p_path, "prediction")
+        g, g_aff, g_zoom = _load(g_path, "ground truth")
+        if p.shape != g.shape or not np.allclose(p_zoom, g_zoom, rtol=1e-3):
+            raise SegpipeError(
+                f"case '{cid}': prediction '{p_path}' is {p.shape} at {tuple(round(z, 4) for z in p_zoom)} mm but the ground truth "
+                f"'{g_path}' is {g.shape} at {tuple(round(z, 4) for z in g_zoom)} mm; predict on the ground truth's grid "
+                "(`segpipe infer` writes masks in the input's own geometry)"
+            )
+        if protocol == "isles22":
+            cases[cid] = evaluate_isles22(g, p, float(np.prod(g_zoom)) / 1000.0)
+        else:
+            cases[cid] = evaluate_wmh17(g, p, g_aff, cid)
+    mean = {}
+    for key in PROTOCOLS[protocol]:
+        vals = [float(c[key]) for c in cases.values() if not math.isnan(float(c[key]))]
+        mean[key] = float(np.mean(vals)) if vals else math.nan
+    return {"protocol": protocol, "cases": cases, "mean": mean}
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
+
+
+def write_report(report: dict[str, Any], json_path: str | os.PathLike | None = None, csv_path: str | os.PathLike | None = None) -> None:
+    """JSON (NaN written as null) and CSV (one row per case, then the mean)."""
+    if json_path:
+        atomic_write_text(json_path, json.dumps({"cases": _json_safe(report["cases"]), "mean": _json_safe(report["mean"])}, indent=2) + "\n")
+    if csv_path:
+        keys = PROTOCOLS[report["protocol"]]
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["case", *keys])
+        for cid, vals in report["cases"].items():
+            w.writerow([cid, *(_cell(vals[k]) for k in keys)])
+        w.writerow(["mean", *(_cell(report["mean"][k]) for k in keys)])
+        atomic_write_text(csv_path, buf.getvalue())
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    keys = PROTOCOLS[report["protocol"]]
+    width = max([len("mean"), *(len(c) for c in report["cases"])]) + 2
+    lines = ["case".ljust(width) + "".join(k.rjust(18) for k in keys)]
+    for cid, vals in [*report["cases"].items(), ("mean", report["mean"])]:
+        lines.append(cid.ljust(width) + "".join(_cell(vals[k]).rjust(18) for k in keys))
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""`segpipe evaluate`: the ISLES 2022 and WMH 2017 protocols against hand-computed values and the real case."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from segpipe.evaluation.metrics import hausdorff95
+from segpipe.evaluation.protocols import evaluate, evaluate_isles22, evaluate_wmh17
+from segpipe.errors import SegpipeError
+from tests.conftest import write_nifti
+
+
+def test_isles22_hand_computed():
+    gt = np.zeros((10, 10, 10), np.uint8)
+    gt[1:3, 1:3, 1:3] = 1  # lesion A, 8 voxels
+    gt[6:8, 6:8, 6:8] = 1  # lesion B, 8 voxels
+    pred = np.zeros_like(gt)
+    pred[1:3, 1:3, 1:2] = 1  # 4 voxels inside A
+    pred[5, 0, 9] = 1  # a false positive component
+    out = evaluate_isles22(gt, pred, voxel_ml=0.008)
+    assert out["dice"] == pytest.approx(2 * 4 / (16 + 5))
+    assert out["avd_ml"] == pytest.approx(11 * 0.008)
+    assert out["lesion_count_diff"] == 0
+    assert out["lesion_f1"] == pytest.approx(1 / (1 + (1 + 1) / 2))  # tp 1 (A), fn 1 (B), fp 1
+
+
+def test_isles22_empty_conventions_and_diagonal_lesions():
+    empty = np.zeros((5, 5, 5), np.uint8)
+    assert evaluate_isles22(empty, empty, 0.001) == {"dice": 1.0, "avd_ml": 0.0, "lesion_count_diff": 0, "lesion_f1": 1.0}
+    diag = empty.copy()
+    diag[1, 1, 1] = diag[2, 2, 2] = 1  # one lesion with 26-connectivity
+    assert evaluate_isles22(diag, empty, 0.001)["lesion_count_diff"] == 1
+
+
+def test_isles22_real_sample_known_values(sample_dir):
+    path = sample_dir / "derivatives" / "sub-strokecase0009" / "ses-0001" / "sub-strokecase0009_ses-0001_msk.nii.gz"
+    img = nib.load(str(path))
+    gt = np.asanyarray(img.dataobj)
+    voxel_ml = float(np.prod(img.header.get_zooms())) / 1000
+    assert evaluate_isles22(gt, gt, voxel_ml) == {"dice": 1.0, "avd_ml": 0.0, "lesion_count_diff": 0, "lesion_f1": 1.0}
+    empty = evaluate_isles22(gt, np.zeros_like(gt), voxel_ml)
+    assert empty["dice"] == 0 and empty["lesion_f1"] == 0 and empty["lesion_count_diff"] == 18
+    assert empty["avd_ml"] == pytest.approx(4.184)
+
+
+def _slab(z0, z1, shape=(12, 12, 10)):
+    a = np.zeros(shape, np.uint8)
+    a[3:9, 3:9, z0:z1] = 1
+    return a
+
+
+def test_wmh17_hausdorff_on_shifted_slabs_and_ignore_label():
+    aff = np.diag([1.0, 1.0, 3.0, 1.0])
+    gt = _slab(2, 7)
+    pred = _slab(3, 8)  # one slice (3 mm) up: one fifth of each border 3 mm away
+    out = evaluate_wmh17(gt, pred, aff)
+    assert out["hd95"] == pytest.approx(3.0)
+    assert out["dice"] == pytest.approx(2 * 4 / 10)
+    assert out["avd_pct"] == pytest.approx(0.0)
+    assert out["lesion_recall"] == 1.0 and out["lesion_f1"] == 1.0
+    # label 2 in the ground truth: predictions there are removed before scoring
+    gt2 = gt.copy()
+    gt2[0:2, 0:2, 0:2] = 2
+    pred2 = pred.copy()
+    pred2[0:2, 0:2, 0:2] = 1
+    assert evaluate_wmh17(gt2, pred2, aff) == out
+    # a floating-point prediction is foreground from 0.5
+    assert evaluate_wmh17(gt, pred.astype(np.float32) * 0.6, aff)["dice"] == pytest.approx(out["dice"])
+    assert evaluate_wmh17(gt, pred.astype(np.float32) * 0.4, aff)["dice"] == 0.0
+    # our generic metric agrees on this geometry
+    assert hausdorff95(gt > 0, pred > 0, aff, inplane=True) == pytest.approx(3.0)
+
+
+def test_wmh17_lesion_detection_hand_computed():
+    gt = np.zeros((20, 20, 5), np.uint8)
+    gt[1:3, 1:3, 1:3] = 1
+    gt[10:12, 10:12, 1:3] = 1
+    gt[15:17, 1:3, 1:3] = 1
+    pred = np.zeros_like(gt)
+    pred[1:3, 1:3, 1] = 1  # detects lesion 1
+    pred[5:7, 15:17, 1] = 1  # a false detection
+    out = evaluate_wmh17(gt, pred, np.eye(4))
+    recall, precision = 1 / 3, 1 / 2
+    assert out["lesion_recall"] == pytest.approx(recall)
+    assert out["lesion_f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert out["avd_pct"] == pytest.approx(abs(24 - 8) / 24 * 100)
+
+
+def test_wmh17_empty_conventions(caplog):
+    empty = np.zeros((6, 6, 4), np.uint8)
+    some = empty.copy()
+    some[2:4, 2:4, 1:3] = 1
+    no_pred = evaluate_wmh17(some, empty, np.eye(4))
+    assert math.isnan(no_pred["hd95"]) and no_pred["avd_pct"] == 100.0 and no_pred["lesion_recall"] == 0.0 and no_pred["dice"] == 0.0
+    with caplog.at_level(logging.WARNING):
+        no_gt = evaluate_wmh17(empty, some, np.eye(4), "c1")
+    assert math.isnan(no_gt["hd95"]) and math.isnan(no_gt["avd_pct"])
+    assert "c1" in caplog.text and "avd_pct" in caplog.text
+    both = evaluate_wmh17(empty, empty, np.eye(4))
+    assert math.isnan(both["dice"]) and both["lesion_recall"] == 1.0 and both["lesion_f1"] == 1.0
+
+
+def _folders(tmp_path, cases):
+    for cid, (gt, pred, zoom) in cases.items():
+        aff = np.diag([*zoom, 1.0])
+        write_nifti(tmp_path / "gt" / f"{cid}.nii.gz", gt, aff)
+        if pred is not None:
+            write_nifti(tmp_path / "pred" / f"{cid}.nii.gz", pred, aff)
+    return tmp_path / "pred", tmp_path / "gt"
+
+
+def test_cli_reports_and_json_layout(cli, tmp_path):
+    gt = _slab(2, 7)
+    pred, gtd = _folders(tmp_path, {"a": (gt, gt, (1, 1, 3)), "b": (gt, np.zeros_like(gt), (1, 1, 3))})
+    r = cli("evaluate", "--pred", pred, "--gt", gtd, "--protocol", "wmh17", "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert set(data) == {"cases", "mean"} and set(data["cases"]) == {"a", "b"}
+    assert data["cases"]["a"]["dice"] == 1.0 and data["cases"]["b"]["hd95"] is None  # NaN -> null
+    assert data["mean"]["dice"] == pytest.approx(0.5) and data["mean"]["hd95"] == pytest.approx(0.0)
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert rows[0] == "case,dice,hd95,avd_pct,lesion_recall,lesion_f1" and rows[-1].startswith("mean,")
+
+
+def test_cli_bad_input(cli, tmp_path):
+    gt = _slab(2, 7)
+    pred, gtd = _folders(tmp_path, {"a": (gt, gt, (1, 1, 3)), "b": (gt, None, (1, 1, 3))})
+    write_nifti(pred / "zzz.nii.gz", gt, np.eye(4))
+    r = cli("evaluate", "--pred", pred, "--gt", gtd)
+    assert r.exit_code == 1 and "no prediction for case 'b'" in r.output and "no ground truth for predicted case 'zzz'" in r.output
+    r = cli("evaluate", "--pred", pred, "--gt", gtd, "--ignore-missing")
+    assert r.exit_code == 0 and "a " in r.output
+    write_nifti(pred / "b.nii.gz", gt[:, :, :8], np.diag([1, 1, 3, 1.0]))
+    r = cli("evaluate", "--pred", pred, "--gt", gtd, "--ignore-missing")
+    assert r.exit_code == 1 and "(12, 12, 8)" in r.output and "(12, 12, 10)" in r.output and "Traceback" not in r.output
+    r = cli("evaluate", "--pred", pred, "--gt", gtd, "--protocol", "isles2022")
+    assert r.exit_code == 2 and "did you mean 'isles22'" in r.output
+    with pytest.raises(SegpipeError, match="--pred"):
+        evaluate(tmp_path / "nothing", gtd, "isles22")
