@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli import data, evaluate, preprocess, train
+from cli import data, evaluate, infer, preprocess, train
 from cli._common import setup_logging, state
 from segpipe import __version__
 
@@ -46,6 +46,7 @@ app.command("synth")(data.synth)
 app.command("preprocess")(preprocess.preprocess)
 app.command("inspect")(preprocess.inspect)
 app.command("train")(train.train)
+app.command("infer")(infer.infer)
 app.command("evaluate")(evaluate.evaluate)
 
 

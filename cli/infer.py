@@ -1,0 +1,65 @@
+"""``segpipe infer``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli._common import handle_errors
+
+
+def _pairs(values: list[str] | None, option: str, *, as_int: bool = False) -> dict:
+    from segpipe.errors import UsageError
+
+    out = {}
+    for v in values or []:
+        name, eq, rest = v.partition("=")
+        if not eq or not name or not rest:
+            raise UsageError(f"{option}: expected NAME=VALUE, got '{v}'")
+        if as_int:
+            try:
+                out[name] = int(rest)
+            except ValueError:
+                raise UsageError(f"{option}: expected NAME=SERIESNUMBER (a whole number), got '{v}'") from None
+        else:
+            out[name] = rest
+    return out
+
+
+@handle_errors
+def infer(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(help="Manifest (.json), DICOM export folder, folder of NIfTI files, or NIfTI files of one case.", show_default=False),
+    ] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Run folder of `segpipe train`, or a checkpoint file.", show_default=False)] = ...,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the masks, DICOM SEGs and summary.json.", show_default=False)] = ...,
+    channel: Annotated[list[str] | None, typer.Option("--channel", help="NAME=PATH: the file of one channel (repeat for each).")] = None,
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 flips; --no-tta is about 8x faster).")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    min_lesion_mm3: Annotated[float | None, typer.Option("--min-lesion-mm3", help="Remove predicted lesions smaller than this (mm^3).")] = None,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write the foreground probabilities as NIfTI.")] = False,
+    series: Annotated[list[str] | None, typer.Option("--series", help="CHANNEL=SERIESNUMBER: which DICOM series is that channel.")] = None,
+    allow_uneven: Annotated[bool, typer.Option("--allow-uneven", help="Resample DICOM series with uneven slices instead of failing.")] = False,
+) -> None:
+    """Segment scans with a trained model; masks come out in each input's own geometry.
+
+    The checkpoint holds the preprocessing plan, so nothing else is needed. NIfTI outputs keep the input's
+    affine and header codes; DICOM exports also get a DICOM SEG referencing the source series. A failing case
+    is reported and the others go on (exit code 1 at the end).
+    """
+    from segpipe.errors import SegpipeError
+    from segpipe.inference.run import infer as run
+    from segpipe.progress import track
+
+    report = run(model, inputs or [], out, channel_map=_pairs(channel, "--channel"), tta=tta, device=device,
+                 min_lesion_mm3=min_lesion_mm3, save_probabilities=save_probabilities,
+                 series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, progress=track)
+    for cid, info in report.done.items():
+        lesions = "; ".join(f"{k}: {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in info["lesions"].items())
+        typer.echo(f"{cid}: {lesions} -> {', '.join(info['outputs'])}")
+    typer.echo(f"{len(report.done)} done, {len(report.failed)} failed in {report.seconds:.1f} s; summary in {out / 'summary.json'}")
+    if report.failed:
+        raise SegpipeError(f"{len(report.failed)} case(s) failed", details=[f"{k}: {v}" for k, v in report.failed.items()])

@@ -1,0 +1,155 @@
+"""Segment a case with a trained model, in the input's own geometry.
+
+The checkpoint carries the plan, so a :class:`Predictor` needs nothing but the model: it runs the training
+preprocessing chain (:func:`segpipe.transforms.preprocessing.build_preprocessing`, without a label), the
+sliding window (Gaussian, overlap from the config) with optional mirror test-time augmentation, and maps the
+class probabilities back onto the reference channel's original grid by world coordinates (MONAI
+``ResampleToMatch``, linear): crop, spacing and orientation are undone in one resampling, and voxels outside
+the preprocessed crop are background. Then the argmax, and connected components smaller than
+``min_lesion_mm3`` (26-connectivity, per class) are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms.spatial.array import ResampleToMatch
+from scipy import ndimage
+
+from segpipe.config import config_from_dict
+from segpipe.errors import SegpipeError
+from segpipe.inference.sliding import predict_volume
+from segpipe.io.nifti import Volume, read_volume
+from segpipe.models import build_network
+from segpipe.planning import Plan
+from segpipe.training.checkpoint import load_checkpoint
+from segpipe.transforms.preprocessing import build_preprocessing, channel_key, run_chain
+
+__all__ = ["Prediction", "Predictor", "remove_small_components", "resolve_model_path"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A run folder (its ``checkpoint_best.pt``, else ``checkpoint_latest.pt``) or a checkpoint file."""
+    p = Path(model)
+    if p.is_dir():
+        for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise SegpipeError(f"--model '{p}': no checkpoint_best.pt or checkpoint_latest.pt in this folder; give a run folder of `segpipe train`")
+    if not p.exists():
+        raise SegpipeError(f"--model '{p}': not found; give a run folder or a checkpoint file")
+    return p
+
+
+def remove_small_components(mask: np.ndarray, spacing: tuple[float, ...], min_mm3: float) -> tuple[np.ndarray, int]:
+    """Set components (26-connected, per class) smaller than ``min_mm3`` to background; returns the mask and
+    how many were removed."""
+    if min_mm3 <= 0:
+        return mask, 0
+    voxel = float(np.prod(spacing))
+    out = mask.copy()
+    removed = 0
+    for k in np.unique(mask):
+        if k == 0:
+            continue
+        lab, n = ndimage.label(mask == k, structure=np.ones((3, 3, 3), bool))
+        if n == 0:
+            continue
+        sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1)) * voxel
+        small = np.flatnonzero(sizes < min_mm3) + 1
+        if len(small):
+            out[np.isin(lab, small)] = 0
+            removed += len(small)
+    return out, removed
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray  # (x, y, z) uint8 on the reference channel's grid
+    reference: Volume  # the reference channel as read (affine, header)
+    probabilities: np.ndarray | None = None  # (K, x, y, z) float32 on the same grid, when asked for
+    removed_components: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def lesion_stats(self, classes: tuple[str, ...]) -> dict[str, Any]:
+        spacing = self.reference.spacing
+        out = {}
+        for k in range(1, len(classes)):
+            m = self.mask == k
+            _, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+            out[classes[k]] = {"lesions": int(n), "volume_ml": float(m.sum()) * float(np.prod(spacing)) / 1000.0}
+        return out
+
+
+class Predictor:
+    def __init__(self, net: torch.nn.Module, plan: Plan, *, device: torch.device, overlap: float = 0.5, sw_batch_size: int = 2,
+                 amp: bool = True, source: str = "") -> None:
+        self.net = net.eval()
+        self.plan = plan
+        self.device = device
+        self.overlap = overlap
+        self.sw_batch_size = sw_batch_size
+        self.amp_dtype = torch.bfloat16 if amp and device.type == "cuda" else None
+        self.source = source
+
+    @classmethod
+    def load(cls, model: str | Path, device: str = "auto") -> Predictor:
+        from segpipe.training.trainer import resolve_device
+
+        path = resolve_model_path(model)
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(path, map_location="cpu")
+        try:
+            plan = Plan.from_json(ckpt["plan"])
+            cfg = config_from_dict(ckpt["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SegpipeError(f"--model '{path}': the checkpoint has no usable plan/config ({exc}); train it again with this segpipe") from None
+        net = build_network(plan)
+        try:
+            net.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise SegpipeError(f"--model '{path}': weights do not fit the network of its plan ({str(exc).splitlines()[0]})") from None
+        net.to(dev)
+        log.info("model %s (epoch %s): channels %s, classes %s, on %s", path, ckpt.get("epoch"), ", ".join(plan.channels),
+                 ", ".join(plan.classes), dev)
+        return cls(net, plan, device=dev, overlap=cfg.infer.overlap, sw_batch_size=cfg.infer.sw_batch_size, amp=cfg.train.amp, source=str(path))
+
+    def predict(self, channels: dict[str, str | Path], *, tta: bool = True, min_lesion_mm3: float = 0.0,
+                keep_probabilities: bool = False) -> Prediction:
+        """Segment one case given one file per model channel (NIfTI, or MetaImage/NRRD)."""
+        missing = [c for c in self.plan.channels if c not in channels]
+        extra = [c for c in channels if c not in self.plan.channels]
+        if missing or extra:
+            raise SegpipeError(
+                f"the model expects channels {', '.join(self.plan.channels)}; got {', '.join(channels) or 'none'}"
+                + (f" (missing {', '.join(missing)})" if missing else "") + (f" (unknown {', '.join(extra)})" if extra else "")
+            )
+        t0 = time.perf_counter()
+        chain = build_preprocessing(self.plan, with_label=False)
+        data = run_chain(chain, {channel_key(c): str(channels[c]) for c in self.plan.channels})
+        image = data["image"]
+        t1 = time.perf_counter()
+        probs = predict_volume(self.net, image.as_tensor(), self.plan.patch_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
+                               device=self.device, tta=tta, amp_dtype=self.amp_dtype)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        ref = read_volume(channels[self.plan.reference_channel], what=f"channel '{self.plan.reference_channel}'", dtype=None)
+        src = MetaTensor(probs, affine=image.affine)
+        dst = MetaTensor(torch.zeros((1, *ref.shape)), affine=torch.as_tensor(ref.affine))
+        back = ResampleToMatch(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(src, img_dst=dst)
+        back = back.as_tensor() if hasattr(back, "as_tensor") else back
+        mask = back.argmax(0).numpy().astype(np.uint8)
+        mask, removed = remove_small_components(mask, ref.spacing, min_lesion_mm3)
+        t3 = time.perf_counter()
+        return Prediction(mask, ref, back.numpy() if keep_probabilities else None, removed,
+                          {"preprocess": t1 - t0, "network": t2 - t1, "invert": t3 - t2})

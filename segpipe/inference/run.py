@@ -1,0 +1,229 @@
+"""``segpipe infer``: inputs (manifest, NIfTI files, DICOM exports) -> masks in the inputs' own geometry.
+
+Inputs, each argument one of:
+
+- a manifest (``.json``): every case in it;
+- a folder holding a DICOM export (a tree of several series): one case; one series per model channel is
+  chosen (see :mod:`segpipe.io.dicom`), converted to NIfTI in a temporary folder, segmented; the result is
+  written as NIfTI and as a DICOM SEG that references the reference channel's series;
+- a folder of NIfTI files, or NIfTI files given together: one case; a file belongs to the channel whose
+  name appears in its file name as a word (``..._dwi.nii.gz``, ``flair.nii.gz``), or ``--channel NAME=PATH``.
+
+Outputs in ``--out``: ``<case>.nii.gz`` (uint8 mask, the reference channel's affine and header codes),
+``<case>_probabilities.nii.gz`` with ``--save-probabilities``, ``<case>_seg.dcm`` for DICOM input, and
+``summary.json``. The model is loaded once; a case that fails is reported and the others go on; the exit code
+is 1 when any case failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.errors import SegpipeError, UsageError
+from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
+from segpipe.io.nifti import save_nifti
+
+__all__ = ["CaseInput", "InferReport", "infer", "resolve_inputs"]
+
+log = logging.getLogger(__name__)
+NIFTI = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+@dataclass
+class CaseInput:
+    id: str
+    channels: dict[str, Path] = field(default_factory=dict)
+    dicom: Path | None = None
+    source: str = ""
+
+
+@dataclass
+class InferReport:
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in NIFTI:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _match_channels(files: Sequence[Path], channels: Sequence[str], where: str) -> dict[str, Path]:
+    if len(channels) == 1 and len(files) == 1:
+        return {channels[0]: files[0]}
+    found: dict[str, list[Path]] = {c: [] for c in channels}
+    for f in files:
+        words = set(re.split(r"[^a-z0-9]+", _stem(f).lower()))
+        for c in channels:
+            if c.lower() in words:
+                found[c].append(f)
+    missing = [c for c in channels if not found[c]]
+    double = {c: v for c, v in found.items() if len(v) > 1}
+    if missing or double:
+        detail = (f"missing {', '.join(missing)}" if missing else "") + ("; " if missing and double else "") + (
+            "; ".join(f"{c}: {len(v)} files ({', '.join(p.name for p in v)})" for c, v in double.items()))
+        raise SegpipeError(
+            f"input '{where}': the model expects channels {', '.join(channels)}, one file each, named with the channel "
+            f"({detail}); name the files so, or give them with --channel NAME=PATH"
+        )
+    return {c: v[0] for c, v in found.items()}
+
+
+def _common_id(files: Sequence[Path]) -> str:
+    stems = [_stem(f) for f in files]
+    prefix = os.path.commonprefix(stems).rstrip("_-. ")
+    return prefix or stems[0]
+
+
+def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channel_map: Mapping[str, str] | None = None) -> list[CaseInput]:
+    """Turn the command line's inputs into cases (see the module docstring)."""
+    from segpipe.io.dicom import is_dicom_folder
+
+    cases: list[CaseInput] = []
+    if channel_map:
+        if inputs:
+            raise UsageError("--channel NAME=PATH gives one case's files; give no other INPUT with it")
+        paths = {c: Path(p) for c, p in channel_map.items()}
+        for c, p in paths.items():
+            if not p.is_file():
+                raise SegpipeError(f"--channel {c}={p}: file not found")
+        unknown = [c for c in paths if c not in channels]
+        if unknown:
+            raise UsageError(f"--channel: the model has no channel {', '.join(unknown)}; its channels are {', '.join(channels)}")
+        missing = [c for c in channels if c not in paths]
+        if missing:
+            raise UsageError(f"--channel: the model expects channels {', '.join(channels)}; give also {', '.join(missing)}")
+        return [CaseInput(_common_id(list(paths.values())), paths, source="--channel")]
+    if not inputs:
+        raise UsageError("give INPUT: a manifest, a DICOM export folder, a folder of NIfTI files or NIfTI files")
+    loose: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise SegpipeError(f"input '{p}': not found")
+        if p.is_file() and p.suffix.lower() == ".json":
+            from segpipe.data.manifest import load_manifest
+
+            m = load_manifest(p)
+            if set(m.channels) != set(channels):
+                raise SegpipeError(f"manifest '{p}': channels {', '.join(m.channels)} do not match the model's {', '.join(channels)}")
+            cases += [CaseInput(c.id, {ch: m.image_path(c, ch) for ch in channels}, source=str(p)) for c in m.cases]
+        elif p.is_dir():
+            if is_dicom_folder(p):
+                cases.append(CaseInput(p.resolve().name, dicom=p, source=str(p)))
+            else:
+                files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(NIFTI))
+                if not files:
+                    raise SegpipeError(f"input '{p}': a folder with neither DICOM nor NIfTI files")
+                cases.append(CaseInput(p.resolve().name, _match_channels(files, channels, str(p)), source=str(p)))
+        elif p.name.lower().endswith(NIFTI):
+            loose.append(p)
+        else:
+            raise SegpipeError(f"input '{p}': expected a manifest (.json), a folder, or NIfTI/MetaImage/NRRD files")
+    if loose:
+        cases.append(CaseInput(_common_id(loose), _match_channels(loose, channels, ", ".join(str(f) for f in loose)), source="files"))
+    seen: dict[str, int] = {}
+    for c in cases:  # unique output names
+        n = seen.get(c.id, 0)
+        seen[c.id] = n + 1
+        if n:
+            c.id = f"{c.id}_{n + 1}"
+    return cases
+
+
+def _dicom_to_nifti(case: CaseInput, channels: Sequence[str], work: Path, rules: Mapping[str, Any] | None,
+                    forced: Mapping[str, int] | None, allow_uneven: bool, reference: str) -> tuple[dict[str, Path], list[str]]:
+    from segpipe.io.dicom import find_series, read_series, select_series
+
+    assert case.dicom is not None
+    series = find_series(case.dicom)
+    chosen = select_series(series, channels, rules, forced, where=str(case.dicom))
+    paths = {}
+    ref_files: list[str] = []
+    for ch, (info, files) in chosen.items():
+        vol, ordered = read_series(info, files, allow_uneven=allow_uneven, what=f"channel '{ch}' series")
+        paths[ch] = save_nifti(work / f"{ch}.nii.gz", vol.array, vol.affine)
+        if ch == reference:
+            ref_files = ordered
+    return paths, ref_files
+
+
+def infer(
+    model: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    channel_map: Mapping[str, str] | None = None,
+    tta: bool = True,
+    device: str = "auto",
+    min_lesion_mm3: float | None = None,
+    save_probabilities: bool = False,
+    series: Mapping[str, int] | None = None,
+    allow_uneven: bool = False,
+    dicom_seg: bool = True,
+    progress=None,
+) -> InferReport:
+    from segpipe.inference.predictor import Predictor
+
+    start = time.perf_counter()
+    out = ensure_writable_dir(out, what="--out folder")
+    predictor = Predictor.load(model, device)
+    plan = predictor.plan
+    cases = resolve_inputs(inputs, plan.channels, channel_map)
+    min_mm3 = float(min_lesion_mm3) if min_lesion_mm3 is not None else 0.0
+    report = InferReport()
+    items = progress(cases, "segmenting") if progress else cases
+    for case in items:
+        t = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="segpipe-") as tmp:
+                ref_files: list[str] = []
+                channels = case.channels
+                if case.dicom is not None:
+                    channels, ref_files = _dicom_to_nifti(case, plan.channels, Path(tmp), None, series, allow_uneven, plan.reference_channel)
+                pred = predictor.predict(channels, tta=tta, min_lesion_mm3=min_mm3, keep_probabilities=save_probabilities)
+                header = pred.reference.header
+                written = [save_nifti(out / f"{case.id}.nii.gz", pred.mask, pred.reference.affine, header=header, dtype=np.uint8)]
+                if save_probabilities and pred.probabilities is not None:
+                    written.append(save_nifti(out / f"{case.id}_probabilities.nii.gz", pred.probabilities[1:].transpose(1, 2, 3, 0).squeeze(-1)
+                                              if pred.probabilities.shape[0] == 2 else pred.probabilities[1:].transpose(1, 2, 3, 0),
+                                              pred.reference.affine, header=header, dtype=np.float32))
+                if case.dicom is not None and dicom_seg:
+                    from segpipe.io.dicom import write_dicom_seg
+
+                    written.append(write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes))
+            stats = pred.lesion_stats(plan.classes)
+            report.done[case.id] = {"input": case.source, "outputs": [str(p.name) for p in written], "lesions": stats,
+                                    "removed_small_components": pred.removed_components,
+                                    "seconds": {**{k: round(v, 3) for k, v in pred.seconds.items()}, "total": round(time.perf_counter() - t, 3)}}
+            total = ", ".join(f"{k} {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in stats.items())
+            log.info("%s: %s (%.1f s)", case.id, total, time.perf_counter() - t)
+        except SegpipeError as exc:
+            report.failed[case.id] = str(exc)
+            log.error("case '%s' failed: %s", case.id, exc)
+        except Exception as exc:  # one case's bug must not stop the others; reported with its type
+            first = (str(exc).strip().splitlines() or [""])[0]
+            report.failed[case.id] = f"unexpected {type(exc).__name__}: {first}"
+            log.error("case '%s' failed: unexpected %s: %s (rerun with --debug for the traceback)", case.id, type(exc).__name__, first)
+            if logging.getLogger("segpipe").isEnabledFor(logging.DEBUG):
+                raise
+    report.seconds = time.perf_counter() - start
+    summary = {"model": predictor.source, "tta": tta, "min_lesion_mm3": min_mm3, "cases": report.done, "failed": report.failed,
+               "seconds": round(report.seconds, 2)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return report

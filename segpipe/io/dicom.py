@@ -1,0 +1,412 @@
+"""DICOM scanner exports: find the series of a study, choose one per model channel, read it as a volume;
+write synthetic exports (for tests and the demo) and DICOM SEG results (highdicom).
+
+Reading: every folder under the input is asked for its series (SimpleITK/GDCM groups files by
+SeriesInstanceUID); the headers (pydicom, without pixels) give SeriesNumber, SeriesDescription, Modality,
+ImageType and the b-value (standard tag or the vendors' private ones). A DWI series that holds several
+b-values is split and its highest b (at least ``min_b_value``) is used. Slices are sorted along the slice
+normal; uneven spacing or a missing slice is an error naming the gap, unless ``allow_uneven``, which
+resamples the slices linearly onto their median spacing with a warning.
+
+Choosing: per channel, rules (a SeriesDescription pattern, an exclusion pattern, a modality, a minimum
+b-value; defaults below, overridable in the config's ``infer.dicom_rules``) or ``--series CHANNEL=NUMBER``.
+No candidate or several candidates is an error that lists the series found.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.errors import SegpipeError, UsageError
+from segpipe.io.nifti import Volume
+
+__all__ = [
+    "DEFAULT_RULES",
+    "SeriesInfo",
+    "find_series",
+    "format_series_table",
+    "is_dicom_folder",
+    "read_series",
+    "select_series",
+    "write_dicom_seg",
+    "write_dicom_series",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RULES: dict[str, dict[str, Any]] = {
+    "dwi": {"description": r"dwi|diff|trace|b\s?=?\s?\d{3,4}|ep2d", "exclude": r"adc|apparent|\bexp\b|\bfa\b|colfa|tensor", "modality": "MR", "min_b_value": 500},
+    "adc": {"description": r"\badc\b|apparent|_adc", "exclude": r"^$", "modality": "MR"},
+    "flair": {"description": r"flair|dark.?fluid|t2.?fl|ir.?fse", "exclude": r"^$", "modality": "MR"},
+    "t1": {"description": r"\bt1|mprage|spgr|tfl|bravo", "exclude": r"flair|\bt1c|gad|\+c\b|post", "modality": "MR"},
+    "t2": {"description": r"\bt2", "exclude": r"flair|\bt2\*|swi|dwi|diff", "modality": "MR"},
+    "ct": {"description": r"", "exclude": r"perf|cbf|cbv|mtt|tmax|cta|angio|mip", "modality": "CT"},
+}
+_B_TAGS = ((0x0018, 0x9087), (0x0019, 0x100C), (0x2001, 0x1003), (0x0043, 0x1039))
+
+
+@dataclass
+class SeriesInfo:
+    uid: str
+    number: int | None
+    description: str
+    modality: str
+    files: list[str]
+    image_type: str = ""
+    b_values: dict[str, float] = field(default_factory=dict)  # file -> b-value, where known
+
+    @property
+    def label(self) -> str:
+        return f"#{self.number if self.number is not None else '?'} '{self.description}' ({self.modality}, {len(self.files)} files)"
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_folder(folder: Path, probe: int = 50) -> bool:
+    """True when the tree holds DICOM files (the first ``probe`` files are looked at)."""
+    n = 0
+    for dirpath, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.lower().endswith((".nii", ".nii.gz", ".json", ".txt")):
+                continue
+            if _is_dicom_file(Path(dirpath) / name):
+                return True
+            n += 1
+            if n >= probe:
+                return False
+    return False
+
+
+def _b_value(ds: Any) -> float | None:
+    for tag in _B_TAGS:
+        if tag in ds:
+            v = ds[tag].value
+            try:
+                if isinstance(v, (bytes, bytearray)):
+                    v = v.decode(errors="ignore")
+                if isinstance(v, str):
+                    v = v.split("\\")[0]
+                if isinstance(v, (list, tuple)) or hasattr(v, "__iter__") and not isinstance(v, str):
+                    v = list(v)[0]
+                b = float(v)
+                if tag == (0x0043, 0x1039) and b > 1e8:  # GE stores b + 1e9
+                    b = b % 1e9
+                return b
+            except (TypeError, ValueError, IndexError):
+                continue
+    return None
+
+
+def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
+    """Every image series under ``root`` (any depth, several series per folder)."""
+    import pydicom
+    import SimpleITK as sitk
+
+    root = Path(root)
+    found: dict[str, SeriesInfo] = {}
+    reader = sitk.ImageSeriesReader()
+    for dirpath, _, files in os.walk(root):
+        if not files:
+            continue
+        try:
+            ids = reader.GetGDCMSeriesIDs(dirpath)
+        except RuntimeError:
+            continue
+        for sid in ids:
+            names = list(reader.GetGDCMSeriesFileNames(dirpath, sid))
+            if not names:
+                continue
+            try:
+                first = pydicom.dcmread(names[0], stop_before_pixels=True)
+            except Exception:  # not readable as DICOM: skip, reported below if nothing is found
+                continue
+            if "PixelSpacing" not in first and "ImagePositionPatient" not in first:
+                continue  # not an image series (SR, presentation state, SEG)
+            info = found.get(sid)
+            if info is None:
+                num = first.get("SeriesNumber")
+                info = found[sid] = SeriesInfo(
+                    uid=sid, number=int(num) if num not in (None, "") else None,
+                    description=str(first.get("SeriesDescription", "") or first.get("ProtocolName", "")),
+                    modality=str(first.get("Modality", "")), files=[],
+                    image_type="\\".join(str(v) for v in first.get("ImageType", [])),
+                )
+            for name in names:
+                if name in info.files:
+                    continue
+                info.files.append(name)
+                try:
+                    ds = pydicom.dcmread(name, stop_before_pixels=True)
+                except Exception:
+                    continue
+                b = _b_value(ds)
+                if b is not None:
+                    info.b_values[name] = b
+    return sorted(found.values(), key=lambda s: (s.number if s.number is not None else 1 << 30, s.description))
+
+
+def format_series_table(series: Sequence[SeriesInfo]) -> list[str]:
+    lines = []
+    for s in series:
+        bs = sorted(set(s.b_values.values()))
+        b = f", b={'/'.join(f'{v:g}' for v in bs)}" if bs else ""
+        lines.append(f"series {s.label}{b}")
+    return lines
+
+
+def _matches(series: SeriesInfo, rule: Mapping[str, Any]) -> bool:
+    text = f"{series.description} {series.image_type}".lower()
+    desc, excl = rule.get("description", ""), rule.get("exclude", "^$")
+    if rule.get("modality") and series.modality and series.modality.upper() != str(rule["modality"]).upper():
+        return False
+    if desc and not re.search(desc, text, re.I):
+        return False
+    if excl and excl != "^$" and re.search(excl, text, re.I):
+        return False
+    if rule.get("min_b_value") and series.b_values and max(series.b_values.values()) < float(rule["min_b_value"]):
+        return False
+    return True
+
+
+def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: Mapping[str, Mapping[str, Any]] | None = None,
+                  forced: Mapping[str, int] | None = None, where: str = "") -> dict[str, tuple[SeriesInfo, list[str]]]:
+    """One series (and the files to read from it) per channel."""
+    rules = {**DEFAULT_RULES, **{k: {**DEFAULT_RULES.get(k, {}), **v} for k, v in (rules or {}).items()}}
+    forced = dict(forced or {})
+    table = format_series_table(series)
+    if not series:
+        raise SegpipeError(f"DICOM input '{where}': no image series found; point at the folder the scanner export was unpacked into")
+    chosen: dict[str, tuple[SeriesInfo, list[str]]] = {}
+    for ch in channels:
+        if ch in forced:
+            hits = [s for s in series if s.number == forced[ch]]
+            if not hits:
+                raise SegpipeError(f"--series {ch}={forced[ch]}: no series with that number in '{where}'", details=table)
+        else:
+            if ch not in rules:
+                raise SegpipeError(
+                    f"DICOM input '{where}': no rule to recognise channel '{ch}'; choose its series with --series {ch}=NUMBER "
+                    "or add infer.dicom_rules to the config", details=table)
+            hits = [s for s in series if _matches(s, rules[ch]) and all(s is not c[0] for c in chosen.values())]
+        if not hits:
+            raise SegpipeError(f"DICOM input '{where}': no series found for channel '{ch}'; choose one with --series {ch}=NUMBER",
+                               details=table)
+        if len(hits) > 1:
+            raise SegpipeError(
+                f"DICOM input '{where}': {len(hits)} candidate series for channel '{ch}'; choose one with --series {ch}=NUMBER",
+                details=format_series_table(hits))
+        s = hits[0]
+        files = list(s.files)
+        if s.b_values and len(set(s.b_values.values())) > 1:
+            top = max(s.b_values.values())
+            files = [f for f in files if s.b_values.get(f) == top]
+            log.info("channel %s: series %s holds b-values %s; using b=%g (%d files)", ch, s.label,
+                     sorted(set(s.b_values.values())), top, len(files))
+        chosen[ch] = (s, files)
+    for ch, (s, files) in chosen.items():
+        log.info("channel %s <- series %s", ch, s.label)
+    return chosen
+
+
+def _geometry(datasets: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iop = np.asarray(datasets[0].ImageOrientationPatient, dtype=float)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    pos = np.array([np.asarray(d.ImagePositionPatient, dtype=float) @ normal for d in datasets])
+    return row, col, pos
+
+
+def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool = False, what: str = "series") -> tuple[Volume, list[str]]:
+    """Read a series as a volume (x = columns, y = rows, z = slices along the normal; RAS affine). Returns
+    the volume and the files in slice order (for a DICOM SEG that references them)."""
+    import pydicom
+    import SimpleITK as sitk
+
+    dss = []
+    for f in files:
+        try:
+            dss.append((pydicom.dcmread(f, stop_before_pixels=True), f))
+        except Exception as exc:
+            raise SegpipeError(f"{what} {series.label}: file '{f}' cannot be read as DICOM ({exc})") from None
+    missing = [f for d, f in dss if "ImagePositionPatient" not in d or "ImageOrientationPatient" not in d]
+    if missing:
+        raise SegpipeError(f"{what} {series.label}: {len(missing)} files have no slice position/orientation (e.g. '{missing[0]}'); not a volume")
+    row, col, pos = _geometry([d for d, _ in dss])
+    order = np.argsort(pos, kind="stable")
+    dss = [dss[i] for i in order]
+    pos = pos[order]
+    if len(np.unique(np.round(pos, 3))) != len(pos):
+        raise SegpipeError(f"{what} {series.label}: several images share a slice position (a 4D or multi-echo series); "
+                           "choose a series with one image per position")
+    gaps = np.diff(pos)
+    spacing_z = float(np.median(gaps)) if len(gaps) else float(dss[0][0].get("SliceThickness", 1.0) or 1.0)
+    uneven = len(gaps) > 0 and float(np.abs(gaps - spacing_z).max()) > 0.1 * spacing_z
+    if uneven:
+        worst = int(np.argmax(np.abs(gaps - spacing_z)))
+        msg = (f"{what} {series.label}: uneven slice spacing: slices {worst} and {worst + 1} are {gaps[worst]:.2f} mm apart where "
+               f"{spacing_z:.2f} mm is the rule ({'a missing slice' if gaps[worst] > 1.5 * spacing_z else 'irregular spacing'})")
+        if not allow_uneven:
+            raise SegpipeError(msg + "; re-export the series, or pass --allow-uneven to resample it onto even slices")
+        log.warning("%s; resampling onto even %.2f mm slices (--allow-uneven)", msg, spacing_z)
+    sorted_files = [f for _, f in dss]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sorted_files)
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise SegpipeError(f"{what} {series.label}: pixel data cannot be read ({str(exc).strip().splitlines()[-1][:160]})") from None
+    arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)).astype(np.float32)  # (x = column, y = row, z)
+    if uneven:
+        target = pos[0] + spacing_z * np.arange(int(round((pos[-1] - pos[0]) / spacing_z)) + 1)
+        idx = np.clip(np.searchsorted(pos, target, side="right") - 1, 0, len(pos) - 2)
+        w = ((target - pos[idx]) / (pos[idx + 1] - pos[idx]))[None, None, :]
+        arr = (arr[:, :, idx] * (1 - w) + arr[:, :, idx + 1] * w).astype(np.float32)
+    first = dss[0][0]
+    ps = [float(v) for v in first.PixelSpacing]  # (row spacing, column spacing)
+    normal = np.cross(row, col)
+    lps = np.eye(4)
+    lps[:3, 0] = row * ps[1]
+    lps[:3, 1] = col * ps[0]
+    lps[:3, 2] = normal * spacing_z
+    lps[:3, 3] = np.asarray(first.ImagePositionPatient, dtype=float)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    return Volume(arr, affine, Path(sorted_files[0]).parent), sorted_files
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+
+
+def write_dicom_series(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    folder: str | os.PathLike,
+    *,
+    description: str,
+    series_number: int,
+    study_uid: str,
+    frame_uid: str,
+    patient: tuple[str, str] = ("Synthetic^Patient", "SYN0001"),
+    modality: str = "MR",
+    b_value: float | None = None,
+    prefix: str = "IM",
+) -> list[Path]:
+    """Write an (x, y, z) volume with a RAS ``affine`` as one DICOM file per slice (MR/CT Image Storage),
+    the way a scanner export stores it: 16-bit pixels with rescale slope and intercept, LPS geometry."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, float)
+    vol = np.asarray(volume, dtype=np.float64)
+    sx, sy, sz = (float(np.linalg.norm(lps[:3, i])) for i in range(3))
+    if np.dot(np.cross(lps[:3, 0], lps[:3, 1]), lps[:3, 2]) < 0:
+        # DICOM slices follow row x column: run the rows the other way (same voxels, same world positions)
+        vol = vol[:, ::-1, :]
+        lps[:3, 3] = lps[:3, 3] + lps[:3, 1] * (vol.shape[1] - 1)
+        lps[:3, 1] = -lps[:3, 1]
+    row, col, normal = lps[:3, 0] / sx, lps[:3, 1] / sy, lps[:3, 2] / sz
+    lo, hi = float(vol.min()), float(vol.max())
+    slope = max((hi - lo) / 60000.0, 1e-6)
+    intercept = lo + 30000.0 * slope
+    stored = np.clip(np.round((vol - intercept) / slope), -32768, 32767).astype(np.int16)
+    sop_class = "1.2.840.10008.5.1.4.1.1.4" if modality == "MR" else "1.2.840.10008.5.1.4.1.1.2"
+    series_uid = generate_uid()
+    now = datetime.datetime(2024, 1, 1, 12, 0, 0)
+    written = []
+    for k in range(vol.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{prefix}{series_number:03d}_{k + 1:04d}"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.PatientName, ds.PatientID = patient
+        ds.PatientBirthDate, ds.PatientSex = "19600101", "O"
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+        ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "SYN1", "1", ""
+        ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = modality, "segpipe", "synthetic"
+        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = series_number, k + 1, description
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.ImagePositionPatient = [float(v) for v in (lps[:3, 3] + normal * sz * k)]
+        ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
+        ds.PixelSpacing = [sy, sx]
+        ds.SliceThickness = ds.SpacingBetweenSlices = sz
+        ds.SliceLocation = float(np.dot(lps[:3, 3] + normal * sz * k, normal))
+        ds.Rows, ds.Columns = vol.shape[1], vol.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
+        if b_value is not None:
+            ds.add_new((0x0018, 0x9087), "FD", float(b_value))
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # rows = y, columns = x
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+def write_dicom_seg(
+    mask: np.ndarray,
+    source_files: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    classes: Sequence[str],
+    series_number: int = 900,
+    algorithm: str = "segpipe",
+    version: str = "0",
+) -> Path:
+    """A binary DICOM SEG (one segment per foreground class) that references the source series. ``mask`` is
+    on the source series' grid as :func:`read_series` gives it ((x, y, z), z in ``source_files`` order)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from segpipe.io.atomic import atomic_path
+
+    sources = [pydicom.dcmread(f) for f in source_files]
+    frames = np.transpose(np.asarray(mask, dtype=np.uint8), (2, 1, 0))  # (slices, rows, columns)
+    algo = hd.AlgorithmIdentificationSequence(name=algorithm, version=version, family=codes.cid7162.ArtificialIntelligence)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=k, segment_label=classes[k][:64], segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+        )
+        for k in range(1, len(classes))
+    ]
+    if len(classes) == 2:
+        pixel = (frames == 1).astype(np.uint8)
+    else:
+        pixel = np.stack([(frames == k) for k in range(1, len(classes))], axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixel, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="segpipe", manufacturer_model_name=algorithm,
+        software_versions=version, device_serial_number="0", series_description=f"{algorithm} lesion segmentation",
+        omit_empty_frames=False,
+    )
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        seg.save_as(tmp)
+    return out
