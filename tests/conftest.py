@@ -138,3 +138,55 @@ def tiny_cache(tmp_path_factory) -> Path:
     cfg = load_config(ROOT / "configs" / "demo.yaml", TINY)
     preprocess_dataset(load_manifest(root / "m.json"), cfg, root / "cache")
     return root / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cache, tmp_path_factory) -> Path:
+    """A run folder with a checkpoint of the tiny network (1 epoch), for inference tests."""
+    from segpipe.training.trainer import resolve_train_config, train
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    train(resolve_train_config(tiny_cache, None, ["train.epochs=1"]), tiny_cache, run)
+    return run
+
+
+def write_dicom_series_sitk(volume: np.ndarray, affine: np.ndarray, folder: Path, *, description: str, series_number: int,
+                            study_uid: str, frame_uid: str, b_value: float | None = None, prefix: str = "IM") -> list[Path]:
+    """Write an (x, y, z) volume with a RAS affine as a DICOM series with SimpleITK's writer (one file per
+    slice, the geometry tags set explicitly), as a scanner export stores it."""
+    import SimpleITK as sitk
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    direction = lps[:3, :3] / spacing
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(np.asarray(volume, np.float32), (2, 1, 0))))
+    img = sitk.Cast(sitk.RescaleIntensity(img, 0, 4000), sitk.sitkInt16)
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
+    img.SetDirection(tuple(float(v) for v in direction.ravel()))
+    series_uid = generate_uid()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    paths = []
+    iop = "\\".join(f"{v:.10f}" for v in (*direction[:, 0], *direction[:, 1]))
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        tags = {
+            "0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0008|0018": generate_uid(),
+            "0020|000d": study_uid, "0020|000e": series_uid, "0020|0052": frame_uid, "0020|0011": str(series_number),
+            "0008|103e": description, "0020|0013": str(k + 1), "0010|0010": "Test^Patient", "0010|0020": "T1",
+            "0020|0032": "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": iop, "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}", "0018|0050": f"{spacing[2]:.6f}",
+            "0008|0070": "segpipe-tests", "0008|0020": "20240101", "0008|0030": "120000",
+        }
+        if b_value is not None:
+            tags["0018|9087"] = str(b_value)
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        path = folder / f"{prefix}{series_number:03d}_{k + 1:04d}.dcm"
+        writer.SetFileName(str(path))
+        writer.Execute(sl)
+        paths.append(path)
+    return paths

@@ -147,7 +147,7 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
 
 
 def _dicom_to_nifti(case: CaseInput, channels: Sequence[str], work: Path, rules: Mapping[str, Any] | None,
-                    forced: Mapping[str, int] | None, allow_uneven: bool, reference: str) -> tuple[dict[str, Path], list[str]]:
+                    forced: Mapping[str, int] | None, allow_uneven: bool, reference: str) -> tuple[dict[str, Path], list[str], list[int]]:
     from segpipe.io.dicom import find_series, read_series, select_series
 
     assert case.dicom is not None
@@ -155,12 +155,13 @@ def _dicom_to_nifti(case: CaseInput, channels: Sequence[str], work: Path, rules:
     chosen = select_series(series, channels, rules, forced, where=str(case.dicom))
     paths = {}
     ref_files: list[str] = []
+    ref_index: list[int] = []
     for ch, (info, files) in chosen.items():
-        vol, ordered = read_series(info, files, allow_uneven=allow_uneven, what=f"channel '{ch}' series")
+        vol, ordered, index = read_series(info, files, allow_uneven=allow_uneven, what=f"channel '{ch}' series")
         paths[ch] = save_nifti(work / f"{ch}.nii.gz", vol.array, vol.affine)
         if ch == reference:
-            ref_files = ordered
-    return paths, ref_files
+            ref_files, ref_index = ordered, index
+    return paths, ref_files, ref_index
 
 
 def infer(
@@ -193,9 +194,11 @@ def infer(
         try:
             with tempfile.TemporaryDirectory(prefix="segpipe-") as tmp:
                 ref_files: list[str] = []
+                ref_index: list[int] = []
                 channels = case.channels
                 if case.dicom is not None:
-                    channels, ref_files = _dicom_to_nifti(case, plan.channels, Path(tmp), None, series, allow_uneven, plan.reference_channel)
+                    channels, ref_files, ref_index = _dicom_to_nifti(case, plan.channels, Path(tmp), None, series, allow_uneven,
+                                                                     plan.reference_channel)
                 pred = predictor.predict(channels, tta=tta, min_lesion_mm3=min_mm3, keep_probabilities=save_probabilities)
                 header = pred.reference.header
                 written = [save_nifti(out / f"{case.id}.nii.gz", pred.mask, pred.reference.affine, header=header, dtype=np.uint8)]
@@ -206,7 +209,8 @@ def infer(
                 if case.dicom is not None and dicom_seg:
                     from segpipe.io.dicom import write_dicom_seg
 
-                    written.append(write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes))
+                    written.append(write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes,
+                                                   source_index=ref_index))
             stats = pred.lesion_stats(plan.classes)
             report.done[case.id] = {"input": case.source, "outputs": [str(p.name) for p in written], "lesions": stats,
                                     "removed_small_components": pred.removed_components,

@@ -232,9 +232,11 @@ def _geometry(datasets: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return row, col, pos
 
 
-def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool = False, what: str = "series") -> tuple[Volume, list[str]]:
+def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool = False,
+                what: str = "series") -> tuple[Volume, list[str], list[int]]:
     """Read a series as a volume (x = columns, y = rows, z = slices along the normal; RAS affine). Returns
-    the volume and the files in slice order (for a DICOM SEG that references them)."""
+    the volume, the files in slice order, and for each file its slice index in the volume (they differ only
+    when uneven slices were resampled): what a DICOM SEG that references the files needs."""
     import pydicom
     import SimpleITK as sitk
 
@@ -267,16 +269,22 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
     sorted_files = [f for _, f in dss]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sorted_files)
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # the spacing was checked above, with a clearer message
     try:
         img = reader.Execute()
     except RuntimeError as exc:
         raise SegpipeError(f"{what} {series.label}: pixel data cannot be read ({str(exc).strip().splitlines()[-1][:160]})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)).astype(np.float32)  # (x = column, y = row, z)
+    index = list(range(len(sorted_files)))
     if uneven:
         target = pos[0] + spacing_z * np.arange(int(round((pos[-1] - pos[0]) / spacing_z)) + 1)
         idx = np.clip(np.searchsorted(pos, target, side="right") - 1, 0, len(pos) - 2)
         w = ((target - pos[idx]) / (pos[idx + 1] - pos[idx]))[None, None, :]
         arr = (arr[:, :, idx] * (1 - w) + arr[:, :, idx + 1] * w).astype(np.float32)
+        index = [int(round((p - pos[0]) / spacing_z)) for p in pos]
     first = dss[0][0]
     ps = [float(v) for v in first.PixelSpacing]  # (row spacing, column spacing)
     normal = np.cross(row, col)
@@ -286,7 +294,7 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
     lps[:3, 2] = normal * spacing_z
     lps[:3, 3] = np.asarray(first.ImagePositionPatient, dtype=float)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    return Volume(arr, affine, Path(sorted_files[0]).parent), sorted_files
+    return Volume(arr, affine, Path(sorted_files[0]).parent), sorted_files, index
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -375,9 +383,11 @@ def write_dicom_seg(
     series_number: int = 900,
     algorithm: str = "segpipe",
     version: str = "0",
+    source_index: Sequence[int] | None = None,
 ) -> Path:
     """A binary DICOM SEG (one segment per foreground class) that references the source series. ``mask`` is
-    on the source series' grid as :func:`read_series` gives it ((x, y, z), z in ``source_files`` order)."""
+    on the source series' grid as :func:`read_series` gives it ((x, y, z), z in ``source_files`` order, or
+    the slices ``source_index`` for each file when uneven slices were resampled)."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -385,7 +395,10 @@ def write_dicom_seg(
     from segpipe.io.atomic import atomic_path
 
     sources = [pydicom.dcmread(f) for f in source_files]
-    frames = np.transpose(np.asarray(mask, dtype=np.uint8), (2, 1, 0))  # (slices, rows, columns)
+    mask = np.asarray(mask, dtype=np.uint8)
+    if source_index is not None:
+        mask = mask[:, :, list(source_index)]
+    frames = np.transpose(mask, (2, 1, 0))  # (slices, rows, columns)
     algo = hd.AlgorithmIdentificationSequence(name=algorithm, version=version, family=codes.cid7162.ArtificialIntelligence)
     descriptions = [
         hd.seg.SegmentDescription(

@@ -61,6 +61,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise SegpipeError(f"checkpoint '{path}': file not found; give a run folder or a checkpoint_*.pt file")
+    if not zipfile.is_zipfile(path):  # every torch.save since PyTorch 1.6 writes a zip archive
+        raise SegpipeError(f"checkpoint '{path}': not a readable PyTorch checkpoint (not a torch.save archive); give a segpipe checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

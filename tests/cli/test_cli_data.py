@@ -23,7 +23,7 @@ def test_version_and_help(cli):
     assert r.exit_code == 0 and "manifest" in r.output and "synth" in r.output
 
 
-@pytest.mark.parametrize("command", ["manifest", "synth", "preprocess", "inspect", "train", "evaluate"])
+@pytest.mark.parametrize("command", ["manifest", "synth", "preprocess", "inspect", "train", "infer", "evaluate"])
 def test_every_command_has_help(cli, command):
     r = cli(command, "--help")
     assert r.exit_code == 0

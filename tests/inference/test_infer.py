@@ -1,0 +1,231 @@
+"""`segpipe infer`: NIfTI round trip, DICOM exports and SEG, small-lesion removal, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.uid import generate_uid
+
+from segpipe.data.synthetic import make_head_case
+from segpipe.errors import SegpipeError
+from segpipe.inference.predictor import Predictor, remove_small_components
+from segpipe.inference.run import infer, resolve_inputs
+from segpipe.io.dicom import find_series, read_series, select_series, write_dicom_series
+from segpipe.io.nifti import save_nifti
+from tests.conftest import write_dicom_series_sitk
+
+CHANNELS = ("dwi", "adc", "flair")
+
+
+def _case(seed=1, shape=(40, 40, 24)):
+    return make_head_case(np.random.default_rng(seed), "stroke", shape, (2.0, 2.0, 2.0), channels=CHANNELS,
+                          second_grid=((80, 80, 12), (1.0, 1.0, 5.0)), second_grid_channels=("flair",))
+
+
+def _nifti_case(folder: Path, seed=1) -> Path:
+    case = _case(seed)
+    for ch in CHANNELS:
+        arr, aff = case.images[ch]
+        save_nifti(folder / f"subj_{ch}.nii.gz", arr, aff, qform_code=2 if ch != "flair" else 1, sform_code=1)
+    return folder
+
+
+def test_nifti_round_trip_keeps_geometry_and_codes(tiny_model, tmp_path):
+    src = _nifti_case(tmp_path / "in")
+    out = tmp_path / "out"
+    report = infer(tiny_model, [src], out, tta=False)
+    assert not report.failed and list(report.done) == ["in"]
+    ref = nib.load(str(src / "subj_dwi.nii.gz"))
+    mask = nib.load(str(out / "in.nii.gz"))
+    assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-5)
+    assert nib.aff2axcodes(mask.affine) == ("L", "A", "S")
+    assert (int(mask.header["qform_code"]), int(mask.header["sform_code"])) == (2, 1)
+    assert mask.get_data_dtype() == np.uint8 and set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"]["in"]["seconds"]["network"] > 0 and summary["failed"] == {}
+
+
+def test_mask_lands_where_the_lesion_is(tmp_path):
+    """A 'model' that thresholds its first input channel, on a DWI that is a head plus the lesion mask: the
+    whole path (preprocessing with reorientation, crop and resampling, sliding window, inversion) must put
+    the mask back in place, on the input's oblique LAS grid."""
+    case = _case(3)
+    gt = case.label == 1
+    dwi_aff = case.images["dwi"][1]
+    head = case.images["adc"][0] > 0.3
+    save_nifti(tmp_path / "in" / "c_dwi.nii.gz", (100.0 * head + 400.0 * gt).astype(np.float32), dwi_aff)
+    for ch in ("adc", "flair"):
+        save_nifti(tmp_path / "in" / f"c_{ch}.nii.gz", *case.images[ch])
+
+    class Threshold(torch.nn.Module):
+        def forward(self, x):
+            fg = (x[:, :1] - 3.0) * 10  # z-scored: the lesion is far above the head's mean
+            return torch.cat([-fg, fg], dim=1)
+
+    from segpipe.config import load_config
+    from segpipe.planning import make_plan
+
+    # at the input's own spacing the round trip is exact; resampled to 1.5 mm and back, interpolation blurs edges
+    for spacing, min_dice, max_shift in (("[2.0,2.0,2.0]", 0.999, 0.05), ("[1.5,1.5,1.5]", 0.85, 1.0)):
+        plan = make_plan(load_config(None, ["plan.patch_size=[32,32,32]", f"preprocess.target_spacing={spacing}"]), CHANNELS,
+                         ("background", "lesion"), None, 0.5, [(2, 2, 2)], [(40, 40, 24)])
+        pred = Predictor(Threshold(), plan, device=torch.device("cpu")).predict(
+            {ch: tmp_path / "in" / f"c_{ch}.nii.gz" for ch in CHANNELS}, tta=True)
+        m = pred.mask.astype(bool)
+        dice = 2 * (m & gt).sum() / (m.sum() + gt.sum())
+        shift = np.linalg.norm(np.argwhere(m).mean(0) - np.argwhere(gt).mean(0))
+        assert pred.mask.shape == gt.shape and dice >= min_dice and shift < max_shift, (spacing, dice, shift)
+
+
+def test_remove_small_components():
+    m = np.zeros((10, 10, 10), np.uint8)
+    m[1:4, 1:4, 1:4] = 1  # 27 voxels
+    m[7, 7, 7] = 1  # 1 voxel
+    out, removed = remove_small_components(m, (2.0, 2.0, 2.0), min_mm3=10.0)  # voxel = 8 mm3
+    assert removed == 1 and out.sum() == 27
+    assert remove_small_components(m, (2.0, 2.0, 2.0), 0)[1] == 0
+
+
+def _dicom_export(root: Path, seed=2, oblique=True, uneven=False) -> tuple[Path, dict]:
+    case = _case(seed)
+    study, frame = generate_uid(), generate_uid()
+    images = dict(case.images)
+    if not oblique:  # plain axis-aligned geometry
+        images = {ch: (arr, np.diag([-np.linalg.norm(aff[:3, 0]), np.linalg.norm(aff[:3, 1]), np.linalg.norm(aff[:3, 2]), 1.0]))
+                  for ch, (arr, aff) in images.items()}
+    # two series in one folder (DWI with SimpleITK's writer, ADC with pydicom), FLAIR in another
+    dwi_files = write_dicom_series_sitk(*images["dwi"], root / "DICOM" / "0001", description="ep2d_diff_3scan_trace_p2 TRACEW",
+                                        series_number=7, study_uid=study, frame_uid=frame, b_value=1000)
+    write_dicom_series(*images["adc"], root / "DICOM" / "0001", description="ep2d_diff_3scan_trace_p2_ADC", series_number=8,
+                       study_uid=study, frame_uid=frame, prefix="ADC")
+    write_dicom_series(*images["flair"], root / "DICOM" / "0002", description="t2_tirm_tra_dark-fluid", series_number=4,
+                       study_uid=study, frame_uid=frame)
+    if uneven:
+        dwi_files[len(dwi_files) // 2].unlink()
+    return root, {"dwi_uid": pydicom.dcmread(str(dwi_files[0])).SeriesInstanceUID}
+
+
+@pytest.mark.parametrize("oblique", [True, False])
+def test_dicom_export_segmented_and_seg_reads_back(tiny_model, tmp_path, oblique):
+    export, info = _dicom_export(tmp_path / "study", oblique=oblique)
+    out = tmp_path / "out"
+    report = infer(tiny_model, [export], out, tta=False)
+    assert not report.failed, report.failed
+    seg = pydicom.dcmread(str(out / "study_seg.dcm"))
+    assert seg.Modality == "SEG" and seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == info["dwi_uid"]
+    assert int(seg.NumberOfFrames) == 24 and seg.SegmentSequence[0].SegmentLabel == "lesion"
+    frames = seg.pixel_array
+    nii = nib.load(str(out / "study.nii.gz"))
+    assert frames.shape == (24, 40, 40) and int(frames.sum()) == int(np.asanyarray(nii.dataobj).sum())
+
+
+def test_dicom_selection_errors(tmp_path):
+    export, _ = _dicom_export(tmp_path / "study")
+    series = find_series(export)
+    assert [s.number for s in series] == [4, 7, 8]
+    with pytest.raises(SegpipeError, match="no series found for channel 't1'") as info:
+        select_series(series, ["t1"], where="study")
+    assert len(info.value.details) == 3 and "#7 'ep2d_diff_3scan_trace_p2 TRACEW' (MR, 24 files), b=1000" in info.value.details[1]
+    with pytest.raises(SegpipeError, match=r"2 candidate series for channel 'dwi'.*--series dwi=NUMBER") as info:
+        select_series(series, ["dwi"], rules={"dwi": {"description": "ep2d", "exclude": "^$", "min_b_value": 0}}, where="study")
+    assert len(info.value.details) == 2
+    chosen = select_series(series, ["dwi"], forced={"dwi": 8})
+    assert chosen["dwi"][0].number == 8
+    with pytest.raises(SegpipeError, match="no DICOM|no image series"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        select_series(find_series(empty), ["dwi"], where=str(empty))
+
+
+def test_multi_b_value_series_uses_the_highest_b(tmp_path):
+    case = _case(4)
+    study, frame = generate_uid(), generate_uid()
+    write_dicom_series(case.images["dwi"][0] * 3, case.images["dwi"][1], tmp_path / "s", description="DWI", series_number=3,
+                       study_uid=study, frame_uid=frame, b_value=0, prefix="B0_")
+    b1000 = write_dicom_series(case.images["dwi"][0], case.images["dwi"][1], tmp_path / "s", description="DWI", series_number=3,
+                               study_uid=study, frame_uid=frame, b_value=1000, prefix="B1000_")
+    # the same series: one SeriesInstanceUID for both b-values
+    uid = pydicom.dcmread(str(b1000[0])).SeriesInstanceUID
+    for f in (tmp_path / "s").glob("B0_*"):
+        ds = pydicom.dcmread(str(f))
+        ds.SeriesInstanceUID = uid
+        ds.save_as(str(f))
+    series = find_series(tmp_path / "s")
+    assert len(series) == 1 and sorted(set(series[0].b_values.values())) == [0.0, 1000.0]
+    info, files = select_series(series, ["dwi"])["dwi"]
+    assert len(files) == 24 and all("B1000_" in f for f in files)
+    vol, _, _ = read_series(info, files)
+    assert vol.shape == (40, 40, 24)
+
+
+def test_missing_slice_is_named_or_resampled(tiny_model, tmp_path, caplog):
+    export, _ = _dicom_export(tmp_path / "study", uneven=True)
+    out = tmp_path / "out"
+    report = infer(tiny_model, [export], out, tta=False)
+    assert "uneven slice spacing" in report.failed["study"] and "a missing slice" in report.failed["study"]
+    assert "--allow-uneven" in report.failed["study"]
+    report = infer(tiny_model, [export], out, tta=False, allow_uneven=True)
+    assert not report.failed and "resampling onto even" in caplog.text
+    assert nib.load(str(out / "study.nii.gz")).shape == (40, 40, 24)
+    assert int(pydicom.dcmread(str(out / "study_seg.dcm")).NumberOfFrames) == 23  # one frame per source image
+
+
+def test_inputs_and_channels(tmp_path):
+    src = _nifti_case(tmp_path / "in")
+    cases = resolve_inputs(sorted(src.iterdir()), CHANNELS)
+    assert len(cases) == 1 and cases[0].id == "subj" and set(cases[0].channels) == set(CHANNELS)
+    with pytest.raises(SegpipeError, match=r"expects channels dwi, adc, flair.*missing adc"):
+        resolve_inputs([src / "subj_dwi.nii.gz", src / "subj_flair.nii.gz"], CHANNELS)
+    explicit = resolve_inputs([], CHANNELS, {"dwi": str(src / "subj_dwi.nii.gz"), "adc": str(src / "subj_adc.nii.gz"),
+                                             "flair": str(src / "subj_flair.nii.gz")})
+    assert explicit[0].channels["adc"].name == "subj_adc.nii.gz"
+    with pytest.raises(SegpipeError, match="give also flair"):
+        resolve_inputs([], CHANNELS, {"dwi": str(src / "subj_dwi.nii.gz"), "adc": str(src / "subj_adc.nii.gz")})
+
+
+def test_cli_failure_in_one_case_does_not_stop_the_others(cli, tiny_model, tmp_path):
+    good = _nifti_case(tmp_path / "good")
+    bad = _nifti_case(tmp_path / "bad", seed=5)
+    data = (bad / "subj_adc.nii.gz").read_bytes()
+    (bad / "subj_adc.nii.gz").write_bytes(data[: len(data) // 3])
+    r = cli("infer", "--model", tiny_model, good, bad, "--out", tmp_path / "out", "--no-tta", "--min-lesion-mm3", "50")
+    assert r.exit_code == 1, r.output
+    assert "1 done, 1 failed" in r.output and "bad:" in r.output and "cannot be read" in r.output and "Traceback" not in r.output
+    assert (tmp_path / "out" / "good.nii.gz").is_file() and not (tmp_path / "out" / "bad.nii.gz").exists()
+
+
+def test_model_checks(cli, tiny_model, tmp_path):
+    src = _nifti_case(tmp_path / "in")
+    not_ckpt = tmp_path / "x.pt"
+    not_ckpt.write_bytes(b"garbage")
+    r = cli("infer", "--model", not_ckpt, src, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "not a readable PyTorch checkpoint" in r.output
+    plain = tmp_path / "plain.pt"
+    torch.save({"state": torch.zeros(2)}, plain)
+    r = cli("infer", "--model", plain, src, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "not a segpipe checkpoint" in r.output
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "segpipe-checkpoint-v1", "x": Evil()}, evil)
+    r = cli("infer", "--model", evil, src, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "refused, loading it would run pickled code" in r.output and "pwned" not in r.output
+    r = cli("infer", "--model", tmp_path / "nothing", src, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "not found" in r.output
+    (tmp_path / "file").write_text("x")
+    r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "file" / "o")
+    assert r.exit_code == 1 and "cannot be created" in r.output
+    r = cli("infer", "--model", tiny_model, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "give INPUT" in r.output
+    r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "o", "--series", "dwi")
+    assert r.exit_code == 2 and "--series" in r.output
