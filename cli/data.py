@@ -59,6 +59,9 @@ def synth(
         str | None,
         typer.Option(help="Label-grid size X,Y,Z (default 64,64,40 at 2 mm for isles22; 96,96,24 at 0.96x0.96x3 mm for wmh17)."),
     ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="nifti: the challenge's layout; dicom: one scanner-export study folder per case (labels as NIfTI).")
+    ] = "nifti",
 ) -> None:
     """Write a synthetic dataset (head phantom with small, unbalanced lesions) in an official layout.
 
@@ -66,5 +69,5 @@ def synth(
     """
     from segpipe.data.synthetic import synthesize
 
-    names = synthesize(root, layout, cases, seed, parse_ints(shape, "--shape", 3))
-    typer.echo(f"wrote {len(names)} synthetic {layout} cases under {root}")
+    names = synthesize(root, layout, cases, seed, parse_ints(shape, "--shape", 3), fmt=fmt)
+    typer.echo(f"wrote {len(names)} synthetic {layout} cases under {root}" + (" as DICOM exports" if fmt == "dicom" else ""))

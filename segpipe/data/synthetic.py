@@ -16,6 +16,7 @@ not change when the number of cases does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -358,23 +359,66 @@ def _write_wmh17(root: Path, index: int, rng: np.random.Generator, shape) -> str
     return f"{site}/{cid}"
 
 
+_DICOM_SERIES = {
+    "isles22": (("dwi", "ep2d_diff_tra TRACEW b1000", 5, 1000.0), ("adc", "ep2d_diff_tra_ADC", 6, None),
+                ("flair", "t2_flair_tra", 3, None)),
+    "wmh17": (("flair", "t2_flair_3d_tra", 4, None), ("t1", "t1_mprage_tra", 2, None)),
+}
+
+
+def _write_dicom_case(root: Path, index: int, rng: np.random.Generator, shape, *, layout: str) -> str:
+    """One case as a scanner export: ``ROOT/<case>/DICOM/<series>/IM...`` (one folder per series, DWI and
+    ADC together, as many scanners write them) and the label as ``ROOT/labels/<case>.nii.gz`` on the
+    reference series' grid."""
+    from pydicom.uid import generate_uid
+
+    from segpipe.io.dicom import write_dicom_series
+
+    if layout == "isles22":
+        spacing = (2.0, 2.0, 2.0)
+        fov = np.asarray(shape) * spacing
+        flair_spacing = (1.0, 1.0, 5.0)
+        flair_shape = tuple(int(np.ceil(f / s)) + 2 for f, s in zip(fov * 1.05, flair_spacing))
+        case = make_head_case(rng, "stroke", shape, spacing, channels=("dwi", "adc", "flair"),
+                              second_grid=(flair_shape, flair_spacing), second_grid_channels=("flair",))
+        name = f"strokecase{index + 1:04d}"
+    else:
+        case = make_head_case(rng, "wmh", shape, _WMH_SITES[0][2], channels=("flair", "t1"))
+        name = f"wmhcase{index + 1:04d}"
+    study, frame = generate_uid(), generate_uid()
+    for ch, description, number, b_value in _DICOM_SERIES[layout]:
+        folder = root / name / "DICOM" / ("S0001" if ch in ("dwi", "adc") else f"S{number:04d}")
+        write_dicom_series(*case.images[ch], folder, description=description, series_number=number, study_uid=study,
+                           frame_uid=frame, b_value=b_value, prefix=f"{ch.upper()}_",
+                           patient=("Synthetic^Case", f"SYN{index + 1:04d}"))
+    save_nifti(root / "labels" / f"{name}.nii.gz", case.label.astype(np.uint8), case.label_affine)
+    return name
+
+
 def synthesize(
     root: str | os.PathLike,
     layout: str = "isles22",
     cases: int = 4,
     seed: int = 0,
     shape: Sequence[int] | None = None,
+    fmt: str = "nifti",
 ) -> list[str]:
-    """Write ``cases`` synthetic cases in the official ``layout`` under ``root``; returns their names."""
+    """Write ``cases`` synthetic cases under ``root``: in the official ``layout`` (``fmt="nifti"``), or as
+    DICOM scanner exports, one study folder per case (``fmt="dicom"``); returns their names."""
     if layout not in SYNTH_LAYOUTS:
         from segpipe.errors import did_you_mean
 
         raise UsageError(f"--layout: synth writes {', '.join(SYNTH_LAYOUTS)}, got '{layout}'{did_you_mean(layout, SYNTH_LAYOUTS)}")
     if cases < 1:
         raise UsageError(f"--cases: expected at least 1, got {cases}")
+    if fmt not in ("nifti", "dicom"):
+        raise UsageError(f"--format: expected nifti or dicom, got '{fmt}'")
     shape = _check_shape(shape, layout)
     root = Path(root)
-    writer = _write_isles22 if layout == "isles22" else _write_wmh17
+    if fmt == "dicom":  # the same case drawing, written as a scanner export
+        writer = functools.partial(_write_dicom_case, layout=layout)
+    else:
+        writer = _write_isles22 if layout == "isles22" else _write_wmh17
     from segpipe.progress import track
 
     names = []
