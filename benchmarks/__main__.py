@@ -16,6 +16,7 @@ BENCHMARKS = {
     "preprocess_sample": (["--repeat", "3"], ["--repeat", "1"]),
     "loss_overhead": ([], ["--size", "48", "--repeat", "1"]),
     "loader": ([], ["--batches", "3"]),
+    "infer_e2e": ([], ["--repeat", "1", "--tta", "off"]),
 }
 
 
