@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli import data, evaluate, infer, preprocess, train
+from cli import data, demo, evaluate, infer, preprocess, train
 from cli._common import setup_logging, state
 from segpipe import __version__
 
@@ -48,6 +48,7 @@ app.command("inspect")(preprocess.inspect)
 app.command("train")(train.train)
 app.command("infer")(infer.infer)
 app.command("evaluate")(evaluate.evaluate)
+app.command("demo")(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> None:

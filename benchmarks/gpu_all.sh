@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Every GPU check in one call of the device tool (under 8 minutes on an H200), from the repository root:
+#   here:  benchmarks/gpu_wheels.sh            (MONAI, nibabel, SimpleITK as wheels in .whl/)
+#   there: bash benchmarks/gpu_all.sh          (device tool: carry [".whl"], timeout_s 540)
+# Writes $OUT/gpu_all.json (training pipeline vs bare step, loss overhead, inference end to end, the demo).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+dest="${OUT:-benchmarks/results}"
+mkdir -p "$dest"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+step() { echo "== $1"; shift; timeout "$@" || echo "(failed or timed out: $?)"; }
+step "training: full pipeline vs bare step (eager and compiled)" 300 python3 -m benchmarks.gpu_train --out "$dest/gpu_train.json" --iters 40 --epoch-iters 250 --val-iters 50
+step "boundary-loss overhead in a step, 2x2x96^3" 60 python3 -m benchmarks.loss_overhead --device cuda
+step "inference end to end, 192x224x192, vs the network alone" 90 python3 -m benchmarks.infer_e2e --case synthetic --device cuda --repeat 3
+step "the demo on the GPU" 120 python3 -m cli.main demo --out /tmp/demo_gpu
+python3 - "$dest" <<'PY'
+import json, pathlib, sys
+dest = pathlib.Path(sys.argv[1]); res = pathlib.Path("benchmarks/results")
+out = {}
+for name in ("gpu_train", "loss_overhead_cuda", "infer_e2e_synthetic_cuda"):
+    for folder in (dest, res):
+        p = folder / f"{name}.json"
+        if p.is_file():
+            out[name] = json.loads(p.read_text()); break
+demo = pathlib.Path("/tmp/demo_gpu/evaluation.json")
+if demo.is_file():
+    out["demo_evaluation"] = json.loads(demo.read_text())["mean"]
+(dest / "gpu_all.json").write_text(json.dumps(out, indent=2) + "\n")
+print(json.dumps(out, indent=1)[:3000])
+PY
