@@ -5,16 +5,8 @@
 # Writes $OUT/gpu_all.json (training pipeline vs bare step, loss overhead, inference end to end, the demo).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD"
-else
-  export PYTHONPATH="$PWD"
-fi
-dest="${OUT:-benchmarks/results}"
-mkdir -p "$dest"
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# shellcheck source=benchmarks/_gpu_env.sh
+. benchmarks/_gpu_env.sh
 step() { echo "== $1"; shift; timeout "$@" || echo "(failed or timed out: $?)"; }
 step "training: full pipeline vs bare step (eager and compiled)" 300 python3 -m benchmarks.gpu_train --out "$dest/gpu_train.json" --iters 40 --epoch-iters 250 --val-iters 50
 step "boundary-loss overhead in a step, 2x2x96^3" 60 python3 -m benchmarks.loss_overhead --device cuda

@@ -4,13 +4,6 @@
 # Writes $OUT/gpu_train.json (or benchmarks/results/gpu_train.json) and prints one line per mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD"
-else
-  export PYTHONPATH="$PWD"
-fi
-dest="${OUT:-benchmarks/results}"
-mkdir -p "$dest"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# shellcheck source=benchmarks/_gpu_env.sh
+. benchmarks/_gpu_env.sh
 PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_train --out "$dest/gpu_train.json" "$@"

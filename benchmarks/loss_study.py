@@ -35,12 +35,12 @@ import numpy as np
 from scipy import ndimage
 
 from benchmarks._common import RESULTS, machine
+from segpipe.config import load_config
 from segpipe.data.cache import CaseCache, foreground_locations
 from segpipe.data.layouts import discover
 from segpipe.data.manifest import load_manifest, write_manifest
 from segpipe.data.preprocess import preprocess_dataset
 from segpipe.data.synthetic import synthesize
-from segpipe.config import load_config
 from segpipe.evaluation.metrics import dice, hausdorff95, lesion_f1
 from segpipe.inference.run import infer
 from segpipe.training.trainer import resolve_train_config, train
@@ -177,7 +177,10 @@ def write_outputs(results: dict, out: Path) -> None:
         lines += [f"**{'ISLES-like' if kind == 'isles' else 'WMH-like'}** (held-out cases; mean ± sd over seeds)", "",
                   "| loss | Dice | HD95 (mm) | lesion F1 | empty predictions |", "|---|---|---|---|---|"]
         for label, agg in table.items():
-            cell = lambda k: f"{agg[k]['mean']:.3f} ± {agg[k]['std']:.3f}" if k != "hd95" else f"{agg[k]['mean']:.1f} ± {agg[k]['std']:.1f}"  # noqa: E731
+            def cell(k: str, agg: dict = agg) -> str:
+                digits = 1 if k == "hd95" else 3
+                return f"{agg[k]['mean']:.{digits}f} ± {agg[k]['std']:.{digits}f}"
+
             lines.append(f"| {label} | {cell('dice')} | {cell('hd95')} | {cell('lesion_f1')} | {100 * agg['empty']['mean']:.0f} % |")
         lines.append("")
     (out / "loss_study.md").write_text("\n".join(lines))

@@ -68,7 +68,12 @@ def inspect(
     preprocessed affine (open them in ITK-SNAP or 3D Slicer), and --png draws the channels, the label and the
     distance map (diverging colours) through the slice with the most lesion.
     """
-    from segpipe.data.inspect import case_summary, export_case_nifti, render_case_png, summarize_cache
+    from segpipe.data.inspect import (
+        case_summary,
+        export_case_nifti,
+        render_case_png,
+        summarize_cache,
+    )
     from segpipe.errors import UsageError
 
     if case is None:

@@ -106,7 +106,7 @@ def summary(result: DemoResult) -> str:
         format_table(result.report),
         f"(an empty prediction scores mean Dice {result.empty_dice:.2f} and lesion F1 0 here)",
         "",
-        f"time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + f"; peak memory {result.peak_rss_mb:.0f} MB",
+        "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + f"; peak memory {result.peak_rss_mb:.0f} MB",
         f"data:         {out / 'data'} (train/, test/), manifests {out / 'train.json'}, {out / 'test.json'}",
         f"cache:        {out / 'cache'} (segpipe inspect {out / 'cache'})",
         f"run:          {out / 'run'} (progress.png, metrics.csv, checkpoint_best.pt)",

@@ -7,7 +7,13 @@ import pytest
 
 from segpipe.config import Config, load_config
 from segpipe.errors import UsageError
-from segpipe.planning import Plan, estimate_memory_gb, make_plan, plan_topology, target_spacing_from
+from segpipe.planning import (
+    Plan,
+    estimate_memory_gb,
+    make_plan,
+    plan_topology,
+    target_spacing_from,
+)
 
 
 def test_target_spacing_median_when_isotropic():

@@ -14,9 +14,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
-
 import yaml
+from scipy import ndimage
 
 from segpipe.config import Config, config_to_dict
 from segpipe.data.cache import CaseCache, case_key, foreground_locations
@@ -25,7 +24,12 @@ from segpipe.errors import SegpipeError
 from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
 from segpipe.planning import Plan, make_plan
 from segpipe.progress import track
-from segpipe.transforms.preprocessing import IGNORE_INDEX, build_preprocessing, channel_key, run_chain
+from segpipe.transforms.preprocessing import (
+    IGNORE_INDEX,
+    build_preprocessing,
+    channel_key,
+    run_chain,
+)
 
 __all__ = ["PreprocessReport", "case_inputs", "header_geometry", "preprocess_dataset", "preprocess_case"]
 

@@ -31,7 +31,12 @@ import nibabel as nib
 import numpy as np
 
 from segpipe.errors import SegpipeError, UsageError, did_you_mean, problems_error
-from segpipe.evaluation.metrics import absolute_volume_difference_ml, dice, lesion_count_difference, lesion_f1
+from segpipe.evaluation.metrics import (
+    absolute_volume_difference_ml,
+    dice,
+    lesion_count_difference,
+    lesion_f1,
+)
 from segpipe.io.atomic import atomic_write_text
 
 __all__ = ["PROTOCOLS", "evaluate", "evaluate_isles22", "evaluate_wmh17", "pair_cases", "write_report"]

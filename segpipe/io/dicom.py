@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.errors import SegpipeError, UsageError
+from segpipe.errors import SegpipeError
 from segpipe.io.nifti import Volume
 
 __all__ = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["masked_one_hot"]
+__all__ = ["masked_one_hot", "overlap_inputs"]
 
 
 def masked_one_hot(
@@ -22,3 +22,17 @@ def masked_one_hot(
     if mask is not None:
         onehot = onehot * mask
     return onehot, mask
+
+
+def overlap_inputs(probs: torch.Tensor, label: torch.Tensor, ignore_index: int | None,
+                   validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the Dice-type losses feed MONAI: the probabilities and the one-hot target, both with the ignored
+    voxels zeroed (so they count in neither), after the input checks."""
+    from segpipe.losses._checks import check_label, check_logits_probs, label_as_index
+
+    label = label_as_index(label, probs)
+    if validate:
+        check_logits_probs(probs)
+        check_label(label, probs.shape[1], ignore_index)
+    onehot, mask = masked_one_hot(label, probs.shape[1], ignore_index, probs.dtype)
+    return (probs if mask is None else probs * mask), onehot

@@ -14,8 +14,7 @@ import torch
 from monai.losses import DiceLoss as _MonaiDice
 from torch import nn
 
-from segpipe.losses._checks import check_label, check_logits_probs, label_as_index
-from segpipe.losses._onehot import masked_one_hot
+from segpipe.losses._onehot import overlap_inputs
 
 __all__ = ["DiceLoss", "dice_loss"]
 
@@ -36,16 +35,9 @@ def dice_loss(
 
     ``reduction="none"`` returns the per-class losses, shape ``(K',)`` with ``batch=True`` or ``(B, K')``.
     """
-    label = label_as_index(label, probs)
-    k = probs.shape[1]
-    if validate:
-        check_logits_probs(probs)
-        check_label(label, k, ignore_index)
-    if k == 1:
+    if probs.shape[1] == 1:
         raise ValueError("probs: expected at least 2 channels (background and foreground), got 1")
-    onehot, mask = masked_one_hot(label, k, ignore_index, probs.dtype)
-    if mask is not None:
-        probs = probs * mask
+    probs, onehot = overlap_inputs(probs, label, ignore_index, validate)
     fn = _MonaiDice(
         include_background=include_background, batch=batch, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
         reduction="none" if reduction == "none" else reduction,

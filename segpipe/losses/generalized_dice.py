@@ -13,8 +13,7 @@ import torch
 from monai.losses import GeneralizedDiceLoss as _MonaiGDL
 from torch import nn
 
-from segpipe.losses._checks import check_label, check_logits_probs, label_as_index
-from segpipe.losses._onehot import masked_one_hot
+from segpipe.losses._onehot import overlap_inputs
 
 __all__ = ["GeneralizedDiceLoss", "generalized_dice_loss"]
 
@@ -30,14 +29,7 @@ def generalized_dice_loss(
     smooth_dr: float = 1e-5,
     validate: bool = True,
 ) -> torch.Tensor:
-    label = label_as_index(label, probs)
-    k = probs.shape[1]
-    if validate:
-        check_logits_probs(probs)
-        check_label(label, k, ignore_index)
-    onehot, mask = masked_one_hot(label, k, ignore_index, probs.dtype)
-    if mask is not None:
-        probs = probs * mask
+    probs, onehot = overlap_inputs(probs, label, ignore_index, validate)
     fn = _MonaiGDL(include_background=include_background, batch=batch, smooth_nr=smooth_nr, smooth_dr=smooth_dr, w_type="square")
     return fn(probs, onehot)
 

@@ -23,7 +23,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segpipe.data.cache import CachedCase, CaseCache
-from segpipe.transforms.augmentation import JointAffined, build_augmentation, sampled_extent
+from segpipe.transforms.augmentation import (
+    JointAffined,
+    build_augmentation,
+    sampled_extent,
+)
 
 __all__ = ["PatchBatches", "crop_padded", "make_loader"]
 

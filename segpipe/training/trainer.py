@@ -31,14 +31,24 @@ import yaml
 from segpipe.config import Config, config_from_dict, config_to_dict
 from segpipe.data.cache import CaseCache
 from segpipe.errors import SegpipeError, UsageError, did_you_mean
-from segpipe.evaluation.metrics import absolute_volume_difference_ml, dice, hausdorff95, lesion_f1
+from segpipe.evaluation.metrics import (
+    absolute_volume_difference_ml,
+    dice,
+    hausdorff95,
+    lesion_f1,
+)
 from segpipe.inference.sliding import predict_volume
 from segpipe.io.atomic import ensure_writable_dir
 from segpipe.losses import CompositeLoss, parse_loss_spec, parse_schedule
 from segpipe.models import build_network
 from segpipe.planning import Plan, load_plan, make_plan
 from segpipe.progress import track
-from segpipe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from segpipe.training.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from segpipe.training.distributed import Dist, setup_distributed, teardown_distributed
 from segpipe.training.loader import PatchBatches, make_loader
 from segpipe.training.runlog import MetricsLog, attach_log_file, plot_progress

@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from segpipe.errors import SegpipeError
 from segpipe.evaluation.metrics import hausdorff95
 from segpipe.evaluation.protocols import evaluate, evaluate_isles22, evaluate_wmh17
-from segpipe.errors import SegpipeError
 from tests.conftest import write_nifti
 
 

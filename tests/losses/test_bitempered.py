@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from segpipe.losses import BiTemperedLoss, bi_tempered_loss, cross_entropy_loss, tempered_softmax
+from segpipe.losses import (
+    BiTemperedLoss,
+    bi_tempered_loss,
+    cross_entropy_loss,
+    tempered_softmax,
+)
 from segpipe.losses.bitempered import exp_t, log_t
 
 

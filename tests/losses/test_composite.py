@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segpipe.losses import CompositeLoss, boundary_loss, cross_entropy_loss, deep_supervision_weights, dice_loss
+from segpipe.losses import (
+    CompositeLoss,
+    boundary_loss,
+    cross_entropy_loss,
+    deep_supervision_weights,
+    dice_loss,
+)
 from segpipe.losses.composite import downsample_label, downsample_sdm
 from segpipe.transforms import signed_distance_maps
 

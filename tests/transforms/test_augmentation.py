@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from segpipe.transforms import signed_distance_maps
-from segpipe.transforms.augmentation import JointAffined, RandJointFlipd, build_augmentation, sampled_extent
+from segpipe.transforms.augmentation import (
+    JointAffined,
+    RandJointFlipd,
+    build_augmentation,
+    sampled_extent,
+)
 
 
 def _blob(shape=(40, 40, 40)):

@@ -22,9 +22,9 @@ from segpipe.transforms.preprocessing import (
     MatchReferenceGridd,
     ZScored,
     build_preprocessing,
-    run_chain,
     channel_key,
     head_mask,
+    run_chain,
 )
 from tests.conftest import toy_volume, write_nifti
 
