@@ -43,6 +43,7 @@ def infer(
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write the foreground probabilities as NIfTI.")] = False,
     series: Annotated[list[str] | None, typer.Option("--series", help="CHANNEL=SERIESNUMBER: which DICOM series is that channel.")] = None,
     allow_uneven: Annotated[bool, typer.Option("--allow-uneven", help="Resample DICOM series with uneven slices instead of failing.")] = False,
+    workers: Annotated[int, typer.Option(help="Processes to split many inputs over (each loads the model once).")] = 1,
 ) -> None:
     """Segment scans with a trained model; masks come out in each input's own geometry.
 
@@ -56,7 +57,7 @@ def infer(
 
     report = run(model, inputs or [], out, channel_map=_pairs(channel, "--channel"), tta=tta, device=device,
                  min_lesion_mm3=min_lesion_mm3, save_probabilities=save_probabilities,
-                 series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, progress=track)
+                 series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers, progress=track)
     for cid, info in report.done.items():
         lesions = "; ".join(f"{k}: {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in info["lesions"].items())
         typer.echo(f"{cid}: {lesions} -> {', '.join(info['outputs'])}")

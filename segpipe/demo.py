@@ -34,7 +34,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 # (training cases, held-out cases, label-grid shape, epochs, iterations per epoch, test-time augmentation)
 SETTINGS = {
-    "quick": (6, 3, (48, 48, 32), 8, 20, False),
+    "quick": (6, 3, (48, 48, 32), 7, 20, False),
     "full": (12, 4, (56, 56, 36), 20, 40, True),
 }
 

@@ -131,6 +131,8 @@ def _work(job: dict[str, Any], raise_errors: bool = False) -> tuple[str, str, di
         spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
         rng = np.random.default_rng(zlib.crc32(case_id.encode()))
         fg = foreground_locations(label, plan.num_classes, rng)
+        if len(fg) == 0:
+            log.info("case '%s': the label has no foreground; its distance maps are all zero", case_id)
         meta = {
             "key": job["key"],
             "case": case_id,

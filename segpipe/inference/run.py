@@ -164,6 +164,72 @@ def _dicom_to_nifti(case: CaseInput, channels: Sequence[str], work: Path, rules:
     return paths, ref_files, ref_index
 
 
+@dataclass(frozen=True)
+class _Options:
+    tta: bool
+    min_mm3: float
+    save_probabilities: bool
+    series: dict[str, int]
+    allow_uneven: bool
+    dicom_seg: bool
+
+
+def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple[str, Any]:
+    """One case: ("ok", summary) or ("error", message); never raises for the case's own problems."""
+    plan = predictor.plan
+    t = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="segpipe-") as tmp:
+            ref_files: list[str] = []
+            ref_index: list[int] = []
+            channels = case.channels
+            if case.dicom is not None:
+                channels, ref_files, ref_index = _dicom_to_nifti(case, plan.channels, Path(tmp), None, opt.series, opt.allow_uneven,
+                                                                 plan.reference_channel)
+            pred = predictor.predict(channels, tta=opt.tta, min_lesion_mm3=opt.min_mm3, keep_probabilities=opt.save_probabilities)
+            header = pred.reference.header
+            written = [save_nifti(out / f"{case.id}.nii.gz", pred.mask, pred.reference.affine, header=header, dtype=np.uint8)]
+            if opt.save_probabilities and pred.probabilities is not None:
+                fg = pred.probabilities[1:]
+                fg = fg[0] if fg.shape[0] == 1 else np.moveaxis(fg, 0, -1)
+                written.append(save_nifti(out / f"{case.id}_probabilities.nii.gz", fg, pred.reference.affine, header=header,
+                                          dtype=np.float32))
+            if case.dicom is not None and opt.dicom_seg:
+                from segpipe.io.dicom import write_dicom_seg
+
+                written.append(write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes,
+                                               source_index=ref_index))
+        stats = pred.lesion_stats(plan.classes)
+        total = ", ".join(f"{k} {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in stats.items())
+        log.info("%s: %s (%.1f s)", case.id, total, time.perf_counter() - t)
+        return "ok", {"input": case.source, "outputs": [str(p.name) for p in written], "lesions": stats,
+                      "removed_small_components": pred.removed_components,
+                      "seconds": {**{k: round(v, 3) for k, v in pred.seconds.items()}, "total": round(time.perf_counter() - t, 3)}}
+    except SegpipeError as exc:
+        log.error("case '%s' failed: %s", case.id, exc)
+        return "error", str(exc)
+    except Exception as exc:  # one case's bug must not stop the others; reported with its type
+        if logging.getLogger("segpipe").isEnabledFor(logging.DEBUG):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        log.error("case '%s' failed: unexpected %s: %s (rerun with --debug for the traceback)", case.id, type(exc).__name__, first)
+        return "error", f"unexpected {type(exc).__name__}: {first}"
+
+
+def _worker(model: str, device: str, cases: list[CaseInput], out: str, opt: _Options, threads: int, level: int) -> dict[str, tuple[str, Any]]:
+    """A worker process of ``--workers``: its own model, a share of the cases."""
+    import torch
+
+    from segpipe.inference.predictor import Predictor
+
+    logging.getLogger("segpipe").setLevel(level)
+    if not logging.getLogger("segpipe").handlers:
+        logging.getLogger("segpipe").addHandler(logging.StreamHandler())
+    torch.set_num_threads(threads)
+    predictor = Predictor.load(model, device)
+    return {c.id: _segment(predictor, c, Path(out), opt) for c in cases}
+
+
 def infer(
     model: str | Path,
     inputs: Sequence[str | Path],
@@ -177,57 +243,53 @@ def infer(
     series: Mapping[str, int] | None = None,
     allow_uneven: bool = False,
     dicom_seg: bool = True,
+    workers: int = 1,
     progress=None,
 ) -> InferReport:
-    from segpipe.inference.predictor import Predictor
+    """Segment every case of ``inputs`` (see the module docstring). With ``workers > 1`` the cases are split
+    over that many processes, each with its own copy of the model and a share of the CPU threads."""
+    from segpipe.inference.predictor import Predictor, resolve_model_path
+    from segpipe.planning import Plan
+    from segpipe.training.checkpoint import load_checkpoint
 
+    if workers < 1:
+        raise UsageError(f"--workers: expected at least 1, got {workers}")
     start = time.perf_counter()
     out = ensure_writable_dir(out, what="--out folder")
-    predictor = Predictor.load(model, device)
-    plan = predictor.plan
-    cases = resolve_inputs(inputs, plan.channels, channel_map)
-    min_mm3 = float(min_lesion_mm3) if min_lesion_mm3 is not None else 0.0
+    opt = _Options(tta, float(min_lesion_mm3) if min_lesion_mm3 is not None else 0.0, save_probabilities,
+                   dict(series or {}), allow_uneven, dicom_seg)
     report = InferReport()
-    items = progress(cases, "segmenting") if progress else cases
-    for case in items:
-        t = time.perf_counter()
-        try:
-            with tempfile.TemporaryDirectory(prefix="segpipe-") as tmp:
-                ref_files: list[str] = []
-                ref_index: list[int] = []
-                channels = case.channels
-                if case.dicom is not None:
-                    channels, ref_files, ref_index = _dicom_to_nifti(case, plan.channels, Path(tmp), None, series, allow_uneven,
-                                                                     plan.reference_channel)
-                pred = predictor.predict(channels, tta=tta, min_lesion_mm3=min_mm3, keep_probabilities=save_probabilities)
-                header = pred.reference.header
-                written = [save_nifti(out / f"{case.id}.nii.gz", pred.mask, pred.reference.affine, header=header, dtype=np.uint8)]
-                if save_probabilities and pred.probabilities is not None:
-                    written.append(save_nifti(out / f"{case.id}_probabilities.nii.gz", pred.probabilities[1:].transpose(1, 2, 3, 0).squeeze(-1)
-                                              if pred.probabilities.shape[0] == 2 else pred.probabilities[1:].transpose(1, 2, 3, 0),
-                                              pred.reference.affine, header=header, dtype=np.float32))
-                if case.dicom is not None and dicom_seg:
-                    from segpipe.io.dicom import write_dicom_seg
+    if workers == 1:
+        predictor = Predictor.load(model, device)
+        source = predictor.source
+        cases = resolve_inputs(inputs, predictor.plan.channels, channel_map)
+        items = progress(cases, "segmenting") if progress else cases
+        results = {c.id: _segment(predictor, c, out, opt) for c in items}
+    else:
+        path = resolve_model_path(model)
+        source = str(path)
+        plan = Plan.from_json(load_checkpoint(path)["plan"])
+        cases = resolve_inputs(inputs, plan.channels, channel_map)
+        n = min(workers, len(cases))
+        chunks = [cases[i::n] for i in range(n)]
+        threads = max(1, (os.cpu_count() or 1) // n)
+        import concurrent.futures as cf
+        import multiprocessing
 
-                    written.append(write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes,
-                                                   source_index=ref_index))
-            stats = pred.lesion_stats(plan.classes)
-            report.done[case.id] = {"input": case.source, "outputs": [str(p.name) for p in written], "lesions": stats,
-                                    "removed_small_components": pred.removed_components,
-                                    "seconds": {**{k: round(v, 3) for k, v in pred.seconds.items()}, "total": round(time.perf_counter() - t, 3)}}
-            total = ", ".join(f"{k} {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in stats.items())
-            log.info("%s: %s (%.1f s)", case.id, total, time.perf_counter() - t)
-        except SegpipeError as exc:
-            report.failed[case.id] = str(exc)
-            log.error("case '%s' failed: %s", case.id, exc)
-        except Exception as exc:  # one case's bug must not stop the others; reported with its type
-            first = (str(exc).strip().splitlines() or [""])[0]
-            report.failed[case.id] = f"unexpected {type(exc).__name__}: {first}"
-            log.error("case '%s' failed: unexpected %s: %s (rerun with --debug for the traceback)", case.id, type(exc).__name__, first)
-            if logging.getLogger("segpipe").isEnabledFor(logging.DEBUG):
-                raise
+        level = logging.getLogger("segpipe").getEffectiveLevel()
+        with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_worker, str(path), device, chunk, str(out), opt, threads, level) for chunk in chunks]
+            results = {}
+            for fut in cf.as_completed(futures):
+                results.update(fut.result())
+        results = {c.id: results[c.id] for c in cases}
+    for cid, (status, payload) in results.items():
+        if status == "ok":
+            report.done[cid] = payload
+        else:
+            report.failed[cid] = payload
     report.seconds = time.perf_counter() - start
-    summary = {"model": predictor.source, "tta": tta, "min_lesion_mm3": min_mm3, "cases": report.done, "failed": report.failed,
-               "seconds": round(report.seconds, 2)}
+    summary = {"model": source, "tta": tta, "min_lesion_mm3": opt.min_mm3, "workers": workers, "cases": report.done,
+               "failed": report.failed, "seconds": round(report.seconds, 2)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return report

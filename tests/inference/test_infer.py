@@ -229,3 +229,16 @@ def test_model_checks(cli, tiny_model, tmp_path):
     assert r.exit_code == 2 and "give INPUT" in r.output
     r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "o", "--series", "dwi")
     assert r.exit_code == 2 and "--series" in r.output
+
+
+def test_workers_split_the_cases_and_agree(tiny_model, tmp_path):
+    a = _nifti_case(tmp_path / "a", seed=1)
+    b = _nifti_case(tmp_path / "b", seed=2)
+    one = infer(tiny_model, [a, b], tmp_path / "one", tta=False)
+    two = infer(tiny_model, [a, b], tmp_path / "two", tta=False, workers=2)
+    assert sorted(one.done) == sorted(two.done) == ["a", "b"] and not two.failed
+    for cid in ("a", "b"):
+        m1 = np.asanyarray(nib.load(str(tmp_path / "one" / f"{cid}.nii.gz")).dataobj)
+        m2 = np.asanyarray(nib.load(str(tmp_path / "two" / f"{cid}.nii.gz")).dataobj)
+        assert np.array_equal(m1, m2)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["workers"] == 2
