@@ -134,9 +134,6 @@ class Manifest:
     def image_path(self, case: Case, channel: str) -> Path:
         return self.root / case.images[channel]
 
-    def image_paths(self, case: Case) -> list[Path]:
-        return [self.image_path(case, ch) for ch in self.channels]
-
     def label_path(self, case: Case) -> Path | None:
         return None if case.label is None else self.root / case.label
 

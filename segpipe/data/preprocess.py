@@ -22,6 +22,7 @@ from segpipe.data.cache import CaseCache, case_key, foreground_locations
 from segpipe.data.manifest import Case, Manifest
 from segpipe.errors import SegpipeError
 from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
+from segpipe.io.nifti import read_geometry
 from segpipe.planning import Plan, make_plan
 from segpipe.progress import track
 from segpipe.transforms.preprocessing import (
@@ -48,37 +49,14 @@ class PreprocessReport:
 
 def header_geometry(path: Path, what: str = "image") -> tuple[tuple[float, ...], tuple[int, ...]]:
     """Spacing and shape of an image in the axis order it will have after reorientation (header only)."""
-    name = path.name.lower()
-    try:
-        if name.endswith((".nii", ".nii.gz")):
-            img = nib.load(str(path))
-            affine, shape = np.asarray(img.affine), tuple(int(s) for s in img.shape[:3])
-        else:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            dim = reader.GetDimension()
-            direction = np.asarray(reader.GetDirection()).reshape(dim, dim)
-            affine = np.eye(4)
-            affine[:3, :3] = np.diag([-1, -1, 1]) @ direction[:3, :3] * np.asarray(reader.GetSpacing()[:3])[None, :]
-            shape = tuple(int(s) for s in reader.GetSize()[:3])
-    except FileNotFoundError:
-        raise SegpipeError(f"{what} '{path}': file not found") from None
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise SegpipeError(
-            f"{what} '{path}': cannot be read (its header: {type(exc).__name__}: {first}); the file is damaged or not an "
-            "image: export or download it again"
-        ) from None
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    ornt = nib.orientations.io_orientation(affine)
+    geo = read_geometry(path, what=what)
+    spacing = geo.spacing
+    ornt = nib.orientations.io_orientation(geo.affine)
     out_sp = [0.0] * 3
     out_sh = [0] * 3
     for i in range(3):
         out_sp[int(ornt[i, 0])] = float(spacing[i])
-        out_sh[int(ornt[i, 0])] = int(shape[i])
+        out_sh[int(ornt[i, 0])] = int(geo.shape[i])
     return tuple(round(v, 6) for v in out_sp), tuple(out_sh)
 
 

@@ -10,9 +10,8 @@ The definitions follow the organisers' evaluation code, re-implemented with NumP
   masks are empty).
 - WMH 2017 (``evaluation.py`` in hjkuijf/wmhchallenge): Dice (scipy's, NaN when both are empty), the 95th
   percentile Hausdorff distance between the borders (voxels removed by an in-plane 2D erosion), in world mm,
-  the larger of the two directed 95th percentiles (NaN when the prediction is empty), the absolute volume
-  difference in percent of the ground truth, lesion recall and lesion F1 (26-connected; recall and precision
-  are 1.0 when there is nothing to detect or no detection).
+  the larger of the two directed 95th percentiles (NaN when the prediction is empty); the WMH protocol itself
+  (with SimpleITK, as the organisers' code) is in :mod:`segpipe.evaluation.protocols`.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ __all__ = [
     "dice",
     "hausdorff95",
     "lesion_count_difference",
-    "lesion_detection",
     "lesion_f1",
 ]
 
@@ -74,20 +72,6 @@ def lesion_f1(gt: np.ndarray, pred: np.ndarray, empty_value: float = 1.0) -> flo
     if tp + fp + fn == 0:
         return float(empty_value)
     return tp / (tp + (fp + fn) / 2)
-
-
-def lesion_detection(gt: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
-    """WMH 2017 (recall, F1) of lesion detection."""
-    gt = np.asarray(gt, dtype=bool)
-    pred = np.asarray(pred, dtype=bool)
-    lab_gt, n_gt = components(gt)
-    lab_pred, n_pred = components(pred)
-    detected = int(np.count_nonzero(np.unique(lab_gt[pred])))
-    recall = 1.0 if n_gt == 0 else detected / n_gt
-    true_detections = int(np.count_nonzero(np.unique(lab_pred[gt])))
-    precision = 1.0 if n_pred == 0 else true_detections / n_pred
-    f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-    return recall, f1
 
 
 def _border(mask: np.ndarray, inplane: bool) -> np.ndarray:

@@ -26,7 +26,7 @@ from scipy import ndimage
 from segpipe.config import config_from_dict
 from segpipe.errors import SegpipeError
 from segpipe.inference.sliding import predict_volume
-from segpipe.io.nifti import Volume, read_volume
+from segpipe.io.nifti import Geometry, read_geometry
 from segpipe.models import build_network
 from segpipe.planning import Plan
 from segpipe.training.checkpoint import load_checkpoint
@@ -75,7 +75,7 @@ def remove_small_components(mask: np.ndarray, spacing: tuple[float, ...], min_mm
 @dataclass
 class Prediction:
     mask: np.ndarray  # (x, y, z) uint8 on the reference channel's grid
-    reference: Volume  # the reference channel as read (affine, header)
+    reference: Geometry  # the reference channel's grid (affine, shape, header)
     probabilities: np.ndarray | None = None  # (K, x, y, z) float32 on the same grid, when asked for
     removed_components: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -143,7 +143,7 @@ class Predictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        ref = read_volume(channels[self.plan.reference_channel], what=f"channel '{self.plan.reference_channel}'", dtype=None)
+        ref = read_geometry(channels[self.plan.reference_channel], what=f"channel '{self.plan.reference_channel}'")
         src = MetaTensor(probs, affine=image.affine)
         dst = MetaTensor(torch.zeros((1, *ref.shape)), affine=torch.as_tensor(ref.affine))
         back = ResampleToMatch(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(src, img_dst=dst)

@@ -17,7 +17,7 @@ import numpy as np
 from segpipe.errors import SegpipeError
 from segpipe.io.atomic import atomic_path
 
-__all__ = ["Volume", "read_volume", "save_nifti", "spacing_of"]
+__all__ = ["Geometry", "Volume", "read_geometry", "read_volume", "save_nifti", "spacing_of"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -38,6 +38,48 @@ class Volume:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
+
+
+@dataclass
+class Geometry:
+    """Where a volume lies, read from its header alone (no voxel data)."""
+
+    affine: np.ndarray
+    shape: tuple[int, ...]
+    path: Path
+    header: nib.Nifti1Header | None = field(default=None, repr=False)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return spacing_of(self.affine)
+
+
+def read_geometry(path: str | os.PathLike, *, what: str = "image") -> Geometry:
+    """Affine, 3D shape and (NIfTI) header of an image file, without reading its voxels."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegpipeError(f"{what} '{path}': file not found")
+    try:
+        if path.name.lower().endswith((".nii", ".nii.gz", ".img", ".hdr")):
+            img = nib.load(str(path))
+            return Geometry(np.asarray(img.affine, dtype=np.float64), tuple(int(s) for s in img.shape[:3]), path, img.header)
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        dim = reader.GetDimension()
+        direction = np.asarray(reader.GetDirection()).reshape(dim, dim)[:3, :3]
+        affine = np.eye(4)
+        affine[:3, :3] = direction * np.asarray(reader.GetSpacing()[:3])[None, :]
+        affine[:3, 3] = reader.GetOrigin()[:3]
+        return Geometry(_LPS_TO_RAS @ affine, tuple(int(s) for s in reader.GetSize()[:3]), path)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise SegpipeError(
+            f"{what} '{path}': cannot be read (its header: {type(exc).__name__}: {first}); the file is damaged or not an "
+            "image: export or download it again"
+        ) from None
 
 
 def spacing_of(affine: np.ndarray) -> tuple[float, ...]:

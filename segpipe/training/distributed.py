@@ -39,13 +39,6 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def broadcast_object(self, obj):
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def setup_distributed(device_type: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
