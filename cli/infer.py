@@ -37,13 +37,20 @@ def infer(
     model: Annotated[str, typer.Option("--model", "-m", help="Run folder of `segpipe train`, or a checkpoint file.", show_default=False)] = ...,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the masks, DICOM SEGs and summary.json.", show_default=False)] = ...,
     channel: Annotated[list[str] | None, typer.Option("--channel", help="NAME=PATH: the file of one channel (repeat for each).")] = None,
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 flips; --no-tta is about 8x faster).")] = True,
+    tta: Annotated[
+        bool | None, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 flips; --no-tta is about 8x faster). Default: infer.tta (on).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    min_lesion_mm3: Annotated[float | None, typer.Option("--min-lesion-mm3", help="Remove predicted lesions smaller than this (mm^3).")] = None,
+    min_lesion_mm3: Annotated[
+        float | None, typer.Option("--min-lesion-mm3", help="Remove predicted lesions smaller than this (mm^3). Default: infer.min_lesion_mm3.")
+    ] = None,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write the foreground probabilities as NIfTI.")] = False,
     series: Annotated[list[str] | None, typer.Option("--series", help="CHANNEL=SERIESNUMBER: which DICOM series is that channel.")] = None,
     allow_uneven: Annotated[bool, typer.Option("--allow-uneven", help="Resample DICOM series with uneven slices instead of failing.")] = False,
     workers: Annotated[int, typer.Option(help="Processes to split many inputs over (each loads the model once).")] = 1,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="A config whose 'infer' section (overlap, TTA, DICOM rules...) replaces the model's.")
+    ] = None,
 ) -> None:
     """Segment scans with a trained model; masks come out in each input's own geometry.
 
@@ -51,13 +58,16 @@ def infer(
     affine and header codes; DICOM exports also get a DICOM SEG referencing the source series. A failing case
     is reported and the others go on (exit code 1 at the end).
     """
+    from segpipe.config import load_config
     from segpipe.errors import SegpipeError
     from segpipe.inference.run import infer as run
     from segpipe.progress import track
 
+    infer_config = load_config(config).infer if config is not None else None
     report = run(model, inputs or [], out, channel_map=_pairs(channel, "--channel"), tta=tta, device=device,
                  min_lesion_mm3=min_lesion_mm3, save_probabilities=save_probabilities,
-                 series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers, progress=track)
+                 series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers,
+                 infer_config=infer_config, progress=track)
     for cid, info in report.done.items():
         lesions = "; ".join(f"{k}: {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in info["lesions"].items())
         typer.echo(f"{cid}: {lesions} -> {', '.join(info['outputs'])}")

@@ -125,6 +125,9 @@ class InferConfig:
     tta: bool = True
     min_lesion_mm3: float = 0.0
     sw_batch_size: int = 2
+    #: DICOM series rules per channel, on top of the built-in ones (segpipe.io.dicom.DEFAULT_RULES), e.g.
+    #: {dwi: {description: "diff|trace", exclude: "adc", modality: MR, min_b_value: 800}}
+    dicom_rules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

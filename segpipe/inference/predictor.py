@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms.spatial.array import ResampleToMatch
 from scipy import ndimage
 
-from segpipe.config import config_from_dict
+from segpipe.config import InferConfig, config_from_dict
 from segpipe.errors import SegpipeError
 from segpipe.inference.sliding import predict_volume
 from segpipe.io.nifti import Geometry, read_geometry
@@ -92,9 +92,10 @@ class Prediction:
 
 class Predictor:
     def __init__(self, net: torch.nn.Module, plan: Plan, *, device: torch.device, overlap: float = 0.5, sw_batch_size: int = 2,
-                 amp: bool = True, source: str = "") -> None:
+                 amp: bool = True, source: str = "", infer_config: InferConfig | None = None) -> None:
         self.net = net.eval()
         self.plan = plan
+        self.infer_config = infer_config or InferConfig(overlap=overlap, sw_batch_size=sw_batch_size)
         self.device = device
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
@@ -102,7 +103,8 @@ class Predictor:
         self.source = source
 
     @classmethod
-    def load(cls, model: str | Path, device: str = "auto") -> Predictor:
+    def load(cls, model: str | Path, device: str = "auto", infer_config: InferConfig | None = None) -> Predictor:
+        """Load a model; ``infer_config`` (from ``--config``) replaces the inference settings it was trained with."""
         from segpipe.training.trainer import resolve_device
 
         path = resolve_model_path(model)
@@ -121,7 +123,9 @@ class Predictor:
         net.to(dev)
         log.info("model %s (epoch %s): channels %s, classes %s, on %s", path, ckpt.get("epoch"), ", ".join(plan.channels),
                  ", ".join(plan.classes), dev)
-        return cls(net, plan, device=dev, overlap=cfg.infer.overlap, sw_batch_size=cfg.infer.sw_batch_size, amp=cfg.train.amp, source=str(path))
+        icfg = infer_config or cfg.infer
+        return cls(net, plan, device=dev, overlap=icfg.overlap, sw_batch_size=icfg.sw_batch_size, amp=cfg.train.amp, source=str(path),
+                   infer_config=icfg)
 
     def predict(self, channels: dict[str, str | Path], *, tta: bool = True, min_lesion_mm3: float = 0.0,
                 keep_probabilities: bool = False) -> Prediction:

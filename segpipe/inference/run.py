@@ -166,8 +166,8 @@ def _dicom_to_nifti(case: CaseInput, channels: Sequence[str], work: Path, rules:
 
 @dataclass(frozen=True)
 class _Options:
-    tta: bool
-    min_mm3: float
+    tta: bool | None  # None: the model's (or --config's) infer.tta
+    min_mm3: float | None  # None: infer.min_lesion_mm3
     save_probabilities: bool
     series: dict[str, int]
     allow_uneven: bool
@@ -177,6 +177,9 @@ class _Options:
 def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple[str, Any]:
     """One case: ("ok", summary) or ("error", message); never raises for the case's own problems."""
     plan = predictor.plan
+    icfg = predictor.infer_config
+    tta = icfg.tta if opt.tta is None else opt.tta
+    min_mm3 = icfg.min_lesion_mm3 if opt.min_mm3 is None else opt.min_mm3
     t = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="segpipe-") as tmp:
@@ -184,9 +187,9 @@ def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple
             ref_index: list[int] = []
             channels = case.channels
             if case.dicom is not None:
-                channels, ref_files, ref_index = _dicom_to_nifti(case, plan.channels, Path(tmp), None, opt.series, opt.allow_uneven,
-                                                                 plan.reference_channel)
-            pred = predictor.predict(channels, tta=opt.tta, min_lesion_mm3=opt.min_mm3, keep_probabilities=opt.save_probabilities)
+                channels, ref_files, ref_index = _dicom_to_nifti(case, plan.channels, Path(tmp), icfg.dicom_rules, opt.series,
+                                                                 opt.allow_uneven, plan.reference_channel)
+            pred = predictor.predict(channels, tta=tta, min_lesion_mm3=min_mm3, keep_probabilities=opt.save_probabilities)
             header = pred.reference.header
             written = [save_nifti(out / f"{case.id}.nii.gz", pred.mask, pred.reference.affine, header=header, dtype=np.uint8)]
             if opt.save_probabilities and pred.probabilities is not None:
@@ -216,7 +219,8 @@ def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple
         return "error", f"unexpected {type(exc).__name__}: {first}"
 
 
-def _worker(model: str, device: str, cases: list[CaseInput], out: str, opt: _Options, threads: int, level: int) -> dict[str, tuple[str, Any]]:
+def _worker(model: str, device: str, cases: list[CaseInput], out: str, opt: _Options, threads: int, level: int,
+            infer_config: Any) -> dict[str, tuple[str, Any]]:
     """A worker process of ``--workers``: its own model, a share of the cases."""
     import torch
 
@@ -226,7 +230,7 @@ def _worker(model: str, device: str, cases: list[CaseInput], out: str, opt: _Opt
     if not logging.getLogger("segpipe").handlers:
         logging.getLogger("segpipe").addHandler(logging.StreamHandler())
     torch.set_num_threads(threads)
-    predictor = Predictor.load(model, device)
+    predictor = Predictor.load(model, device, infer_config)
     return {c.id: _segment(predictor, c, Path(out), opt) for c in cases}
 
 
@@ -236,7 +240,7 @@ def infer(
     out: str | Path,
     *,
     channel_map: Mapping[str, str] | None = None,
-    tta: bool = True,
+    tta: bool | None = None,
     device: str = "auto",
     min_lesion_mm3: float | None = None,
     save_probabilities: bool = False,
@@ -244,10 +248,13 @@ def infer(
     allow_uneven: bool = False,
     dicom_seg: bool = True,
     workers: int = 1,
+    infer_config: Any = None,
     progress=None,
 ) -> InferReport:
     """Segment every case of ``inputs`` (see the module docstring). With ``workers > 1`` the cases are split
-    over that many processes, each with its own copy of the model and a share of the CPU threads."""
+    over that many processes, each with its own copy of the model and a share of the CPU threads. ``tta`` and
+    ``min_lesion_mm3`` left at None take the model's inference settings, or ``infer_config``'s (an
+    :class:`~segpipe.config.InferConfig`, from ``--config``), which also carries the DICOM series rules."""
     from segpipe.inference.predictor import Predictor, resolve_model_path
     from segpipe.planning import Plan
     from segpipe.training.checkpoint import load_checkpoint
@@ -256,11 +263,11 @@ def infer(
         raise UsageError(f"--workers: expected at least 1, got {workers}")
     start = time.perf_counter()
     out = ensure_writable_dir(out, what="--out folder")
-    opt = _Options(tta, float(min_lesion_mm3) if min_lesion_mm3 is not None else 0.0, save_probabilities,
+    opt = _Options(tta, float(min_lesion_mm3) if min_lesion_mm3 is not None else None, save_probabilities,
                    dict(series or {}), allow_uneven, dicom_seg)
     report = InferReport()
     if workers == 1:
-        predictor = Predictor.load(model, device)
+        predictor = Predictor.load(model, device, infer_config)
         source = predictor.source
         cases = resolve_inputs(inputs, predictor.plan.channels, channel_map)
         items = progress(cases, "segmenting") if progress else cases
@@ -278,7 +285,7 @@ def infer(
 
         level = logging.getLogger("segpipe").getEffectiveLevel()
         with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_worker, str(path), device, chunk, str(out), opt, threads, level) for chunk in chunks]
+            futures = [pool.submit(_worker, str(path), device, chunk, str(out), opt, threads, level, infer_config) for chunk in chunks]
             results = {}
             for fut in cf.as_completed(futures):
                 results.update(fut.result())
@@ -289,7 +296,7 @@ def infer(
         else:
             report.failed[cid] = payload
     report.seconds = time.perf_counter() - start
-    summary = {"model": source, "tta": tta, "min_lesion_mm3": opt.min_mm3, "workers": workers, "cases": report.done,
+    summary = {"model": source, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "workers": workers, "cases": report.done,
                "failed": report.failed, "seconds": round(report.seconds, 2)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return report

@@ -242,3 +242,22 @@ def test_workers_split_the_cases_and_agree(tiny_model, tmp_path):
         m2 = np.asanyarray(nib.load(str(tmp_path / "two" / f"{cid}.nii.gz")).dataobj)
         assert np.array_equal(m1, m2)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["workers"] == 2
+
+
+def test_config_dicom_rules_and_inference_defaults(cli, tiny_model, tmp_path):
+    case = _case(6)
+    study, frame = generate_uid(), generate_uid()
+    root = tmp_path / "study"
+    # descriptions the built-in rules do not recognise as DWI
+    write_dicom_series(*case.images["dwi"], root / "a", description="Ax SE 1000", series_number=2, study_uid=study, frame_uid=frame)
+    write_dicom_series(*case.images["adc"], root / "a", description="ADC map", series_number=3, study_uid=study, frame_uid=frame, prefix="A")
+    write_dicom_series(*case.images["flair"], root / "b", description="FLAIR ax", series_number=4, study_uid=study, frame_uid=frame)
+    r = cli("infer", "--model", tiny_model, root, "--out", tmp_path / "o1", "--no-tta")
+    assert r.exit_code == 1 and "no series found for channel 'dwi'" in r.output
+    cfg = tmp_path / "infer.yaml"
+    cfg.write_text("infer:\n  tta: false\n  min_lesion_mm3: 1000000\n  dicom_rules:\n    dwi:\n      description: 'se 1000'\n      min_b_value: 0\n")
+    r = cli("infer", "--model", tiny_model, root, "--out", tmp_path / "o2", "--config", cfg)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    # every lesion is under a litre: the configured minimum size removed them all
+    assert summary["cases"]["study"]["lesions"]["lesion"]["lesions"] == 0
