@@ -22,6 +22,7 @@ from segpipe.data.layouts import discover
 from segpipe.data.manifest import load_manifest, write_manifest
 from segpipe.data.preprocess import preprocess_dataset
 from segpipe.data.synthetic import synthesize
+from segpipe.errors import SegpipeError
 from segpipe.evaluation.protocols import evaluate, format_table, write_report
 from segpipe.inference.run import infer
 from segpipe.io.atomic import ensure_writable_dir
@@ -68,7 +69,10 @@ def _empty_baseline(test_manifest: Path) -> tuple[float, float]:
 def _config_path() -> Path:
     if CONFIG.is_file():
         return CONFIG
-    raise FileNotFoundError(f"configs/demo.yaml not found next to the package ({CONFIG})")
+    raise SegpipeError(
+        f"segpipe demo needs configs/demo.yaml of the source tree, not found at {CONFIG}; run it from a checkout "
+        "installed with `pip install -e .`"
+    )
 
 
 def run_demo(out: str | Path = "demo_out", *, quick: bool = False, device: str = "auto", seed: int = 0) -> DemoResult:
