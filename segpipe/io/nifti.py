@@ -68,12 +68,7 @@ def read_geometry(path: str | os.PathLike, *, what: str = "image") -> Geometry:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        dim = reader.GetDimension()
-        direction = np.asarray(reader.GetDirection()).reshape(dim, dim)[:3, :3]
-        affine = np.eye(4)
-        affine[:3, :3] = direction * np.asarray(reader.GetSpacing()[:3])[None, :]
-        affine[:3, 3] = reader.GetOrigin()[:3]
-        return Geometry(_LPS_TO_RAS @ affine, tuple(int(s) for s in reader.GetSize()[:3]), path)
+        return Geometry(_sitk_affine(reader), tuple(int(s) for s in reader.GetSize()[:3]), path)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise SegpipeError(
@@ -87,18 +82,23 @@ def spacing_of(affine: np.ndarray) -> tuple[float, ...]:
     return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
 
 
+def _sitk_affine(obj) -> np.ndarray:
+    """RAS affine of a SimpleITK image or of an image reader's header (ITK stores LPS geometry)."""
+    dim = min(obj.GetDimension(), 3)
+    direction = np.asarray(obj.GetDirection()).reshape(obj.GetDimension(), obj.GetDimension())[:dim, :dim]
+    affine = np.eye(4)
+    affine[:dim, :dim] = direction * np.asarray(obj.GetSpacing()[:dim])[None, :]
+    affine[:dim, 3] = obj.GetOrigin()[:dim]
+    return _LPS_TO_RAS @ affine
+
+
 def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
     img = sitk.ReadImage(str(path))
     arr = sitk.GetArrayFromImage(img)  # (z, y, x)
     arr = np.ascontiguousarray(np.transpose(arr, tuple(range(arr.ndim))[::-1]))
-    dim = img.GetDimension()
-    direction = np.asarray(img.GetDirection()).reshape(dim, dim)
-    affine = np.eye(4)
-    affine[:dim, :dim] = direction * np.asarray(img.GetSpacing())[None, :]
-    affine[:dim, 3] = img.GetOrigin()
-    return arr, _LPS_TO_RAS @ affine
+    return arr, _sitk_affine(img)
 
 
 def read_volume(path: str | os.PathLike, *, what: str = "image", dtype: np.dtype | None = np.float32) -> Volume:
