@@ -76,7 +76,10 @@ def _config_path() -> Path:
 
 
 def run_demo(out: str | Path = "demo_out", *, quick: bool = False, device: str = "auto", seed: int = 0) -> DemoResult:
+    from segpipe.training.trainer import resolve_device
+
     n_train, n_test, shape, epochs, iters, tta = SETTINGS["quick" if quick else "full"]
+    resolve_device(device)  # a bad --device fails now, not after minutes of work
     out = ensure_writable_dir(out, what="--out demo folder")
     result = DemoResult(out)
     t = time.perf_counter()

@@ -155,7 +155,8 @@ def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tu
         m = load_manifest(gt)
         gts = {c.id: m.label_path(c) for c in m.labelled}
     else:
-        raise SegpipeError(f"--gt '{gt}': expected a folder of NIfTI masks named by case id, or a manifest (.json); not found")
+        found = "not found" if not gt.exists() else "found a file that is not a .json manifest"
+        raise SegpipeError(f"--gt '{gt}': expected a folder of NIfTI masks named by case id, or a manifest (.json); {found}")
     missing_pred = sorted(set(gts) - set(preds))
     missing_gt = sorted(set(preds) - set(gts))
     if (missing_pred or missing_gt) and not ignore_missing:
