@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one call of the device tool (under 8 minutes on an H200), from the repository root:
+# Every GPU check in one call of the device tool (under 9 minutes on an H200), from the repository root:
 #   here:  benchmarks/gpu_wheels.sh            (MONAI, nibabel, SimpleITK as wheels in .whl/)
 #   there: bash benchmarks/gpu_all.sh          (device tool: carry [".whl"], timeout_s 540)
 # Writes $OUT/gpu_all.json (training pipeline vs bare step, loss overhead, inference end to end, the demo).
@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 # shellcheck source=benchmarks/_gpu_env.sh
 . benchmarks/_gpu_env.sh
 step() { echo "== $1"; shift; timeout "$@" || echo "(failed or timed out: $?)"; }
-step "training: full pipeline vs bare step (eager and compiled)" 300 python3 -m benchmarks.gpu_train --out "$dest/gpu_train.json" --iters 40 --epoch-iters 250 --val-iters 50
+step "training: full pipeline vs bare step (eager and compiled)" 240 python3 -m benchmarks.gpu_train --out "$dest/gpu_train.json" --iters 40 --warmup 10 --epoch-iters 250 --val-iters 50
+# the demo through segpipe's own trainer and predictor on CUDA (called from Python: the image's typer is not the pinned one)
+step "the demo on the GPU" 120 python3 -c "from segpipe.demo import run_demo, summary; print(summary(run_demo('/tmp/demo_gpu', device='cuda')))"
 step "boundary-loss overhead in a step, 2x2x96^3" 60 python3 -m benchmarks.loss_overhead --device cuda
-step "inference end to end, 192x224x192, vs the network alone" 90 python3 -m benchmarks.infer_e2e --case synthetic --device cuda --repeat 3
-step "the demo on the GPU" 120 python3 -m cli.main demo --out /tmp/demo_gpu
+step "inference end to end, 192x224x192, vs the network alone" 80 python3 -m benchmarks.infer_e2e --case synthetic --device cuda --repeat 2
 python3 - "$dest" <<'PY'
 import json, pathlib, sys
 dest = pathlib.Path(sys.argv[1]); res = pathlib.Path("benchmarks/results")
@@ -24,6 +25,9 @@ for name in ("gpu_train", "loss_overhead_cuda", "infer_e2e_synthetic_cuda"):
 demo = pathlib.Path("/tmp/demo_gpu/evaluation.json")
 if demo.is_file():
     out["demo_evaluation"] = json.loads(demo.read_text())["mean"]
+metrics = pathlib.Path("/tmp/demo_gpu/run/metrics.csv")
+if metrics.is_file():
+    (dest / "demo_metrics.csv").write_text(metrics.read_text())
 (dest / "gpu_all.json").write_text(json.dumps(out, indent=2) + "\n")
 print(json.dumps(out, indent=1)[:3000])
 PY
