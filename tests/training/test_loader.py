@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from segpipe.data.cache import CaseCache, foreground_locations
-from segpipe.training.loader import PatchBatches, crop_padded, make_loader
+from segpipe.training.loader import BatchFinisher, PatchBatches, crop_padded, make_loader
 from segpipe.transforms import signed_distance_maps
 
 
@@ -77,3 +77,36 @@ def test_deterministic_per_epoch_and_independent_of_workers(small_cache):
     e = PatchBatches(small_cache, ["a", "b"], (16, 16, 16), 2, batches=4, augment=True, seed=0, rank=1)
     e.set_epoch(3)
     assert not torch.equal(next(iter(e))["image"], a[0])  # another DDP rank draws other patches
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_deferred_resampling_gives_the_same_batches(small_cache, workers):
+    """Rotated/scaled patches finished on the training device (here the CPU) equal the workers' own, bit for bit."""
+    def run(defer):
+        ds = PatchBatches(small_cache, ["a", "b"], (16, 16, 12), 3, batches=10, augment=True, seed=5, defer_affine=defer)
+        ds.set_epoch(2)
+        return list(make_loader(ds, num_workers=workers, pin_memory=False))
+
+    plain, deferred = run(False), run(True)
+    n_deferred = sum(len(b.get("deferred", ())) for b in deferred)
+    assert n_deferred >= 3  # about a third of the patches are rotated or scaled
+    assert all("deferred" not in b for b in plain)
+    finish = BatchFinisher((16, 16, 12))
+    key = lambda b: float(b["image"].double().sum())  # noqa: E731 (two workers may interleave batches)
+    a = sorted((finish(b, "cpu") for b in plain), key=key)
+    b = sorted((finish(b, "cpu") for b in deferred), key=key)
+    for x, y in zip(a, b):
+        assert set(x) == set(y) == {"image", "label", "sdm"}
+        assert x["label"].dtype == torch.int64
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_deferred_region_holds_what_the_patch_needs(small_cache):
+    ds = PatchBatches(small_cache, ["a"], (16, 16, 12), 2, batches=30, augment=True, seed=1, defer_affine=True)
+    items = [d for b in ds for d in b.get("deferred", ())]
+    assert items
+    for d in items:
+        assert set(d["region"]) == {"image", "label", "sdm"} and d["region"]["image"].shape[0] == 2
+        assert d["region"]["label"].dtype == torch.uint8 and 0 <= d["index"] < 2
+        assert d["zoom"] != 1.0 or bool(d["angles"].abs().sum() > 0)

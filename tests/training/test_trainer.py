@@ -72,6 +72,17 @@ def test_run_folder_and_schedule_weights_follow_the_formula(tiny_cache, tmp_path
     assert [round(r["boundary_weight"], 6) for r in increase.history] == [0.01, 0.02, 0.03]
 
 
+def test_resampling_on_the_device_trains_the_same_weights(tiny_cache, tmp_path):
+    """train.augment_on=device (the default on CUDA) is the workers' augmentation moved, not changed."""
+    common = ("train.epochs=2", "train.iterations_per_epoch=6", "train.deterministic=true", "train.validate_every=5")
+    runs = {}
+    for where in ("workers", "device"):
+        train(_cfg(tiny_cache, *common, f"train.augment_on={where}"), tiny_cache, tmp_path / where)
+        runs[where] = load_checkpoint(tmp_path / where / "checkpoint_latest.pt")["model"]
+    for k in runs["workers"]:
+        assert torch.equal(runs["workers"][k], runs["device"][k]), k
+
+
 def test_existing_run_is_refused_without_resume_or_overwrite(tiny_cache, tmp_path):
     run = tmp_path / "run"
     train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, run)
