@@ -33,7 +33,6 @@ from segpipe.models import build_network
 from segpipe.planning import make_plan
 from segpipe.training.loader import BatchFinisher, PatchBatches, make_loader
 
-
 CASES = ["a", "b", "c", "d"]
 VAL_WORKERS = 3  # unaugmented validation patches are cheap: a few workers keep up
 

@@ -4,8 +4,10 @@ The checkpoint carries the plan, so a :class:`Predictor` needs nothing but the m
 preprocessing chain (:func:`segpipe.transforms.preprocessing.build_preprocessing`, without a label), the
 sliding window (Gaussian, overlap from the config) with optional mirror test-time augmentation, and maps the
 class probabilities back onto the reference channel's original grid by world coordinates (MONAI
-``ResampleToMatch``, linear): crop, spacing and orientation are undone in one resampling, and voxels outside
-the preprocessed crop are background. Then the argmax, and connected components smaller than
+``ResampleToMatch``, linear, on the prediction device): crop, spacing and orientation are undone in one
+resampling, and voxels outside the preprocessed crop are background. Where the two grids differ only by
+axis order, flips and a whole-voxel shift (the spacing was already the target's), that resampling is exact
+index arithmetic, done as such (:func:`resample_to_grid`). Then the argmax, and connected components smaller than
 ``min_lesion_mm3`` (26-connectivity, per class) are removed.
 """
 
@@ -25,16 +27,60 @@ from scipy import ndimage
 
 from segpipe.config import InferConfig, config_from_dict
 from segpipe.errors import SegpipeError
-from segpipe.inference.sliding import predict_volume
+from segpipe.inference.sliding import class_argmax, predict_volume
 from segpipe.io.nifti import Geometry, read_geometry
 from segpipe.models import build_network
 from segpipe.planning import Plan
 from segpipe.training.checkpoint import load_checkpoint
 from segpipe.transforms.preprocessing import build_preprocessing, channel_key, run_chain
 
-__all__ = ["Prediction", "Predictor", "remove_small_components", "resolve_model_path"]
+__all__ = ["Prediction", "Predictor", "remove_small_components", "resample_to_grid", "resolve_model_path"]
 
 log = logging.getLogger(__name__)
+
+
+def _index_map(src_affine: np.ndarray, dst_affine: np.ndarray, tol: float = 1e-4) -> tuple[list[int], list[int], list[int]] | None:
+    """If every destination voxel sits exactly on a source voxel by axis order, flips and a whole-voxel shift,
+    return (source axis, sign, offset) per destination axis (source index = sign * destination index +
+    offset); else None."""
+    m = np.linalg.solve(np.asarray(src_affine, dtype=np.float64), np.asarray(dst_affine, dtype=np.float64))
+    rot, shift = m[:3, :3], m[:3, 3]
+    if not (np.allclose(rot, np.round(rot), atol=tol) and np.allclose(shift, np.round(shift), atol=1e-3)):
+        return None
+    r = np.round(rot).astype(int)
+    if not (np.abs(r).sum(axis=0) == 1).all() or not (np.abs(r).sum(axis=1) == 1).all():
+        return None
+    axes = [int(np.flatnonzero(r[:, i])[0]) for i in range(3)]
+    return axes, [int(r[axes[i], i]) for i in range(3)], [int(round(shift[axes[i]])) for i in range(3)]
+
+
+def resample_to_grid(probs: torch.Tensor, src_affine: np.ndarray, dst_shape: tuple[int, ...], dst_affine: np.ndarray) -> torch.Tensor:
+    """Class probabilities ``(K, ...)`` on the grid ``src_affine`` resampled linearly, in world coordinates, onto
+    the grid (``dst_shape``, ``dst_affine``), zero outside the source; on the tensor's device. Exact index
+    arithmetic where the grids differ by axis order, flips and whole voxels; MONAI ``ResampleToMatch`` else."""
+    mapping = _index_map(src_affine, dst_affine)
+    if mapping is None:
+        src = MetaTensor(probs, affine=torch.as_tensor(src_affine))
+        dst = MetaTensor(torch.zeros((1, *dst_shape), device=probs.device), affine=torch.as_tensor(np.asarray(dst_affine)))
+        back = ResampleToMatch(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(src, img_dst=dst)
+        return back.as_tensor() if hasattr(back, "as_tensor") else back
+    axes, signs, offsets = mapping
+    arr = probs.permute(0, *[a + 1 for a in axes])  # destination axis i now runs along source axis axes[i]
+    flip = [i + 1 for i in range(3) if signs[i] < 0]
+    if flip:
+        arr = torch.flip(arr, flip)
+    # a flipped axis of length n reads source index -d + t at position d + (n - 1 - t)
+    starts = [offsets[i] if signs[i] > 0 else arr.shape[i + 1] - 1 - offsets[i] for i in range(3)]
+    out = torch.zeros((probs.shape[0], *dst_shape), dtype=torch.float32, device=probs.device)
+    src_sl, dst_sl = [slice(None)], [slice(None)]
+    for i in range(3):
+        lo, hi = max(starts[i], 0), min(starts[i] + dst_shape[i], arr.shape[i + 1])
+        if hi <= lo:
+            return out  # no overlap: all background
+        src_sl.append(slice(lo, hi))
+        dst_sl.append(slice(lo - starts[i], hi - starts[i]))
+    out[tuple(dst_sl)] = arr[tuple(src_sl)].float()
+    return out
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -143,17 +189,14 @@ class Predictor:
         image = data["image"]
         t1 = time.perf_counter()
         probs = predict_volume(self.net, image.as_tensor(), self.plan.patch_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
-                               device=self.device, tta=tta, amp_dtype=self.amp_dtype)
+                               device=self.device, tta=tta, amp_dtype=self.amp_dtype, keep_on_device=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         ref = read_geometry(channels[self.plan.reference_channel], what=f"channel '{self.plan.reference_channel}'")
-        src = MetaTensor(probs, affine=image.affine)
-        dst = MetaTensor(torch.zeros((1, *ref.shape)), affine=torch.as_tensor(ref.affine))
-        back = ResampleToMatch(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(src, img_dst=dst)
-        back = back.as_tensor() if hasattr(back, "as_tensor") else back
-        mask = back.argmax(0).numpy().astype(np.uint8)
+        back = resample_to_grid(probs, np.asarray(image.affine, dtype=np.float64), ref.shape, ref.affine)
+        mask = class_argmax(back).cpu().numpy()
         mask, removed = remove_small_components(mask, ref.spacing, min_lesion_mm3)
         t3 = time.perf_counter()
-        return Prediction(mask, ref, back.numpy() if keep_probabilities else None, removed,
+        return Prediction(mask, ref, back.cpu().numpy() if keep_probabilities else None, removed,
                           {"preprocess": t1 - t0, "network": t2 - t1, "invert": t3 - t2})

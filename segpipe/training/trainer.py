@@ -37,7 +37,7 @@ from segpipe.evaluation.metrics import (
     hausdorff95,
     lesion_f1,
 )
-from segpipe.inference.sliding import predict_volume
+from segpipe.inference.sliding import class_argmax, predict_volume
 from segpipe.io.atomic import ensure_writable_dir
 from segpipe.losses import CompositeLoss, parse_loss_spec, parse_schedule
 from segpipe.models import build_network
@@ -178,7 +178,7 @@ def validate(net: torch.nn.Module, cache: CaseCache, case_ids: list[str], plan: 
         case = cache.load(cid)
         probs = predict_volume(_unwrap(net), torch.from_numpy(np.array(case.image)), plan.patch_size, overlap=config.infer.overlap,
                                sw_batch_size=config.infer.sw_batch_size, device=device, tta=False, amp_dtype=amp_dtype)
-        pred = probs.argmax(0).numpy()
+        pred = class_argmax(probs).numpy()
         label = np.asarray(case.label)
         valid = label != IGNORE_INDEX
         gt = (label > 0) & valid

@@ -261,3 +261,47 @@ def test_config_dicom_rules_and_inference_defaults(cli, tiny_model, tmp_path):
     summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
     # every lesion is under a litre: the configured minimum size removed them all
     assert summary["cases"]["study"]["lesions"]["lesion"]["lesions"] == 0
+
+
+@pytest.mark.parametrize("perm,signs,shift", [((0, 1, 2), (1, 1, 1), (0, 0, 0)), ((0, 1, 2), (-1, 1, 1), (3, -2, 1)),
+                                              ((2, 0, 1), (1, -1, -1), (8, 5, 0)), ((1, 0, 2), (-1, -1, 1), (30, 2, -40))])
+def test_index_inversion_equals_monai_resampling(perm, signs, shift):
+    """The exact path (axis order, flips, whole-voxel shift) gives what ResampleToMatch gives, zero outside."""
+    from monai.data import MetaTensor
+    from monai.transforms.spatial.array import ResampleToMatch
+
+    from segpipe.inference.predictor import _index_map, resample_to_grid
+
+    rng = np.random.default_rng(0)
+    probs = torch.from_numpy(rng.random((2, 9, 11, 7)).astype(np.float32))
+    src_affine = np.diag([2.0, 1.5, 3.0, 1.0])
+    src_affine[:3, 3] = (10, -20, 5)
+    m = np.zeros((4, 4))
+    m[3, 3] = 1
+    for i in range(3):  # destination axis i reads source axis perm[i]
+        m[perm[i], i] = signs[i]
+        m[perm[i], 3] = shift[perm[i]]
+    dst_affine = src_affine @ m
+    dst_shape = (8, 12, 10)
+    assert _index_map(src_affine, dst_affine) is not None
+    ours = resample_to_grid(probs, src_affine, dst_shape, dst_affine)
+    ref = ResampleToMatch(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
+        MetaTensor(probs, affine=torch.as_tensor(src_affine)), img_dst=MetaTensor(torch.zeros((1, *dst_shape)), affine=torch.as_tensor(dst_affine)))
+    assert ours.shape == (2, *dst_shape)
+    assert torch.allclose(ours, ref.as_tensor(), atol=1e-5)
+    assert float(ours.abs().sum()) > 0 or shift[0] == 30
+    # half a voxel off: no exact map, MONAI resamples
+    shifted = dst_affine.copy()
+    shifted[:3, 3] += 0.5 * src_affine[:3, :3].diagonal()
+    assert _index_map(src_affine, shifted) is None
+    assert resample_to_grid(probs, src_affine, dst_shape, shifted).shape == (2, *dst_shape)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_class_argmax_equals_torch_argmax(k):
+    from segpipe.inference.sliding import class_argmax
+
+    probs = torch.rand((k, 7, 9, 5), generator=torch.Generator().manual_seed(k))
+    probs[:, 0, 0, 0] = 0.5  # a tie goes to the lower class, as with argmax
+    ours = class_argmax(probs)
+    assert ours.dtype == torch.uint8 and torch.equal(ours.long(), probs.argmax(0))

@@ -228,3 +228,20 @@ def test_real_sample(sample_dir):
         # the FLAIR is on the DWI grid: its brain overlaps the DWI's and it correlates with it
         assert np.corrcoef(flair[head], dwi[head])[0, 1] > 0.3
         assert out["image"].shape[1:] == out["label"].shape[1:] == out["sdm"].shape[1:]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fill_holes_matches_scipy(seed):
+    from scipy import ndimage
+
+    from segpipe.transforms.preprocessing import fill_holes
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.binary_opening(rng.random((24, 20, 18)) > 0.35)  # many cavities, some touching the border
+    mask[8:14, 6:12, 5:11] = True
+    mask[10:12, 8:10, 7:9] = False  # one closed cavity
+    ours = fill_holes(mask)
+    assert np.array_equal(ours, ndimage.binary_fill_holes(mask))
+    assert ours[10, 8, 7] and not np.array_equal(ours, mask)
+    for edge in (np.zeros((4, 5, 6), bool), np.ones((4, 5, 6), bool)):
+        assert np.array_equal(fill_holes(edge), ndimage.binary_fill_holes(edge))
