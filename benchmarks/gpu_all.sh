@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check in one call of the device tool (under 9 minutes on an H200), from the repository root:
+# Every GPU check in one call of the device tool (about 6 minutes on an H200), from the repository root:
 #   here:  benchmarks/gpu_wheels.sh            (MONAI, nibabel, SimpleITK as wheels in .whl/)
-#   there: bash benchmarks/gpu_all.sh          (device tool: carry [".whl"], timeout_s 540)
+#   there: bash benchmarks/gpu_all.sh 2>&1 | tee $OUT/gpu_all.log   (device tool: carry [".whl"], timeout_s 600)
 # Writes $OUT/gpu_all.json (training pipeline vs bare step, loss overhead, inference end to end, the demo).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ step "training: full pipeline vs bare step (eager and compiled)" 240 python3 -m 
 # the demo through segpipe's own trainer and predictor on CUDA (called from Python: the image's typer is not the pinned one)
 step "the demo on the GPU" 120 python3 -c "from segpipe.demo import run_demo, summary; print(summary(run_demo('/tmp/demo_gpu', device='cuda')))"
 step "boundary-loss overhead in a step, 2x2x96^3" 60 python3 -m benchmarks.loss_overhead --device cuda
-step "inference end to end, 192x224x192, vs the network alone" 80 python3 -m benchmarks.infer_e2e --case synthetic --device cuda --repeat 2
+step "inference end to end, 192x224x192, vs the network alone" 110 python3 -m benchmarks.infer_e2e --case synthetic --device cuda --repeat 2
 python3 - "$dest" <<'PY'
 import json, pathlib, sys
 dest = pathlib.Path(sys.argv[1]); res = pathlib.Path("benchmarks/results")

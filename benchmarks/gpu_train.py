@@ -149,6 +149,32 @@ def loader_only_ms(cache: Path, patch: int, workers: int, dev: torch.device, on_
     return 1000 * (time.perf_counter() - t) / batches
 
 
+def host_syncs(cache: Path, patch: int, workers: int, dev: torch.device, iters: int = 20) -> float:
+    """Synchronisations of the host with the GPU per training iteration (PyTorch's sync debug mode): each one
+    stops the host from queueing the next step ahead, so the GPU idles while Python catches up."""
+    import warnings
+
+    setup = _setup(patch, dev, False, False)
+    it = _batches(cache, patch, workers, dev, iters + 3, augment=True, on_device=True, seed=3)
+    for _ in range(3):
+        b = next(it)
+        _step(setup, b.pop("image"), b, dev, True)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(iters):
+                b = next(it)
+                _step(setup, b.pop("image"), b, dev, True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in {f"{w.filename}:{w.lineno}" for w in syncs}:
+        print("  sync at", w, flush=True)
+    return len(syncs) / iters
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -181,10 +207,19 @@ def main(argv=None) -> dict:
         for extra, src in (("c", "a"), ("d", "b")):  # four cases
             shutil.copytree(cache / "cases" / src, cache / "cases" / extra)
         results["cache_seconds"] = round(time.perf_counter() - t, 1)
-        for on_device in (True, False):
-            key = "loader_only_ms_per_batch_" + ("resample_on_device" if on_device else "all_in_workers")
-            results[key] = round(loader_only_ms(cache, args.patch, args.workers, dev, on_device), 2)
-            print(f"loader alone, {args.workers} workers, {key[25:].replace('_', ' ')}: {results[key]:.1f} ms per batch of 2", flush=True)
+        # the loader alone; with 4 workers too: what a workstation with a few cores gets
+        for workers, on_device in ((args.workers, True), (args.workers, False), (4, True)):
+            where = "resample_on_device" if on_device else "all_in_workers"
+            key = f"loader_only_ms_per_batch_{workers}_workers_{where}"
+            results[key] = round(loader_only_ms(cache, args.patch, workers, dev, on_device), 2)
+            print(f"loader alone, {workers} workers, {where.replace('_', ' ')}: {results[key]:.1f} ms per batch of 2", flush=True)
+        if dev.type == "cuda":
+            try:  # a diagnostic: its failure must not cost the measurements below
+                results["host_syncs_per_iteration"] = host_syncs(cache, args.patch, args.workers, dev)
+                print(f"host-device synchronisations per training iteration (eager, resampling on the device): "
+                      f"{results['host_syncs_per_iteration']:.2f}", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"(sync count failed: {exc!r})", flush=True)
         save_now()
         for compile_net in modes:
             mode = "compile" if compile_net else "eager"
