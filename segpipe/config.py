@@ -105,7 +105,9 @@ class TrainConfig:
     grad_clip: float = 12.0
     #: share of each batch centred on a lesion voxel (nnU-Net: a third)
     foreground_fraction: float = 0.34
-    num_workers: int = 2
+    #: loader processes per training process; null (the default): 2 on the CPU (the step needs the cores), on
+    #: CUDA the machine's cores less two, shared by the local ranks, at most 12 (nnU-Net's default)
+    num_workers: int | None = None
     amp: bool = True
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     compile: bool = False

@@ -54,7 +54,7 @@ from segpipe.training.loader import BatchFinisher, PatchBatches, make_loader
 from segpipe.training.runlog import MetricsLog, attach_log_file, plot_progress
 from segpipe.transforms.preprocessing import IGNORE_INDEX
 
-__all__ = ["TrainResult", "resolve_device", "resolve_train_config", "train"]
+__all__ = ["TrainResult", "loader_workers", "resolve_device", "resolve_train_config", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,23 @@ class TrainResult:
 
 class _Diverged(Exception):
     pass
+
+
+def loader_workers(setting: int | None, dev: torch.device, world: int = 1) -> int:
+    """``train.num_workers``, or for None: 2 on the CPU; on CUDA the usable cores less two (the training
+    process and the pinning thread), shared by the processes of this machine (torchrun), at most 12."""
+    if setting is not None:
+        if setting < 0:
+            raise SegpipeError(f"config 'train.num_workers': expected 0 or more (or null for automatic), got {setting}")
+        return setting
+    if dev.type != "cuda":
+        return 2
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 4
+    local = max(1, min(world, torch.cuda.device_count() or 1))
+    return max(1, min(12, (cores - 2) // local))
 
 
 def _augment_on_device(where: str, dev: torch.device) -> bool:
@@ -315,7 +332,8 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         data = PatchBatches(cache.root, train_ids, plan.patch_size, plan.batch_size, batches=t.iterations_per_epoch,
                             foreground_fraction=t.foreground_fraction, augment=t.augmentation, seed=t.seed, rank=dist.rank,
                             with_sdm=loss_fn.needs_sdm, defer_affine=_augment_on_device(t.augment_on, dev))
-        loader = make_loader(data, num_workers=t.num_workers, pin_memory=dev.type == "cuda")
+        workers = loader_workers(t.num_workers, dev, dist.world)
+        loader = make_loader(data, num_workers=workers, pin_memory=dev.type == "cuda")
         finish = BatchFinisher(plan.patch_size, augment=t.augmentation)
         terms = [term.name for term in spec.terms]
         columns = ["epoch", "lr", "loss", *terms, "regional_weight", "boundary_weight",
@@ -325,9 +343,10 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
             metrics.truncate_after(start_epoch - 1)
         tb = _tensorboard(out) if dist.is_main else None
         if dist.is_main:
-            log.info("training fold %s: %d training and %d validation cases, patch %s, batch %d, %s under %s, on %s%s",
-                     fold, len(train_ids), len(val_ids), "x".join(map(str, plan.patch_size)), plan.batch_size, spec, schedule,
-                     dev, f" x {dist.world} processes" if dist.enabled else "")
+            log.info("training fold %s: %d training and %d validation cases, patch %s, batch %d, %s under %s, on %s%s, "
+                     "%d loader workers%s", fold, len(train_ids), len(val_ids), "x".join(map(str, plan.patch_size)), plan.batch_size,
+                     spec, schedule, dev, f" x {dist.world} processes" if dist.enabled else "", workers,
+                     " (rotation/zoom resampled on the device)" if data.defer_affine else "")
         result = TrainResult(out, best_metric=best, best_epoch=best_epoch)
         higher = HIGHER_IS_BETTER[t.best_metric]
         for epoch in range(start_epoch, t.epochs):

@@ -21,7 +21,7 @@ from segpipe.models import build_network
 from segpipe.planning import load_plan
 from segpipe.training.checkpoint import load_checkpoint
 from segpipe.training.loader import PatchBatches, make_loader
-from segpipe.training.trainer import resolve_train_config, train
+from segpipe.training.trainer import loader_workers, resolve_train_config, train
 
 ROOT = Path(__file__).resolve().parents[2]
 def _cfg(cache, *extra):
@@ -197,3 +197,16 @@ def test_torchrun_two_processes_train_and_write_once(tiny_cache, tmp_path):
     assert log.count("training fold 0") == 1 and "x 2 processes" in log
     assert load_checkpoint(run / "checkpoint_latest.pt")["world_size"] == 2
     assert not list(run.glob(".tmp-*"))
+
+
+def test_loader_workers_setting_and_automatic(monkeypatch):
+    assert loader_workers(3, torch.device("cpu")) == 3 and loader_workers(0, torch.device("cuda")) == 0
+    assert loader_workers(None, torch.device("cpu")) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert loader_workers(None, torch.device("cuda")) == 12  # 16 cores less 2, capped at nnU-Net's 12
+    assert loader_workers(None, torch.device("cuda"), world=4) == 3  # four local ranks share the cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert loader_workers(None, torch.device("cuda")) == 1
+    with pytest.raises(SegpipeError, match="train.num_workers"):
+        loader_workers(-1, torch.device("cpu"))
