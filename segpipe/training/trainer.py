@@ -84,7 +84,7 @@ def loader_workers(setting: int | None, dev: torch.device, world: int = 1) -> in
     process and the pinning thread), shared by the processes of this machine (torchrun), at most 12."""
     if setting is not None:
         if setting < 0:
-            raise SegpipeError(f"config 'train.num_workers': expected 0 or more (or null for automatic), got {setting}")
+            raise UsageError(f"config 'train.num_workers': expected 0 or more (or null for automatic), got {setting}")
         return setting
     if dev.type != "cuda":
         return 2
@@ -271,6 +271,7 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
     if config.train.best_metric not in HIGHER_IS_BETTER:
         raise UsageError(f"config 'train.best_metric': expected one of {', '.join(HIGHER_IS_BETTER)}, got '{config.train.best_metric}'"
                          f"{did_you_mean(config.train.best_metric, HIGHER_IS_BETTER)}")
+    workers = loader_workers(config.train.num_workers, dev, dist.world)  # checked before anything is written
 
     _prepare_run_folder(out, resume, overwrite, dist.is_main)
     dist.barrier()
@@ -332,7 +333,6 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         data = PatchBatches(cache.root, train_ids, plan.patch_size, plan.batch_size, batches=t.iterations_per_epoch,
                             foreground_fraction=t.foreground_fraction, augment=t.augmentation, seed=t.seed, rank=dist.rank,
                             with_sdm=loss_fn.needs_sdm, defer_affine=_augment_on_device(t.augment_on, dev))
-        workers = loader_workers(t.num_workers, dev, dist.world)
         loader = make_loader(data, num_workers=workers, pin_memory=dev.type == "cuda")
         finish = BatchFinisher(plan.patch_size, augment=t.augmentation)
         terms = [term.name for term in spec.terms]

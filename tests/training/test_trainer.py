@@ -208,5 +208,11 @@ def test_loader_workers_setting_and_automatic(monkeypatch):
     assert loader_workers(None, torch.device("cuda"), world=4) == 3  # four local ranks share the cores
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert loader_workers(None, torch.device("cuda")) == 1
-    with pytest.raises(SegpipeError, match="train.num_workers"):
+    with pytest.raises(UsageError, match="train.num_workers"):
         loader_workers(-1, torch.device("cpu"))
+
+
+def test_bad_worker_count_writes_nothing(tiny_cache, tmp_path):
+    with pytest.raises(UsageError, match="train.num_workers"):
+        train(_cfg(tiny_cache, "train.num_workers=-1"), tiny_cache, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
