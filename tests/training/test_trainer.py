@@ -188,13 +188,14 @@ def test_resume_after_kill_gives_the_same_weights(tiny_cache, tmp_path):
 def test_torchrun_two_processes_train_and_write_once(tiny_cache, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cli.main",
-           "train", "--cache", str(tiny_cache), "--out", str(run), "--device", "cpu", "train.epochs=2"]
+           "train", "--cache", str(tiny_cache), "--out", str(run), "--device", "cpu", "train.epochs=2",
+           "train.augment_on=device"]  # each rank finishes its own batches, as on GPUs
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [int(r["epoch"]) for r in _rows(run)] == [0, 1]
     log = (run / "train.log").read_text()
-    assert log.count("training fold 0") == 1 and "x 2 processes" in log
+    assert log.count("training fold 0") == 1 and "x 2 processes" in log and "resampled on the device" in log
     assert load_checkpoint(run / "checkpoint_latest.pt")["world_size"] == 2
     assert not list(run.glob(".tmp-*"))
 
