@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=benchmarks/_gpu_env.sh
 . benchmarks/_gpu_env.sh
 step() { echo "== $1"; shift; timeout "$@" || echo "(failed or timed out: $?)"; }
-step "training: full pipeline vs bare step (eager and compiled)" 240 python3 -m benchmarks.gpu_train --out "$dest/gpu_train.json" --iters 40 --warmup 10 --epoch-iters 250 --val-iters 50
+step "training: full pipeline vs bare step (eager and compiled)" 280 python3 -m benchmarks.gpu_train --out "$dest/gpu_train.json" --iters 40 --warmup 10 --epoch-iters 250 --val-iters 50
 # the demo through segpipe's own trainer and predictor on CUDA (called from Python: the image's typer is not the pinned one)
 step "the demo on the GPU" 120 python3 -c "from segpipe.demo import run_demo, summary; print(summary(run_demo('/tmp/demo_gpu', device='cuda')))"
 step "boundary-loss overhead in a step, 2x2x96^3" 60 python3 -m benchmarks.loss_overhead --device cuda
