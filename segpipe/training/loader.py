@@ -12,7 +12,8 @@ channels), which is about half a worker's time on a CPU and nothing on a GPU. Wi
 cuts, for a patch that is to be rotated or scaled, only the input region it samples from (and its
 parameters), and :class:`BatchFinisher` resamples it and applies that patch's flips and intensity changes on
 the training device, after the transfer. Each patch carries its own augmentation seed, so the two placements
-give the same batches (bit for bit on a CPU; on a GPU the noise comes from the GPU's generator).
+give the same batches: bit for bit on a CPU (tested); on a GPU up to float rounding, and with the GPU's own
+noise generator.
 
 Randomness is a pure function of ``(seed, epoch, rank, worker, batch index)``: an epoch draws the same
 patches whether or not the run was interrupted and resumed, and every DDP rank draws its own.
