@@ -35,6 +35,7 @@ from segpipe.transforms.augmentation import (
     JointAffined,
     build_augmentation,
     sampled_extent,
+    untracked,
 )
 
 __all__ = ["BatchFinisher", "PatchBatches", "crop_padded", "make_loader"]
@@ -187,7 +188,8 @@ class PatchBatches(IterableDataset):
                     deferred.append({**item, "index": i, "seed": seed})
                     continue
                 aug.set_random_state(seed)
-                item = aug({k: torch.as_tensor(v) for k, v in item.items()})
+                with untracked():
+                    item = aug({k: torch.as_tensor(v) for k, v in item.items()})
                 for k, v in item.items():
                     _put(batch, k, i, torch.as_tensor(v), self.batch_size)
             if deferred:
@@ -225,7 +227,8 @@ class BatchFinisher:
             region = {k: v.to(device, non_blocking=True) for k, v in item["region"].items()}
             patch = self.affine.apply(region, item["angles"].tolist(), float(item["zoom"]), item["offset"].tolist())
             self.aug.set_random_state(int(item["seed"]))
-            patch = self.aug(patch)
+            with untracked():
+                patch = self.aug(patch)
             for k, v in patch.items():
                 out[k][int(item["index"])] = torch.as_tensor(v)
         if "label" in out:

@@ -2,7 +2,7 @@
 
 What touches the distance map, and how:
 
-- **flips** (each axis with p = 0.5; MONAI ``Flip``): the map is flipped with the label; exact.
+- **flips** (each axis with p = 0.5; ``torch.flip``, all chosen axes at once): the map is flipped with the label; exact.
 - **rotation and scaling** (``JointAffined``: MONAI's ``Affine`` with one set of sampled parameters for all
   keys; rotation p = 0.2, up to 30 degrees about z and 15 about x/y by default, scale p = 0.2 in [0.7, 1.4]):
   the image is resampled linearly, the label by nearest neighbour, the map linearly (a distance field is
@@ -20,14 +20,15 @@ Nothing else changes the map. Labels keep the ignore value 255 (nearest neighbou
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
-    Flip,
     MapTransform,
     RandAdjustContrastd,
     Randomizable,
@@ -37,7 +38,7 @@ from monai.transforms import (
 from monai.transforms.utils import create_rotate
 from torch.nn import functional as F
 
-__all__ = ["JointAffined", "RandGaussianNoiseTorchd", "build_augmentation", "sampled_extent"]
+__all__ = ["JointAffined", "RandGaussianNoiseTorchd", "build_augmentation", "sampled_extent", "untracked"]
 
 
 def _matrix(angles: Sequence[float], zoom: float) -> np.ndarray:
@@ -174,7 +175,9 @@ class RandGaussianNoiseTorchd(Randomizable, MapTransform):
 
 class RandJointFlipd(Randomizable, MapTransform):
     """Flip every key along each spatial axis with probability ``prob`` (independently per axis), all chosen
-    axes in one MONAI ``Flip`` per key: one copy per key, where three ``RandFlipd`` make up to three."""
+    axes in one ``torch.flip`` per key: one copy per key, where three ``RandFlipd`` make up to three. (MONAI's
+    ``Flip`` gives the same values but its metadata bookkeeping costs 4 ms a call, which on a GPU is the
+    training process's time: patches are never inverted, so there is nothing to track.)"""
 
     def __init__(self, keys: Sequence[str], prob: float = 0.5) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys=True)
@@ -188,11 +191,24 @@ class RandJointFlipd(Randomizable, MapTransform):
         self.randomize()
         d = dict(data)
         if self.axes:
-            flip = Flip(spatial_axis=self.axes)
+            dims = [a + 1 for a in self.axes]  # channel-first arrays
             for key in self.key_iterator(d):
-                out = flip(torch.as_tensor(d[key]))
-                d[key] = out.as_tensor() if hasattr(out, "as_tensor") else out
+                t = torch.as_tensor(d[key])
+                d[key] = torch.flip(t.as_tensor() if hasattr(t, "as_tensor") else t, dims)
         return d
+
+
+@contextmanager
+def untracked() -> Iterator[None]:
+    """MONAI transforms without metadata tracking (plain tensors in and out) inside the block: training
+    patches are never inverted, and the bookkeeping doubled the time of a patch's flips and intensity
+    changes (5.7 -> 2.7 ms on small tensors), time that on a GPU comes out of the training process."""
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
 
 
 def build_augmentation(patch_size: Sequence[int], *, enabled: bool = True) -> Compose:
