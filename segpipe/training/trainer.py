@@ -54,7 +54,7 @@ from segpipe.training.loader import BatchFinisher, PatchBatches, make_loader
 from segpipe.training.runlog import MetricsLog, attach_log_file, plot_progress
 from segpipe.transforms.preprocessing import IGNORE_INDEX
 
-__all__ = ["TrainResult", "loader_workers", "resolve_device", "resolve_train_config", "train"]
+__all__ = ["TrainResult", "loader_bound_hint", "loader_workers", "resolve_device", "resolve_train_config", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,16 @@ def loader_workers(setting: int | None, dev: torch.device, world: int = 1) -> in
         cores = os.cpu_count() or 4
     local = max(1, min(world, torch.cuda.device_count() or 1))
     return max(1, min(12, (cores - 2) // local))
+
+
+def loader_bound_hint(wait: float, seconds: float, workers: int, share: float = 0.2) -> str | None:
+    """A hint when the training loop spent more than ``share`` of an epoch's training time waiting for batches
+    (on a GPU the step runs ahead of the host, so that wait is the loader falling behind), else None."""
+    if seconds <= 0 or wait <= share * seconds:
+        return None
+    return (f"{100 * wait / seconds:.0f} % of the epoch was spent waiting for batches: the loader limits training; "
+            f"raise train.num_workers (now {workers}) if the machine has idle cores, keep train.augment_on=auto, or "
+            "lower the augmentation's cost (train.augmentation=false to check)")
 
 
 def _augment_on_device(where: str, dev: torch.device) -> bool:
@@ -337,7 +347,7 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         finish = BatchFinisher(plan.patch_size, augment=t.augmentation)
         terms = [term.name for term in spec.terms]
         columns = ["epoch", "lr", "loss", *terms, "regional_weight", "boundary_weight",
-                   "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds"]
+                   "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds", "loader_wait_seconds"]
         metrics = MetricsLog(out / "metrics.csv", columns)
         if resume and dist.is_main:
             metrics.truncate_after(start_epoch - 1)
@@ -349,6 +359,7 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
                      " (rotation/zoom resampled on the device)" if data.defer_affine else "")
         result = TrainResult(out, best_metric=best, best_epoch=best_epoch)
         higher = HIGHER_IS_BETTER[t.best_metric]
+        warned = False
         for epoch in range(start_epoch, t.epochs):
             t0 = time.perf_counter()
             lr = _lr(config, epoch)
@@ -360,7 +371,9 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
             steps = 0
             first = epoch == start_epoch
             iterator = track(loader, f"epoch {epoch}", total=t.iterations_per_epoch, enabled=dist.is_main)
+            wait, t_wait = 0.0, time.perf_counter()  # time spent waiting for batches: is the loader the limit?
             for it, batch in enumerate(iterator):
+                wait += time.perf_counter() - t_wait
                 tb_batch = finish(batch, dev)
                 image = tb_batch.pop("image")
                 opt.zero_grad(set_to_none=True)
@@ -389,13 +402,19 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
                 steps += 1
                 if dev.type == "cpu" or (it + 1) % max(t.log_every, 1) == 0:
                     _check_finite(row, terms, epoch, it)
+                t_wait = time.perf_counter()
+            train_seconds = time.perf_counter() - t0
             dist.all_reduce_sum(sums)
             steps_all = steps * dist.world
             means = (sums / max(steps_all, 1)).tolist()
             _check_finite(torch.tensor(means), terms, epoch, steps - 1)
             r_w, b_w = schedule.weights(epoch)
             record: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": means[0], **dict(zip(terms, means[1:])),
-                                      "regional_weight": r_w, "boundary_weight": b_w}
+                                      "regional_weight": r_w, "boundary_weight": b_w, "loader_wait_seconds": wait}
+            hint = loader_bound_hint(wait, train_seconds, workers) if dev.type == "cuda" and not first else None
+            if hint and dist.is_main and not warned:
+                log.warning("epoch %d: %s", epoch, hint)
+                warned = True
             is_last = epoch == t.epochs - 1
             improved = False
             if val_ids and ((epoch + 1) % max(t.validate_every, 1) == 0 or is_last):

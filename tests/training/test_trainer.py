@@ -21,7 +21,7 @@ from segpipe.models import build_network
 from segpipe.planning import load_plan
 from segpipe.training.checkpoint import load_checkpoint
 from segpipe.training.loader import PatchBatches, make_loader
-from segpipe.training.trainer import loader_workers, resolve_train_config, train
+from segpipe.training.trainer import loader_bound_hint, loader_workers, resolve_train_config, train
 
 ROOT = Path(__file__).resolve().parents[2]
 def _cfg(cache, *extra):
@@ -63,8 +63,10 @@ def test_run_folder_and_schedule_weights_follow_the_formula(tiny_cache, tmp_path
     for r in rows:
         e = int(r["epoch"])
         assert float(r["regional_weight"]) == pytest.approx(1 - 0.1 * e) and float(r["boundary_weight"]) == pytest.approx(0.1 * e)
-        for col in ("loss", "dice", "boundary", "lr", "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds"):
+        for col in ("loss", "dice", "boundary", "lr", "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds",
+                    "loader_wait_seconds"):
             assert r[col] != ""
+        assert 0 <= float(r["loader_wait_seconds"]) <= float(r["epoch_seconds"])
     assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # poly decay
     ckpt = torch.load(run / "checkpoint_latest.pt", weights_only=True)  # tensors and plain metadata only
     assert ckpt["epoch"] == 3 and ckpt["schedule"]["name"] == "rebalance" and ckpt["plan"]["patch_size"] == [16, 16, 16]
@@ -217,3 +219,10 @@ def test_bad_worker_count_writes_nothing(tiny_cache, tmp_path):
     with pytest.raises(UsageError, match="train.num_workers"):
         train(_cfg(tiny_cache, "train.num_workers=-1"), tiny_cache, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_loader_bound_hint():
+    assert loader_bound_hint(1.0, 10.0, 12) is None  # 10 % waiting: the GPU is the limit
+    hint = loader_bound_hint(4.0, 10.0, 6)
+    assert hint is not None and "40 %" in hint and "train.num_workers (now 6)" in hint
+    assert loader_bound_hint(0.0, 0.0, 2) is None
