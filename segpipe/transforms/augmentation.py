@@ -4,7 +4,8 @@ What touches the distance map, and how:
 
 - **flips** (each axis with p = 0.5; ``torch.flip``, all chosen axes at once): the map is flipped with the label; exact.
 - **rotation and scaling** (``JointAffined``: one sampled rotation and zoom, one PyTorch ``grid_sample``
-  grid for all keys, in a loader worker or on the training device, see ``segpipe.training.loader``; rotation p = 0.2, up to 30 degrees about z and 15 about x/y by default, scale p = 0.2 in [0.7, 1.4]):
+  grid for all keys, in a loader worker or on the training device, see ``segpipe.training.loader``; rotation
+  p = 0.2, up to 30 degrees about z and 15 about x/y by default, scale p = 0.2 in [0.7, 1.4]):
   the image is resampled linearly, the label by nearest neighbour, the map linearly (a distance field is
   smooth away from the boundary, and a rotation keeps distances), and the map's values are multiplied by the
   zoom so that they stay in mm: objects drawn ``z`` times larger are ``z`` times further from everything.
