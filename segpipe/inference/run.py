@@ -262,7 +262,6 @@ def infer(
     if workers < 1:
         raise UsageError(f"--workers: expected at least 1, got {workers}")
     start = time.perf_counter()
-    out = ensure_writable_dir(out, what="--out folder")
     opt = _Options(tta, float(min_lesion_mm3) if min_lesion_mm3 is not None else None, save_probabilities,
                    dict(series or {}), allow_uneven, dicom_seg)
     report = InferReport()
@@ -270,6 +269,7 @@ def infer(
         predictor = Predictor.load(model, device, infer_config)
         source = predictor.source
         cases = resolve_inputs(inputs, predictor.plan.channels, channel_map)
+        out = ensure_writable_dir(out, what="--out folder")  # only once model and inputs are known good
         items = progress(cases, "segmenting") if progress else cases
         results = {c.id: _segment(predictor, c, out, opt) for c in items}
     else:
@@ -277,6 +277,7 @@ def infer(
         source = str(path)
         plan = Plan.from_json(load_checkpoint(path)["plan"])
         cases = resolve_inputs(inputs, plan.channels, channel_map)
+        out = ensure_writable_dir(out, what="--out folder")
         n = min(workers, len(cases))
         chunks = [cases[i::n] for i in range(n)]
         threads = max(1, (os.cpu_count() or 1) // n)

@@ -222,6 +222,7 @@ def test_model_checks(cli, tiny_model, tmp_path):
     assert r.exit_code == 1 and "refused, loading it would run pickled code" in r.output and "pwned" not in r.output
     r = cli("infer", "--model", tmp_path / "nothing", src, "--out", tmp_path / "o")
     assert r.exit_code == 1 and "not found" in r.output
+    assert not (tmp_path / "o").exists()  # a bad model leaves no output folder behind
     (tmp_path / "file").write_text("x")
     r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "file" / "o")
     assert r.exit_code == 1 and "cannot be created" in r.output
