@@ -13,8 +13,8 @@ What touches the distance map, and how:
   it the image and maps take their edge values, the label 0), so rotated corners hold real data.
 - **intensity** (image only): Gaussian noise, brightness (multiplicative), contrast about the mean, gamma
   (``RandGaussianNoiseTorchd``: MONAI's ``RandGaussianNoised`` drawn with PyTorch; MONAI
-  ``RandScaleIntensityd``, ``RandScaleIntensityFixedMeand``, ``RandAdjustContrastd``), with nnU-Net's
-  probabilities.
+  ``RandScaleIntensityd``, ``RandScaleIntensityFixedMeand``; ``RandAdjustContrastTorchd``: MONAI's
+  ``RandAdjustContrastd`` without its host synchronisation), with nnU-Net's probabilities.
 
 Nothing else changes the map. Labels keep the ignore value 255 (nearest neighbour only).
 """
@@ -39,7 +39,7 @@ from monai.transforms import (
 from monai.transforms.utils import create_rotate
 from torch.nn import functional as F
 
-__all__ = ["JointAffined", "RandGaussianNoiseTorchd", "build_augmentation", "sampled_extent", "untracked"]
+__all__ = ["JointAffined", "RandAdjustContrastTorchd", "RandGaussianNoiseTorchd", "build_augmentation", "sampled_extent", "untracked"]
 
 
 def _matrix(angles: Sequence[float], zoom: float) -> np.ndarray:
@@ -174,6 +174,37 @@ class RandGaussianNoiseTorchd(Randomizable, MapTransform):
         return d
 
 
+class RandAdjustContrastTorchd(RandAdjustContrastd):
+    """MONAI's ``RandAdjustContrastd`` (gamma on the intensity range of the whole image, optionally keeping its
+    mean and standard deviation), same random draws and the same values bit for bit, but without the
+    ``float()`` MONAI takes of the range: on a GPU that is a host synchronisation in the training process
+    for every patch drawn for gamma (p = 0.3)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        self.adjuster.randomize(None)
+        gamma = float(self.adjuster.gamma_value)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            img = img.as_tensor() if hasattr(img, "as_tensor") else img
+            if self.invert_image:
+                img = -img
+            if self.adjuster.retain_stats:
+                mean, std = img.mean(), img.std()
+            low = img.min()
+            span = img.max() - low
+            # MONAI divides by float(span + 1e-7): the same float32 value, kept on the device
+            out = ((img - low) / (span + 1e-7)) ** gamma * span + low
+            if self.adjuster.retain_stats:
+                out = out - out.mean()
+                out = std * (out / (out.std() + 1e-8)) + mean
+            d[key] = -out if self.invert_image else out
+        return d
+
+
 class RandJointFlipd(Randomizable, MapTransform):
     """Flip every key along each spatial axis with probability ``prob`` (independently per axis), all chosen
     axes in one ``torch.flip`` per key: one copy per key, where three ``RandFlipd`` make up to three. (MONAI's
@@ -224,7 +255,7 @@ def build_augmentation(patch_size: Sequence[int], *, enabled: bool = True) -> Co
             RandGaussianNoiseTorchd(["image"], prob=0.1, std=0.1),
             RandScaleIntensityd("image", factors=0.25, prob=0.15),
             RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True),
-            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+            RandAdjustContrastTorchd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
         ],
         map_items=False,
     )

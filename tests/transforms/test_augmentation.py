@@ -101,3 +101,24 @@ def test_intensity_changes_touch_the_image_only():
         # the image is the label, flipped the same way, unless an intensity change touched it
         changed += not np.allclose(out["image"][0].numpy(), lab.astype(np.float32))
     assert changed >= 1
+
+
+@pytest.mark.parametrize("retain_stats,invert", [(True, False), (False, False), (True, True)])
+def test_gamma_without_host_sync_equals_monai(retain_stats, invert):
+    from monai.transforms import RandAdjustContrastd
+
+    from segpipe.transforms.augmentation import RandAdjustContrastTorchd
+
+    ours = RandAdjustContrastTorchd("image", prob=0.5, gamma=(0.7, 1.5), retain_stats=retain_stats, invert_image=invert)
+    theirs = RandAdjustContrastd("image", prob=0.5, gamma=(0.7, 1.5), retain_stats=retain_stats, invert_image=invert)
+    ours.set_random_state(11)
+    theirs.set_random_state(11)
+    gen = torch.Generator().manual_seed(0)
+    applied = 0
+    for _ in range(12):
+        image = torch.randn((2, 9, 8, 7), generator=gen) * 3 + 1
+        a = ours({"image": image})["image"]
+        b = torch.as_tensor(theirs({"image": image})["image"])
+        assert torch.equal(a, b.as_tensor() if hasattr(b, "as_tensor") else b)
+        applied += not torch.equal(a, image)
+    assert 2 <= applied <= 10  # both branches taken, the draws in step
