@@ -17,6 +17,7 @@ BENCHMARKS = {
     "loss_overhead": ([], ["--size", "48", "--repeat", "1"]),
     "loader": ([], ["--batches", "3"]),
     "infer_e2e": ([], ["--repeat", "1", "--tta", "off"]),
+    "infer_dataset": (["--cases", "4", "--shape", "128", "128", "96"], ["--cases", "2", "--shape", "64", "64", "48"]),
 }
 
 

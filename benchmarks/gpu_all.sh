@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one call of the device tool (about 6 minutes on an H200), from the repository root:
+# Every GPU check in one call of the device tool (about 7 minutes on an H200), from the repository root:
 #   here:  benchmarks/gpu_wheels.sh            (MONAI, nibabel, SimpleITK as wheels in .whl/)
 #   there: bash benchmarks/gpu_all.sh 2>&1 | tee $OUT/gpu_all.log   (device tool: carry [".whl"], timeout_s 600)
 # Writes $OUT/gpu_all.json (training pipeline vs bare step, loss overhead, inference end to end, the demo).
@@ -13,11 +13,12 @@ step "training: full pipeline vs bare step (eager and compiled)" 280 python3 -m 
 step "the demo on the GPU" 120 python3 -c "from segpipe.demo import run_demo, summary; print(summary(run_demo('/tmp/demo_gpu', device='cuda')))"
 step "boundary-loss overhead in a step, 2x2x96^3" 60 python3 -m benchmarks.loss_overhead --device cuda
 step "inference end to end, 192x224x192, vs the network alone" 110 python3 -m benchmarks.infer_e2e --case synthetic --device cuda --repeat 2
+step "inference of 6 cases: preprocessing processes vs one after the other" 90 python3 -m benchmarks.infer_dataset --device cuda --cases 6
 python3 - "$dest" <<'PY'
 import json, pathlib, sys
 dest = pathlib.Path(sys.argv[1]); res = pathlib.Path("benchmarks/results")
 out = {}
-for name in ("gpu_train", "loss_overhead_cuda", "infer_e2e_synthetic_cuda"):
+for name in ("gpu_train", "loss_overhead_cuda", "infer_e2e_synthetic_cuda", "infer_dataset_cuda"):
     for folder in (dest, res):
         p = folder / f"{name}.json"
         if p.is_file():

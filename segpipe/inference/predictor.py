@@ -34,7 +34,7 @@ from segpipe.planning import Plan
 from segpipe.training.checkpoint import load_checkpoint
 from segpipe.transforms.preprocessing import build_preprocessing, channel_key, run_chain
 
-__all__ = ["Prediction", "Predictor", "remove_small_components", "resample_to_grid", "resolve_model_path"]
+__all__ = ["Prediction", "PreparedCase", "Predictor", "prepare_case", "remove_small_components", "resample_to_grid", "resolve_model_path"]
 
 log = logging.getLogger(__name__)
 
@@ -176,27 +176,50 @@ class Predictor:
     def predict(self, channels: dict[str, str | Path], *, tta: bool = True, min_lesion_mm3: float = 0.0,
                 keep_probabilities: bool = False) -> Prediction:
         """Segment one case given one file per model channel (NIfTI, or MetaImage/NRRD)."""
-        missing = [c for c in self.plan.channels if c not in channels]
-        extra = [c for c in channels if c not in self.plan.channels]
-        if missing or extra:
-            raise SegpipeError(
-                f"the model expects channels {', '.join(self.plan.channels)}; got {', '.join(channels) or 'none'}"
-                + (f" (missing {', '.join(missing)})" if missing else "") + (f" (unknown {', '.join(extra)})" if extra else "")
-            )
-        t0 = time.perf_counter()
-        chain = build_preprocessing(self.plan, with_label=False)
-        data = run_chain(chain, {channel_key(c): str(channels[c]) for c in self.plan.channels})
-        image = data["image"]
+        return self.segment(prepare_case(self.plan, channels), tta=tta, min_lesion_mm3=min_lesion_mm3,
+                            keep_probabilities=keep_probabilities)
+
+    def segment(self, case: PreparedCase, *, tta: bool = True, min_lesion_mm3: float = 0.0,
+                keep_probabilities: bool = False) -> Prediction:
+        """The network and the inversion for a case :func:`prepare_case` made (possibly in another process)."""
         t1 = time.perf_counter()
-        probs = predict_volume(self.net, image.as_tensor(), self.plan.patch_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
+        probs = predict_volume(self.net, case.image, self.plan.patch_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
                                device=self.device, tta=tta, amp_dtype=self.amp_dtype, keep_on_device=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        ref = read_geometry(channels[self.plan.reference_channel], what=f"channel '{self.plan.reference_channel}'")
-        back = resample_to_grid(probs, np.asarray(image.affine, dtype=np.float64), ref.shape, ref.affine)
+        ref = case.reference
+        back = resample_to_grid(probs, case.affine, ref.shape, ref.affine)
         mask = class_argmax(back).cpu().numpy()
         mask, removed = remove_small_components(mask, ref.spacing, min_lesion_mm3)
         t3 = time.perf_counter()
         return Prediction(mask, ref, back.cpu().numpy() if keep_probabilities else None, removed,
-                          {"preprocess": t1 - t0, "network": t2 - t1, "invert": t3 - t2})
+                          {"preprocess": case.seconds, "network": t2 - t1, "invert": t3 - t2})
+
+
+@dataclass
+class PreparedCase:
+    """A case preprocessed for the network: what :meth:`Predictor.segment` needs, picklable (a preprocessing
+    process can make it while the network works on the case before)."""
+
+    image: torch.Tensor  # (C, X, Y, Z) float32 on the CPU
+    affine: np.ndarray  # the preprocessed grid
+    reference: Geometry  # the reference channel's original grid, where the mask goes
+    seconds: float = 0.0
+
+
+def prepare_case(plan: Plan, channels: dict[str, str | Path]) -> PreparedCase:
+    """Run the training preprocessing chain (without a label) on one file per model channel."""
+    missing = [c for c in plan.channels if c not in channels]
+    extra = [c for c in channels if c not in plan.channels]
+    if missing or extra:
+        raise SegpipeError(
+            f"the model expects channels {', '.join(plan.channels)}; got {', '.join(channels) or 'none'}"
+            + (f" (missing {', '.join(missing)})" if missing else "") + (f" (unknown {', '.join(extra)})" if extra else "")
+        )
+    t0 = time.perf_counter()
+    chain = build_preprocessing(plan, with_label=False)
+    data = run_chain(chain, {channel_key(c): str(channels[c]) for c in plan.channels})
+    image = data["image"]
+    ref = read_geometry(channels[plan.reference_channel], what=f"channel '{plan.reference_channel}'")
+    return PreparedCase(image.as_tensor().contiguous(), np.asarray(image.affine, dtype=np.float64), ref, time.perf_counter() - t0)

@@ -13,6 +13,11 @@ Outputs in ``--out``: ``<case>.nii.gz`` (uint8 mask, the reference channel's aff
 ``<case>_probabilities.nii.gz`` with ``--save-probabilities``, ``<case>_seg.dcm`` for DICOM input, and
 ``summary.json``. The model is loaded once; a case that fails is reported and the others go on; the exit code
 is 1 when any case failed.
+
+Several cases on a GPU go through three overlapping stages, as in nnU-Net's predictor: preprocessing
+processes (``--preprocess-workers``, 3 by default on a GPU) read and preprocess the next cases while the
+network segments one and a thread writes the finished ones, so reading, resampling and writing hide behind
+the network. On the CPU the network needs every core, and the cases run one after the other by default.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import json
 import logging
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,40 +182,10 @@ class _Options:
     dicom_seg: bool
 
 
-def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple[str, Any]:
-    """One case: ("ok", summary) or ("error", message); never raises for the case's own problems."""
-    plan = predictor.plan
-    icfg = predictor.infer_config
-    tta = icfg.tta if opt.tta is None else opt.tta
-    min_mm3 = icfg.min_lesion_mm3 if opt.min_mm3 is None else opt.min_mm3
-    t = time.perf_counter()
+def _guarded(case: CaseInput, step: Any, *args: Any) -> tuple[str, Any]:
+    """``("ok", step(*args))`` or ``("error", message)``: never raises for the case's own problems."""
     try:
-        with tempfile.TemporaryDirectory(prefix="segpipe-") as tmp:
-            ref_files: list[str] = []
-            ref_index: list[int] = []
-            channels = case.channels
-            if case.dicom is not None:
-                channels, ref_files, ref_index = _dicom_to_nifti(case, plan.channels, Path(tmp), icfg.dicom_rules, opt.series,
-                                                                 opt.allow_uneven, plan.reference_channel)
-            pred = predictor.predict(channels, tta=tta, min_lesion_mm3=min_mm3, keep_probabilities=opt.save_probabilities)
-            header = pred.reference.header
-            written = [save_nifti(out / f"{case.id}.nii.gz", pred.mask, pred.reference.affine, header=header, dtype=np.uint8)]
-            if opt.save_probabilities and pred.probabilities is not None:
-                fg = pred.probabilities[1:]
-                fg = fg[0] if fg.shape[0] == 1 else np.moveaxis(fg, 0, -1)
-                written.append(save_nifti(out / f"{case.id}_probabilities.nii.gz", fg, pred.reference.affine, header=header,
-                                          dtype=np.float32))
-            if case.dicom is not None and opt.dicom_seg:
-                from segpipe.io.dicom import write_dicom_seg
-
-                written.append(write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes,
-                                               source_index=ref_index))
-        stats = pred.lesion_stats(plan.classes)
-        total = ", ".join(f"{k} {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in stats.items())
-        log.info("%s: %s (%.1f s)", case.id, total, time.perf_counter() - t)
-        return "ok", {"input": case.source, "outputs": [str(p.name) for p in written], "lesions": stats,
-                      "removed_small_components": pred.removed_components,
-                      "seconds": {**{k: round(v, 3) for k, v in pred.seconds.items()}, "total": round(time.perf_counter() - t, 3)}}
+        return "ok", step(*args)
     except SegpipeError as exc:
         log.error("case '%s' failed: %s", case.id, exc)
         return "error", str(exc)
@@ -219,17 +197,175 @@ def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple
         return "error", f"unexpected {type(exc).__name__}: {first}"
 
 
-def _worker(model: str, device: str, cases: list[CaseInput], out: str, opt: _Options, threads: int, level: int,
-            infer_config: Any) -> dict[str, tuple[str, Any]]:
-    """A worker process of ``--workers``: its own model, a share of the cases."""
-    import torch
+@dataclass
+class _Prepared:
+    case: Any  # segpipe.inference.predictor.PreparedCase
+    ref_files: list[str]  # DICOM input: the reference series' files, in slice order, and their index
+    ref_index: list[int]
 
-    from segpipe.inference.predictor import Predictor
+
+def _prepare(plan: Any, case: CaseInput, opt: _Options, rules: Mapping[str, Any] | None) -> _Prepared:
+    """Read and preprocess one case (DICOM exports converted first); runs in a preprocessing process too."""
+    from segpipe.inference.predictor import prepare_case
+
+    with tempfile.TemporaryDirectory(prefix="segpipe-") as tmp:
+        ref_files: list[str] = []
+        ref_index: list[int] = []
+        channels = case.channels
+        t = time.perf_counter()
+        if case.dicom is not None:
+            channels, ref_files, ref_index = _dicom_to_nifti(case, plan.channels, Path(tmp), rules, opt.series,
+                                                             opt.allow_uneven, plan.reference_channel)
+        prepared = prepare_case(plan, channels)
+        prepared.seconds = time.perf_counter() - t
+    return _Prepared(prepared, ref_files, ref_index)
+
+
+def _write(plan: Any, case: CaseInput, ref_files: list[str], ref_index: list[int], pred: Any, out: Path, opt: _Options) -> dict[str, Any]:
+    """Write one case's outputs; the summary entry."""
+    t = time.perf_counter()
+    header = pred.reference.header
+    written = [save_nifti(out / f"{case.id}.nii.gz", pred.mask, pred.reference.affine, header=header, dtype=np.uint8)]
+    if opt.save_probabilities and pred.probabilities is not None:
+        fg = pred.probabilities[1:]
+        fg = fg[0] if fg.shape[0] == 1 else np.moveaxis(fg, 0, -1)
+        written.append(save_nifti(out / f"{case.id}_probabilities.nii.gz", fg, pred.reference.affine, header=header,
+                                  dtype=np.float32))
+    if case.dicom is not None and opt.dicom_seg:
+        from segpipe.io.dicom import write_dicom_seg
+
+        written.append(write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes,
+                                       source_index=ref_index))
+    stats = pred.lesion_stats(plan.classes)
+    seconds = {**pred.seconds, "write": time.perf_counter() - t}
+    seconds["total"] = sum(seconds.values())
+    total = ", ".join(f"{k} {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in stats.items())
+    log.info("%s: %s (%.1f s)", case.id, total, seconds["total"])
+    return {"input": case.source, "outputs": [str(p.name) for p in written], "lesions": stats,
+            "removed_small_components": pred.removed_components, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+
+
+def _predict(predictor: Any, prep: _Prepared, opt: _Options) -> Any:
+    icfg = predictor.infer_config
+    return predictor.segment(prep.case, tta=icfg.tta if opt.tta is None else opt.tta,
+                             min_lesion_mm3=icfg.min_lesion_mm3 if opt.min_mm3 is None else opt.min_mm3,
+                             keep_probabilities=opt.save_probabilities)
+
+
+def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple[str, Any]:
+    """One case, step after step: ("ok", summary) or ("error", message)."""
+    status, prep = _guarded(case, _prepare, predictor.plan, case, opt, predictor.infer_config.dicom_rules)
+    if status != "ok":
+        return status, prep
+    status, pred = _guarded(case, _predict, predictor, prep, opt)
+    if status != "ok":
+        return status, pred
+    return _guarded(case, _write, predictor.plan, case, prep.ref_files, prep.ref_index, pred, out, opt)
+
+
+def _init_process(level: int, threads: int) -> None:
+    """A worker process logs like its parent and takes its share of the CPU threads."""
+    import torch
 
     logging.getLogger("segpipe").setLevel(level)
     if not logging.getLogger("segpipe").handlers:
         logging.getLogger("segpipe").addHandler(logging.StreamHandler())
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def _children_ignore_interrupt() -> Iterator[None]:
+    """Processes started inside the block ignore Ctrl-C (Python keeps an inherited SIG_IGN for SIGINT): the
+    terminal sends it to the whole process group, and a preprocessing process still importing would print a
+    traceback; the parent handles it and stops the pool."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _preprocessing_pool(processes: int, level: int, threads: int) -> Any:
+    import concurrent.futures as cf
+    import multiprocessing
+
+    # spawn: the parent may hold a CUDA context and OpenMP threads, which a forked child must not inherit
+    return cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_process,
+                                  initargs=(level, threads))
+
+
+def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options, processes: int, progress=None) -> dict[str, tuple[str, Any]]:
+    """The cases through three overlapping stages, as nnU-Net's predictor does: ``processes`` processes read
+    and preprocess the next cases while the network segments one, and a thread writes the finished ones.
+    The first case is prepared here (the processes are still starting). At most ``processes + 1`` prepared
+    cases wait at any time. If a preprocessing process dies (killed, out of memory), the remaining cases are
+    prepared here, one after the other."""
+    import concurrent.futures as cf
+    from concurrent.futures.process import BrokenProcessPool
+
+    plan, rules = predictor.plan, predictor.infer_config.dicom_rules
+    level = logging.getLogger("segpipe").getEffectiveLevel()
+    threads = max(1, (os.cpu_count() or 1) // (processes + 1))
+    results: dict[str, tuple[str, Any]] = {}
+    writes: list[tuple[str, cf.Future]] = []
+    pool = _preprocessing_pool(processes, level, threads)
+    writer = cf.ThreadPoolExecutor(1, thread_name_prefix="segpipe-write")
+    pending: dict[int, cf.Future] = {}
+    broken = False
+    try:
+        def submit(i: int) -> None:
+            if not broken and 0 < i < len(cases) and i not in pending:
+                pending[i] = pool.submit(_guarded, cases[i], _prepare, plan, cases[i], opt, rules)
+
+        with _children_ignore_interrupt():  # the pool starts its processes on these first submissions
+            for i in range(1, processes + 2):
+                submit(i)
+        items = progress(cases, "segmenting") if progress else cases
+        for i, case in enumerate(items):
+            fut = pending.pop(i, None)
+            try:
+                status, prep = fut.result() if fut is not None else ("", None)
+            except BrokenProcessPool:
+                if not broken:
+                    log.warning("a preprocessing process stopped unexpectedly; the remaining cases are prepared one after the other")
+                broken, status = True, ""
+            if fut is None or status == "":
+                status, prep = _guarded(case, _prepare, plan, case, opt, rules)
+            submit(i + processes + 2)
+            if status != "ok":
+                results[case.id] = (status, prep)
+                continue
+            status, pred = _guarded(case, _predict, predictor, prep, opt)
+            if status != "ok":
+                results[case.id] = (status, pred)
+                continue
+            writes.append((case.id, writer.submit(_guarded, case, _write, plan, case, prep.ref_files, prep.ref_index, pred, out, opt)))
+            del prep
+        for cid, wfut in writes:
+            results[cid] = wfut.result()
+    finally:
+        writer.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+    return {c.id: results[c.id] for c in cases}
+
+
+def default_preprocess_workers(device: Any) -> int:
+    """nnU-Net's 3 on a GPU (fewer on a small machine); none on the CPU, where the network needs every core."""
+    dev = str(device)
+    if not dev.startswith("cuda"):
+        return 0
+    return max(0, min(3, (os.cpu_count() or 1) - 1))
+
+
+def _worker(model: str, device: str, cases: list[CaseInput], out: str, opt: _Options, threads: int, level: int,
+            infer_config: Any) -> dict[str, tuple[str, Any]]:
+    """A worker process of ``--workers``: its own model, a share of the cases."""
+    from segpipe.inference.predictor import Predictor
+
+    _init_process(level, threads)
     predictor = Predictor.load(model, device, infer_config)
     return {c.id: _segment(predictor, c, Path(out), opt) for c in cases}
 
@@ -248,11 +384,14 @@ def infer(
     allow_uneven: bool = False,
     dicom_seg: bool = True,
     workers: int = 1,
+    preprocess_workers: int | None = None,
     infer_config: Any = None,
     progress=None,
 ) -> InferReport:
     """Segment every case of ``inputs`` (see the module docstring). With ``workers > 1`` the cases are split
-    over that many processes, each with its own copy of the model and a share of the CPU threads. ``tta`` and
+    over that many processes, each with its own copy of the model and a share of the CPU threads. With one
+    model and several cases, ``preprocess_workers`` processes prepare the next cases while the network works
+    (None: 3 on a GPU from 3 cases on, else 0; see :func:`_pipelined`). ``tta`` and
     ``min_lesion_mm3`` left at None take the model's inference settings, or ``infer_config``'s (an
     :class:`~segpipe.config.InferConfig`, from ``--config``), which also carries the DICOM series rules."""
     from segpipe.inference.predictor import Predictor, resolve_model_path
@@ -261,17 +400,32 @@ def infer(
 
     if workers < 1:
         raise UsageError(f"--workers: expected at least 1, got {workers}")
+    if preprocess_workers is not None and preprocess_workers < 0:
+        raise UsageError(f"--preprocess-workers: expected 0 or more, got {preprocess_workers}")
+    if preprocess_workers and workers > 1:
+        raise UsageError("--preprocess-workers works with one model process; with --workers N each process prepares its own "
+                         "cases: give one of the two")
     start = time.perf_counter()
     opt = _Options(tta, float(min_lesion_mm3) if min_lesion_mm3 is not None else None, save_probabilities,
                    dict(series or {}), allow_uneven, dicom_seg)
     report = InferReport()
+    pre = 0
     if workers == 1:
         predictor = Predictor.load(model, device, infer_config)
         source = predictor.source
         cases = resolve_inputs(inputs, predictor.plan.channels, channel_map)
         out = ensure_writable_dir(out, what="--out folder")  # only once model and inputs are known good
-        items = progress(cases, "segmenting") if progress else cases
-        results = {c.id: _segment(predictor, c, out, opt) for c in items}
+        if preprocess_workers is None:  # starting the processes (importing torch) costs seconds: worth it from 3 cases
+            pre = default_preprocess_workers(predictor.device) if len(cases) >= 3 else 0
+        else:
+            pre = preprocess_workers
+        pre = min(pre, len(cases) - 1)
+        if pre > 0:
+            log.info("%d preprocessing processes prepare the next cases while the network works", pre)
+            results = _pipelined(predictor, cases, out, opt, pre, progress)
+        else:
+            items = progress(cases, "segmenting") if progress else cases
+            results = {c.id: _segment(predictor, c, out, opt) for c in items}
     else:
         path = resolve_model_path(model)
         source = str(path)
@@ -297,7 +451,8 @@ def infer(
         else:
             report.failed[cid] = payload
     report.seconds = time.perf_counter() - start
-    summary = {"model": source, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "workers": workers, "cases": report.done,
+    summary = {"model": source, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "workers": workers,
+               "preprocess_workers": pre if workers == 1 else 0, "cases": report.done,
                "failed": report.failed, "seconds": round(report.seconds, 2)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return report

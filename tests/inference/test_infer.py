@@ -306,3 +306,97 @@ def test_class_argmax_equals_torch_argmax(k):
     probs[:, 0, 0, 0] = 0.5  # a tie goes to the lower class, as with argmax
     ours = class_argmax(probs)
     assert ours.dtype == torch.uint8 and torch.equal(ours.long(), probs.argmax(0))
+
+
+def _mixed_inputs(tmp_path):
+    """Two NIfTI cases, one unreadable, one DICOM export: every kind of input and a failure in the middle."""
+    a = _nifti_case(tmp_path / "a", seed=1)
+    bad = _nifti_case(tmp_path / "bad", seed=5)
+    data = (bad / "subj_adc.nii.gz").read_bytes()
+    (bad / "subj_adc.nii.gz").write_bytes(data[: len(data) // 3])
+    export, _ = _dicom_export(tmp_path / "study")
+    b = _nifti_case(tmp_path / "b", seed=2)
+    return [a, bad, export, b]
+
+
+def _outputs(folder):
+    return {p.name: (np.asanyarray(nib.load(str(p)).dataobj) if p.name.endswith(".nii.gz") else pydicom.dcmread(str(p)).pixel_array)
+            for p in sorted(folder.iterdir()) if p.name != "summary.json"}
+
+
+def test_preprocessing_processes_give_the_same_outputs(tiny_model, tmp_path):
+    inputs = _mixed_inputs(tmp_path)
+    seq = infer(tiny_model, inputs, tmp_path / "seq", tta=False, preprocess_workers=0, save_probabilities=True)
+    par = infer(tiny_model, inputs, tmp_path / "par", tta=False, preprocess_workers=2, save_probabilities=True)
+    assert list(par.done) == list(seq.done) == ["a", "study", "b"]
+    assert list(par.failed) == ["bad"] and "cannot be read" in par.failed["bad"] and par.failed == seq.failed
+    one, two = _outputs(tmp_path / "seq"), _outputs(tmp_path / "par")
+    assert sorted(one) == sorted(two) and "study_seg.dcm" in two and "b_probabilities.nii.gz" in two
+    for name in one:
+        assert np.array_equal(one[name], two[name]), name
+    summary = json.loads((tmp_path / "par" / "summary.json").read_text())
+    assert summary["preprocess_workers"] == 2 and list(summary["cases"]) == ["a", "study", "b"]
+    assert all(set(c["seconds"]) >= {"preprocess", "network", "invert", "write", "total"} for c in summary["cases"].values())
+
+
+def test_a_dead_preprocessing_process_does_not_lose_cases(tiny_model, tmp_path, monkeypatch, caplog):
+    import concurrent.futures as cf
+    import multiprocessing
+    import os
+
+    from segpipe.inference import run
+
+    def dying_pool(processes, level, threads):  # every process exits at once: the pool breaks on first use
+        return cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=os._exit, initargs=(3,))
+
+    monkeypatch.setattr(run, "_preprocessing_pool", dying_pool)
+    a, b, c = (_nifti_case(tmp_path / n, seed=s) for n, s in (("a", 1), ("b", 2), ("c", 3)))
+    report = infer(tiny_model, [a, b, c], tmp_path / "out", tta=False, preprocess_workers=2)
+    assert list(report.done) == ["a", "b", "c"] and not report.failed
+    assert "preprocessing process stopped unexpectedly" in caplog.text
+
+
+def test_preprocess_workers_option_checks(cli, tiny_model, tmp_path):
+    src = _nifti_case(tmp_path / "in")
+    r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "o", "--preprocess-workers", "-1")
+    assert r.exit_code == 2 and "--preprocess-workers: expected 0 or more, got -1" in r.output and "Traceback" not in r.output
+    r = cli("infer", "--model", tiny_model, src, src, "--out", tmp_path / "o", "--preprocess-workers", "2", "--workers", "2")
+    assert r.exit_code == 2 and "give one of the two" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_preprocess_workers(monkeypatch):
+    from segpipe.inference import run
+
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 16)
+    assert run.default_preprocess_workers("cuda") == run.default_preprocess_workers("cuda:1") == 3
+    assert run.default_preprocess_workers("cpu") == 0
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    assert run.default_preprocess_workers("cuda") == 1
+
+
+def test_ctrl_c_with_preprocessing_processes_is_one_line(tiny_model, tmp_path):
+    """Ctrl-C reaches the whole process group; preprocessing processes still importing must not print
+    tracebacks, and the finished masks stay."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cases = [_nifti_case(tmp_path / f"c{i}", seed=i + 1) for i in range(5)]
+    cmd = [sys.executable, "-c", "from cli.main import main; main()", "infer", "--model", str(tiny_model), *map(str, cases),
+           "--out", str(tmp_path / "out"), "--no-tta", "--preprocess-workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("c0:"):  # the first case is done: the processes are still starting
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    seen.append(proc.stdout.read())
+    proc.wait(timeout=60)
+    text = "".join(seen)
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text and "interrupted" in text
+    assert (tmp_path / "out" / "c0.nii.gz").is_file()
