@@ -51,7 +51,7 @@ def infer(
     preprocess_workers: Annotated[
         int | None,
         typer.Option("--preprocess-workers", help="Processes that read and preprocess the next cases while the network works "
-                     "(several inputs, one model). Default: 3 on a GPU from 3 cases on, else 0.", show_default=False),
+                     "(several inputs, one model). Default: 3 on a GPU when the cases are large enough to gain, else 0.", show_default=False),
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="A config whose 'infer' section (overlap, TTA, DICOM rules...) replaces the model's.")

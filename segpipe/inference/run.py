@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -297,44 +298,60 @@ def _preprocessing_pool(processes: int, level: int, threads: int) -> Any:
                                   initargs=(level, threads))
 
 
-def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options, processes: int, progress=None) -> dict[str, tuple[str, Any]]:
+#: about what starting the preprocessing processes costs (a fresh interpreter importing torch and MONAI: 3-5 s);
+#: the automatic setting starts them only when preparing the remaining cases here would take longer
+POOL_START_SECONDS = 4.0
+
+
+def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options, processes: int, progress=None, *,
+               auto: bool = False) -> tuple[dict[str, tuple[str, Any]], int]:
     """The cases through three overlapping stages, as nnU-Net's predictor does: ``processes`` processes read
     and preprocess the next cases while the network segments one, and a thread writes the finished ones.
-    The first case is prepared here (the processes are still starting). At most ``processes + 1`` prepared
-    cases wait at any time. If a preprocessing process dies (killed, out of memory), the remaining cases are
-    prepared here, one after the other."""
+    The first case is prepared here; with ``auto`` the processes start only if the others would take longer
+    than :data:`POOL_START_SECONDS` to prepare here (small cases: not worth it). At most ``processes + 1``
+    prepared cases wait at any time. If a preprocessing process dies (killed, out of memory), the remaining
+    cases are prepared here, one after the other. Returns the results and the processes used."""
     import concurrent.futures as cf
     from concurrent.futures.process import BrokenProcessPool
 
     plan, rules = predictor.plan, predictor.infer_config.dicom_rules
-    level = logging.getLogger("segpipe").getEffectiveLevel()
-    threads = max(1, (os.cpu_count() or 1) // (processes + 1))
     results: dict[str, tuple[str, Any]] = {}
     writes: list[tuple[str, cf.Future]] = []
-    pool = _preprocessing_pool(processes, level, threads)
     writer = cf.ThreadPoolExecutor(1, thread_name_prefix="segpipe-write")
+    pool = None
     pending: dict[int, cf.Future] = {}
     broken = False
-    try:
-        def submit(i: int) -> None:
-            if not broken and 0 < i < len(cases) and i not in pending:
-                pending[i] = pool.submit(_guarded, cases[i], _prepare, plan, cases[i], opt, rules)
 
-        with _children_ignore_interrupt():  # the pool starts its processes on these first submissions
-            for i in range(1, processes + 2):
-                submit(i)
+    def submit(i: int) -> None:
+        if pool is not None and not broken and 0 < i < len(cases) and i not in pending:
+            pending[i] = pool.submit(_guarded, cases[i], _prepare, plan, cases[i], opt, rules)
+
+    try:
         items = progress(cases, "segmenting") if progress else cases
         for i, case in enumerate(items):
-            fut = pending.pop(i, None)
-            try:
-                status, prep = fut.result() if fut is not None else ("", None)
-            except BrokenProcessPool:
-                if not broken:
-                    log.warning("a preprocessing process stopped unexpectedly; the remaining cases are prepared one after the other")
-                broken, status = True, ""
-            if fut is None or status == "":
+            fut, status, prep = pending.pop(i, None), "", None
+            if fut is not None:
+                try:
+                    status, prep = fut.result()
+                except BrokenProcessPool:
+                    if not broken:
+                        log.warning("a preprocessing process stopped unexpectedly; the remaining cases are prepared one after the other")
+                    broken = True
+            if status == "":
                 status, prep = _guarded(case, _prepare, plan, case, opt, rules)
-            submit(i + processes + 2)
+            if i == 0 and processes > 0 and len(cases) > 1:
+                rest = prep.case.seconds * (len(cases) - 1) if status == "ok" else math.inf
+                if auto and rest < POOL_START_SECONDS:
+                    log.debug("the other cases take about %.1f s to prepare here: no preprocessing processes", rest)
+                    processes = 0
+                else:
+                    log.info("%d preprocessing processes prepare the next cases while the network works", processes)
+                    pool = _preprocessing_pool(processes, logging.getLogger("segpipe").getEffectiveLevel(),
+                                               max(1, (os.cpu_count() or 1) // (processes + 1)))
+                    with _children_ignore_interrupt():  # the pool starts its processes on these first submissions
+                        for j in range(1, processes + 2):
+                            submit(j)
+            submit(i + processes + 1)
             if status != "ok":
                 results[case.id] = (status, prep)
                 continue
@@ -348,8 +365,9 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
             results[cid] = wfut.result()
     finally:
         writer.shutdown(wait=True)
-        pool.shutdown(wait=True, cancel_futures=True)
-    return {c.id: results[c.id] for c in cases}
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return {c.id: results[c.id] for c in cases}, processes if pool is not None else 0
 
 
 def default_preprocess_workers(device: Any) -> int:
@@ -391,7 +409,7 @@ def infer(
     """Segment every case of ``inputs`` (see the module docstring). With ``workers > 1`` the cases are split
     over that many processes, each with its own copy of the model and a share of the CPU threads. With one
     model and several cases, ``preprocess_workers`` processes prepare the next cases while the network works
-    (None: 3 on a GPU from 3 cases on, else 0; see :func:`_pipelined`). ``tta`` and
+    (None: 3 on a GPU when the cases are large enough to be worth it, else 0; see :func:`_pipelined`). ``tta`` and
     ``min_lesion_mm3`` left at None take the model's inference settings, or ``infer_config``'s (an
     :class:`~segpipe.config.InferConfig`, from ``--config``), which also carries the DICOM series rules."""
     from segpipe.inference.predictor import Predictor, resolve_model_path
@@ -415,17 +433,9 @@ def infer(
         source = predictor.source
         cases = resolve_inputs(inputs, predictor.plan.channels, channel_map)
         out = ensure_writable_dir(out, what="--out folder")  # only once model and inputs are known good
-        if preprocess_workers is None:  # starting the processes (importing torch) costs seconds: worth it from 3 cases
-            pre = default_preprocess_workers(predictor.device) if len(cases) >= 3 else 0
-        else:
-            pre = preprocess_workers
-        pre = min(pre, len(cases) - 1)
-        if pre > 0:
-            log.info("%d preprocessing processes prepare the next cases while the network works", pre)
-            results = _pipelined(predictor, cases, out, opt, pre, progress)
-        else:
-            items = progress(cases, "segmenting") if progress else cases
-            results = {c.id: _segment(predictor, c, out, opt) for c in items}
+        auto = preprocess_workers is None
+        pre = default_preprocess_workers(predictor.device) if auto else preprocess_workers
+        results, pre = _pipelined(predictor, cases, out, opt, min(pre, len(cases) - 1), progress, auto=auto)
     else:
         path = resolve_model_path(model)
         source = str(path)

@@ -400,3 +400,18 @@ def test_ctrl_c_with_preprocessing_processes_is_one_line(tiny_model, tmp_path):
     assert proc.returncode == 130, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text and "interrupted" in text
     assert (tmp_path / "out" / "c0.nii.gz").is_file()
+
+
+def test_automatic_preprocessing_processes_only_when_worth_it(tiny_model, tmp_path, monkeypatch):
+    from segpipe.inference import run
+
+    monkeypatch.setattr(run, "default_preprocess_workers", lambda device: 2)  # as on a GPU machine
+    cases = [_nifti_case(tmp_path / f"c{i}", seed=i + 1) for i in range(3)]
+    used = {}
+    for threshold in (1e6, 0.0):  # small cases are prepared faster here than processes start; else start them
+        monkeypatch.setattr(run, "POOL_START_SECONDS", threshold)
+        out = tmp_path / f"out{threshold:g}"
+        report = infer(tiny_model, cases, out, tta=False)
+        assert list(report.done) == ["c0", "c1", "c2"]
+        used[threshold] = json.loads((out / "summary.json").read_text())["preprocess_workers"]
+    assert used == {1e6: 0, 0.0: 2}
