@@ -298,7 +298,8 @@ def _preprocessing_pool(processes: int, level: int, threads: int) -> Any:
                                   initargs=(level, threads))
 
 
-#: about what starting the preprocessing processes costs (a fresh interpreter importing torch and MONAI: 3-5 s);
+#: about what starting the preprocessing processes costs (a fresh interpreter importing torch and MONAI: 5.6-7.3 s
+#: on the 2-core development machine, less on a larger one);
 #: the automatic setting starts them only when preparing the remaining cases here would take longer
 POOL_START_SECONDS = 4.0
 
