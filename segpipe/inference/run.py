@@ -421,6 +421,9 @@ def infer(
         raise UsageError(f"--workers: expected at least 1, got {workers}")
     if preprocess_workers is not None and preprocess_workers < 0:
         raise UsageError(f"--preprocess-workers: expected 0 or more, got {preprocess_workers}")
+    if preprocess_workers is not None and preprocess_workers > (os.cpu_count() or 1):
+        raise UsageError(f"--preprocess-workers: at most {os.cpu_count() or 1} (the CPU cores here; each process holds a "
+                         f"case in memory), got {preprocess_workers}")
     if preprocess_workers and workers > 1:
         raise UsageError("--preprocess-workers works with one model process; with --workers N each process prepares its own "
                          "cases: give one of the two")

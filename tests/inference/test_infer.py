@@ -360,6 +360,8 @@ def test_preprocess_workers_option_checks(cli, tiny_model, tmp_path):
     src = _nifti_case(tmp_path / "in")
     r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "o", "--preprocess-workers", "-1")
     assert r.exit_code == 2 and "--preprocess-workers: expected 0 or more, got -1" in r.output and "Traceback" not in r.output
+    r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "o", "--preprocess-workers", "4096")
+    assert r.exit_code == 2 and "--preprocess-workers: at most" in r.output and "got 4096" in r.output
     r = cli("infer", "--model", tiny_model, src, src, "--out", tmp_path / "o", "--preprocess-workers", "2", "--workers", "2")
     assert r.exit_code == 2 and "give one of the two" in r.output
     assert not (tmp_path / "o").exists()
