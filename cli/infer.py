@@ -34,7 +34,11 @@ def infer(
         list[str] | None,
         typer.Argument(help="Manifest (.json), DICOM export folder, folder of NIfTI files, or NIfTI files of one case.", show_default=False),
     ] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Run folder of `segpipe train`, or a checkpoint file.", show_default=False)] = ...,
+    model: Annotated[
+        list[str],
+        typer.Option("--model", "-m", help="Run folder of `segpipe train`, or a checkpoint file. Repeat for an ensemble (e.g. the "
+                     "folds): the class probabilities are averaged.", show_default=False),
+    ] = ...,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the masks, DICOM SEGs and summary.json.", show_default=False)] = ...,
     channel: Annotated[list[str] | None, typer.Option("--channel", help="NAME=PATH: the file of one channel (repeat for each).")] = None,
     tta: Annotated[

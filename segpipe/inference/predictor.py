@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,10 @@ def resolve_model_path(model: str | Path) -> Path:
         for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
             if (p / name).is_file():
                 return p / name
-        raise SegpipeError(f"--model '{p}': no checkpoint_best.pt or checkpoint_latest.pt in this folder; give a run folder of `segpipe train`")
+        runs = sorted(d.name for d in p.iterdir() if d.is_dir() and any((d / n).is_file() for n in ("checkpoint_best.pt", "checkpoint_latest.pt")))
+        hint = (f"; it holds the runs {', '.join(runs)}: give each with its own --model (an ensemble), or one of them" if runs
+                else "; give a run folder of `segpipe train`")
+        raise SegpipeError(f"--model '{p}': no checkpoint_best.pt or checkpoint_latest.pt in this folder{hint}")
     if not p.exists():
         raise SegpipeError(f"--model '{p}': not found; give a run folder or a checkpoint file")
     return p
@@ -137,41 +141,54 @@ class Prediction:
 
 
 class Predictor:
+    """A model, or an ensemble of models (e.g. the folds of a cross-validation) whose class probabilities are
+    averaged, as nnU-Net does over its folds. The members share the preprocessing (one plan key); their
+    networks and patch sizes may differ."""
+
     def __init__(self, net: torch.nn.Module, plan: Plan, *, device: torch.device, overlap: float = 0.5, sw_batch_size: int = 2,
-                 amp: bool = True, source: str = "", infer_config: InferConfig | None = None) -> None:
+                 amp: bool = True, source: str = "", infer_config: InferConfig | None = None,
+                 others: Sequence[tuple[torch.nn.Module, Plan]] = ()) -> None:
         self.net = net.eval()
         self.plan = plan
+        self.members = [(self.net, plan), *((n.eval(), p) for n, p in others)]
         self.infer_config = infer_config or InferConfig(overlap=overlap, sw_batch_size=sw_batch_size)
         self.device = device
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.amp_dtype = torch.bfloat16 if amp and device.type == "cuda" else None
         self.source = source
+        self.sources = [source]
 
     @classmethod
-    def load(cls, model: str | Path, device: str = "auto", infer_config: InferConfig | None = None) -> Predictor:
-        """Load a model; ``infer_config`` (from ``--config``) replaces the inference settings it was trained with."""
+    def load(cls, model: str | Path | Sequence[str | Path], device: str = "auto", infer_config: InferConfig | None = None) -> Predictor:
+        """Load a model, or several as an ensemble (same preprocessing, checked); ``infer_config`` (from
+        ``--config``) replaces the inference settings the first was trained with."""
         from segpipe.training.trainer import resolve_device
 
-        path = resolve_model_path(model)
+        models = [model] if isinstance(model, (str, Path)) else list(model)
+        if not models:
+            raise SegpipeError("--model: give a run folder or a checkpoint file")
+        paths = [resolve_model_path(m) for m in models]
+        if len(set(paths)) < len(paths):
+            raise SegpipeError(f"--model: the same checkpoint is given twice ({', '.join(str(p) for p in paths)}); an ensemble needs different models")
         dev = resolve_device(device)
-        ckpt = load_checkpoint(path, map_location="cpu")
-        try:
-            plan = Plan.from_json(ckpt["plan"])
-            cfg = config_from_dict(ckpt["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SegpipeError(f"--model '{path}': the checkpoint has no usable plan/config ({exc}); train it again with this segpipe") from None
-        net = build_network(plan)
-        try:
-            net.load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            raise SegpipeError(f"--model '{path}': weights do not fit the network of its plan ({str(exc).splitlines()[0]})") from None
-        net.to(dev)
-        log.info("model %s (epoch %s): channels %s, classes %s, on %s", path, ckpt.get("epoch"), ", ".join(plan.channels),
-                 ", ".join(plan.classes), dev)
+        loaded = [_load_member(p, dev) for p in paths]
+        net, plan, cfg = loaded[0]
+        for path, (_, other, _) in zip(paths[1:], loaded[1:]):
+            a, b = plan.preprocessing_key(), other.preprocessing_key()
+            differ = [k for k in a if a[k] != b.get(k)]
+            if differ:
+                raise SegpipeError(
+                    f"--model '{path}': its preprocessing differs from that of '{paths[0]}' ({', '.join(differ)}); an ensemble needs "
+                    "models trained on caches made with the same settings (e.g. the folds of one cache)"
+                )
+        if len(paths) > 1:
+            log.info("ensemble of %d models: their class probabilities are averaged", len(paths))
         icfg = infer_config or cfg.infer
-        return cls(net, plan, device=dev, overlap=icfg.overlap, sw_batch_size=icfg.sw_batch_size, amp=cfg.train.amp, source=str(path),
-                   infer_config=icfg)
+        pred = cls(net, plan, device=dev, overlap=icfg.overlap, sw_batch_size=icfg.sw_batch_size, amp=cfg.train.amp, source=str(paths[0]),
+                   infer_config=icfg, others=[(n, p) for n, p, _ in loaded[1:]])
+        pred.sources = [str(p) for p in paths]
+        return pred
 
     def predict(self, channels: dict[str, str | Path], *, tta: bool = True, min_lesion_mm3: float = 0.0,
                 keep_probabilities: bool = False) -> Prediction:
@@ -183,8 +200,13 @@ class Predictor:
                 keep_probabilities: bool = False) -> Prediction:
         """The network and the inversion for a case :func:`prepare_case` made (possibly in another process)."""
         t1 = time.perf_counter()
-        probs = predict_volume(self.net, case.image, self.plan.patch_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
+        probs = None
+        for net, plan in self.members:
+            p = predict_volume(net, case.image, plan.patch_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
                                device=self.device, tta=tta, amp_dtype=self.amp_dtype, keep_on_device=True)
+            probs = p if probs is None else probs.add_(p)
+        if len(self.members) > 1:
+            probs /= len(self.members)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -195,6 +217,24 @@ class Predictor:
         t3 = time.perf_counter()
         return Prediction(mask, ref, back.cpu().numpy() if keep_probabilities else None, removed,
                           {"preprocess": case.seconds, "network": t2 - t1, "invert": t3 - t2})
+
+
+def _load_member(path: Path, dev: torch.device) -> tuple[torch.nn.Module, Plan, Any]:
+    ckpt = load_checkpoint(path, map_location="cpu")
+    try:
+        plan = Plan.from_json(ckpt["plan"])
+        cfg = config_from_dict(ckpt["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SegpipeError(f"--model '{path}': the checkpoint has no usable plan/config ({exc}); train it again with this segpipe") from None
+    net = build_network(plan)
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise SegpipeError(f"--model '{path}': weights do not fit the network of its plan ({str(exc).splitlines()[0]})") from None
+    net.to(dev)
+    log.info("model %s (epoch %s): channels %s, classes %s, on %s", path, ckpt.get("epoch"), ", ".join(plan.channels),
+             ", ".join(plan.classes), dev)
+    return net, plan, cfg
 
 
 @dataclass

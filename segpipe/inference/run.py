@@ -379,7 +379,7 @@ def default_preprocess_workers(device: Any) -> int:
     return max(0, min(3, (os.cpu_count() or 1) - 1))
 
 
-def _worker(model: str, device: str, cases: list[CaseInput], out: str, opt: _Options, threads: int, level: int,
+def _worker(model: list[str], device: str, cases: list[CaseInput], out: str, opt: _Options, threads: int, level: int,
             infer_config: Any) -> dict[str, tuple[str, Any]]:
     """A worker process of ``--workers``: its own model, a share of the cases."""
     from segpipe.inference.predictor import Predictor
@@ -390,7 +390,7 @@ def _worker(model: str, device: str, cases: list[CaseInput], out: str, opt: _Opt
 
 
 def infer(
-    model: str | Path,
+    model: str | Path | Sequence[str | Path],
     inputs: Sequence[str | Path],
     out: str | Path,
     *,
@@ -407,7 +407,8 @@ def infer(
     infer_config: Any = None,
     progress=None,
 ) -> InferReport:
-    """Segment every case of ``inputs`` (see the module docstring). With ``workers > 1`` the cases are split
+    """Segment every case of ``inputs`` (see the module docstring) with ``model``, or with several models as an
+    ensemble (their class probabilities averaged; see :class:`~segpipe.inference.predictor.Predictor`). With ``workers > 1`` the cases are split
     over that many processes, each with its own copy of the model and a share of the CPU threads. With one
     model and several cases, ``preprocess_workers`` processes prepare the next cases while the network works
     (None: 3 on a GPU when the cases are large enough to be worth it, else 0; see :func:`_pipelined`). ``tta`` and
@@ -434,16 +435,16 @@ def infer(
     pre = 0
     if workers == 1:
         predictor = Predictor.load(model, device, infer_config)
-        source = predictor.source
+        sources = predictor.sources
         cases = resolve_inputs(inputs, predictor.plan.channels, channel_map)
         out = ensure_writable_dir(out, what="--out folder")  # only once model and inputs are known good
         auto = preprocess_workers is None
         pre = default_preprocess_workers(predictor.device) if auto else preprocess_workers
         results, pre = _pipelined(predictor, cases, out, opt, min(pre, len(cases) - 1), progress, auto=auto)
     else:
-        path = resolve_model_path(model)
-        source = str(path)
-        plan = Plan.from_json(load_checkpoint(path)["plan"])
+        paths = [resolve_model_path(m) for m in ([model] if isinstance(model, (str, Path)) else model)]
+        sources = [str(p) for p in paths]
+        plan = Plan.from_json(load_checkpoint(paths[0])["plan"])
         cases = resolve_inputs(inputs, plan.channels, channel_map)
         out = ensure_writable_dir(out, what="--out folder")
         n = min(workers, len(cases))
@@ -454,7 +455,7 @@ def infer(
 
         level = logging.getLogger("segpipe").getEffectiveLevel()
         with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_worker, str(path), device, chunk, str(out), opt, threads, level, infer_config) for chunk in chunks]
+            futures = [pool.submit(_worker, sources, device, chunk, str(out), opt, threads, level, infer_config) for chunk in chunks]
             results = {}
             for fut in cf.as_completed(futures):
                 results.update(fut.result())
@@ -465,7 +466,7 @@ def infer(
         else:
             report.failed[cid] = payload
     report.seconds = time.perf_counter() - start
-    summary = {"model": source, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "workers": workers,
+    summary = {"model": sources[0] if len(sources) == 1 else sources, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "workers": workers,
                "preprocess_workers": pre if workers == 1 else 0, "cases": report.done,
                "failed": report.failed, "seconds": round(report.seconds, 2)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

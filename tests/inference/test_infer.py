@@ -417,3 +417,51 @@ def test_automatic_preprocessing_processes_only_when_worth_it(tiny_model, tmp_pa
         assert list(report.done) == ["c0", "c1", "c2"]
         used[threshold] = json.loads((out / "summary.json").read_text())["preprocess_workers"]
     assert used == {1e6: 0, 0.0: 2}
+
+
+def _variant(tiny_model, path, *, noise=0.0, plan_change=None):
+    """Another checkpoint from the tiny model: weights perturbed, or the plan changed."""
+    from segpipe.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_model / "checkpoint_best.pt")
+    ckpt.pop("format")
+    gen = torch.Generator().manual_seed(7)
+    ckpt["model"] = {k: v + noise * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    if plan_change:
+        ckpt["plan"] = {**ckpt["plan"], **plan_change}
+    return save_checkpoint(path, ckpt)
+
+
+def test_ensemble_averages_the_members_probabilities(tiny_model, tmp_path):
+    src = _nifti_case(tmp_path / "in")
+    other = _variant(tiny_model, tmp_path / "other.pt", noise=0.05)
+    probs = {}
+    for name, models in (("a", [tiny_model]), ("b", [other]), ("ab", [tiny_model, other])):
+        report = infer(models, [src], tmp_path / name, tta=False, save_probabilities=True)
+        assert not report.failed, report.failed
+        probs[name] = np.asanyarray(nib.load(str(tmp_path / name / "in_probabilities.nii.gz")).dataobj)
+    assert not np.allclose(probs["a"], probs["b"], atol=1e-3)  # the members differ
+    np.testing.assert_allclose(probs["ab"], (probs["a"] + probs["b"]) / 2, atol=1e-5)
+    mask = np.asanyarray(nib.load(str(tmp_path / "ab" / "in.nii.gz")).dataobj)
+    assert np.array_equal(mask, (probs["ab"] > 0.5).astype(np.uint8))  # two classes: argmax of the average
+    summary = json.loads((tmp_path / "ab" / "summary.json").read_text())
+    assert summary["model"] == [str(tiny_model / "checkpoint_best.pt"), str(other)]
+
+
+def test_ensemble_checks(cli, tiny_model, tmp_path):
+    src = _nifti_case(tmp_path / "in")
+    coarse = _variant(tiny_model, tmp_path / "coarse.pt", plan_change={"target_spacing": [3.0, 3.0, 3.0]})
+    r = cli("infer", "--model", tiny_model, "--model", coarse, src, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "its preprocessing differs" in r.output and "target_spacing" in r.output and "Traceback" not in r.output
+    r = cli("infer", "--model", tiny_model, "--model", tiny_model / "checkpoint_best.pt", src, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "the same checkpoint is given twice" in r.output
+    assert not (tmp_path / "o").exists()
+    runs = tmp_path / "runs"
+    for fold in ("fold0", "fold1"):
+        (runs / fold).mkdir(parents=True)
+        _variant(tiny_model, runs / fold / "checkpoint_best.pt")
+    r = cli("infer", "--model", runs, src, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "it holds the runs fold0, fold1: give each with its own --model" in r.output
+    r = cli("infer", "--model", runs / "fold0", "--model", runs / "fold1", src, "--out", tmp_path / "o", "--workers", "2", src)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["model"][1].endswith("fold1/checkpoint_best.pt")
