@@ -57,6 +57,9 @@ def infer(
         typer.Option("--preprocess-workers", help="Processes that read and preprocess the next cases while the network works "
                      "(several inputs, one model). Default: 3 on a GPU when the cases are large enough to gain, else 0.", show_default=False),
     ] = None,
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing", help="Leave cases whose outputs are already in --out (continue an interrupted run).")
+    ] = False,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="A config whose 'infer' section (overlap, TTA, DICOM rules...) replaces the model's.")
     ] = None,
@@ -76,11 +79,12 @@ def infer(
     report = run(model, inputs or [], out, channel_map=_pairs(channel, "--channel"), tta=tta, device=device,
                  min_lesion_mm3=min_lesion_mm3, save_probabilities=save_probabilities,
                  series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers,
-                 preprocess_workers=preprocess_workers,
+                 preprocess_workers=preprocess_workers, skip_existing=skip_existing,
                  infer_config=infer_config, progress=track)
     for cid, info in report.done.items():
         lesions = "; ".join(f"{k}: {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in info["lesions"].items())
         typer.echo(f"{cid}: {lesions} -> {', '.join(info['outputs'])}")
-    typer.echo(f"{len(report.done)} done, {len(report.failed)} failed in {report.seconds:.1f} s; summary in {out / 'summary.json'}")
+    skipped = f", {len(report.skipped)} skipped (outputs already there)" if report.skipped else ""
+    typer.echo(f"{len(report.done)} done, {len(report.failed)} failed{skipped} in {report.seconds:.1f} s; summary in {out / 'summary.json'}")
     if report.failed:
         raise SegpipeError(f"{len(report.failed)} case(s) failed", details=[f"{k}: {v}" for k, v in report.failed.items()])

@@ -61,7 +61,27 @@ class CaseInput:
 class InferReport:
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, dict[str, Any]] = field(default_factory=dict)  # outputs already there (skip_existing)
     seconds: float = 0.0
+
+
+def _expected_outputs(case: CaseInput, opt: _Options) -> list[str]:
+    """The files :func:`_write` makes for ``case``: all present means the case is done."""
+    names = [f"{case.id}.nii.gz"]
+    if opt.save_probabilities:
+        names.append(f"{case.id}_probabilities.nii.gz")
+    if case.dicom is not None and opt.dicom_seg:
+        names.append(f"{case.id}_seg.dcm")
+    return names
+
+
+def _previous_cases(out: Path) -> dict[str, Any]:
+    """The per-case entries of an earlier run's summary.json in ``out`` (none when absent or unreadable)."""
+    try:
+        cases = json.loads((out / "summary.json").read_text()).get("cases", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return cases if isinstance(cases, dict) else {}
 
 
 def _stem(path: Path) -> str:
@@ -404,11 +424,14 @@ def infer(
     dicom_seg: bool = True,
     workers: int = 1,
     preprocess_workers: int | None = None,
+    skip_existing: bool = False,
     infer_config: Any = None,
     progress=None,
 ) -> InferReport:
     """Segment every case of ``inputs`` (see the module docstring) with ``model``, or with several models as an
-    ensemble (their class probabilities averaged; see :class:`~segpipe.inference.predictor.Predictor`). With ``workers > 1`` the cases are split
+    ensemble (their class probabilities averaged; see :class:`~segpipe.inference.predictor.Predictor`). With
+    ``skip_existing``, cases whose outputs are all in ``out`` already (an interrupted run: every file is written
+    atomically) are left as they are, listed under ``skipped``. With ``workers > 1`` the cases are split
     over that many processes, each with its own copy of the model and a share of the CPU threads. With one
     model and several cases, ``preprocess_workers`` processes prepare the next cases while the network works
     (None: 3 on a GPU when the cases are large enough to be worth it, else 0; see :func:`_pipelined`). ``tta`` and
@@ -435,20 +458,30 @@ def infer(
     pre = 0
     if workers == 1:
         predictor = Predictor.load(model, device, infer_config)
-        sources = predictor.sources
-        cases = resolve_inputs(inputs, predictor.plan.channels, channel_map)
-        out = ensure_writable_dir(out, what="--out folder")  # only once model and inputs are known good
-        auto = preprocess_workers is None
-        pre = default_preprocess_workers(predictor.device) if auto else preprocess_workers
-        results, pre = _pipelined(predictor, cases, out, opt, min(pre, len(cases) - 1), progress, auto=auto)
+        sources, plan = predictor.sources, predictor.plan
     else:
         paths = [resolve_model_path(m) for m in ([model] if isinstance(model, (str, Path)) else model)]
         sources = [str(p) for p in paths]
         plan = Plan.from_json(load_checkpoint(paths[0])["plan"])
-        cases = resolve_inputs(inputs, plan.channels, channel_map)
-        out = ensure_writable_dir(out, what="--out folder")
-        n = min(workers, len(cases))
-        chunks = [cases[i::n] for i in range(n)]
+    cases = resolve_inputs(inputs, plan.channels, channel_map)
+    out = ensure_writable_dir(out, what="--out folder")  # only once model and inputs are known good
+    todo = cases
+    if skip_existing:
+        previous = _previous_cases(out)
+        todo = [c for c in cases if not all((out / f).is_file() for f in _expected_outputs(c, opt))]
+        left = {c.id for c in todo}
+        report.skipped = {c.id: previous.get(c.id, {"input": c.source, "outputs": _expected_outputs(c, opt)})
+                          for c in cases if c.id not in left}
+        if report.skipped:
+            log.info("%d of %d cases already have their outputs in %s: skipped", len(report.skipped), len(cases), out)
+    results: dict[str, tuple[str, Any]] = {}
+    if todo and workers == 1:
+        auto = preprocess_workers is None
+        pre = default_preprocess_workers(predictor.device) if auto else preprocess_workers
+        results, pre = _pipelined(predictor, todo, out, opt, min(pre, len(todo) - 1), progress, auto=auto)
+    elif todo:
+        n = min(workers, len(todo))
+        chunks = [todo[i::n] for i in range(n)]
         threads = max(1, (os.cpu_count() or 1) // n)
         import concurrent.futures as cf
         import multiprocessing
@@ -456,10 +489,9 @@ def infer(
         level = logging.getLogger("segpipe").getEffectiveLevel()
         with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_worker, sources, device, chunk, str(out), opt, threads, level, infer_config) for chunk in chunks]
-            results = {}
             for fut in cf.as_completed(futures):
                 results.update(fut.result())
-        results = {c.id: results[c.id] for c in cases}
+        results = {c.id: results[c.id] for c in todo}
     for cid, (status, payload) in results.items():
         if status == "ok":
             report.done[cid] = payload
@@ -468,6 +500,6 @@ def infer(
     report.seconds = time.perf_counter() - start
     summary = {"model": sources[0] if len(sources) == 1 else sources, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "workers": workers,
                "preprocess_workers": pre if workers == 1 else 0, "cases": report.done,
-               "failed": report.failed, "seconds": round(report.seconds, 2)}
+               "failed": report.failed, "skipped": report.skipped, "seconds": round(report.seconds, 2)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return report

@@ -465,3 +465,25 @@ def test_ensemble_checks(cli, tiny_model, tmp_path):
     r = cli("infer", "--model", runs / "fold0", "--model", runs / "fold1", src, "--out", tmp_path / "o", "--workers", "2", src)
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["model"][1].endswith("fold1/checkpoint_best.pt")
+
+
+def test_skip_existing_continues_an_interrupted_run(cli, tiny_model, tmp_path):
+    a, b = _nifti_case(tmp_path / "a", seed=1), _nifti_case(tmp_path / "b", seed=2)
+    export, _ = _dicom_export(tmp_path / "study")
+    out = tmp_path / "out"
+    r = cli("infer", "--model", tiny_model, a, b, export, "--out", out, "--no-tta")
+    assert r.exit_code == 0, r.output
+    first = json.loads((out / "summary.json").read_text())["cases"]
+    # as if interrupted: b's mask never written, the study's SEG missing (its mask is there)
+    (out / "b.nii.gz").unlink()
+    (out / "study_seg.dcm").unlink()
+    a_time = (out / "a.nii.gz").stat().st_mtime_ns
+    r = cli("infer", "--model", tiny_model, a, b, export, "--out", out, "--no-tta", "--skip-existing")
+    assert r.exit_code == 0 and "2 done, 0 failed, 1 skipped (outputs already there)" in r.output, r.output
+    assert (out / "a.nii.gz").stat().st_mtime_ns == a_time and (out / "b.nii.gz").is_file() and (out / "study_seg.dcm").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["cases"]) == ["b", "study"] and summary["skipped"] == {"a": first["a"]}
+    r = cli("infer", "--model", tiny_model, a, b, export, "--out", out, "--no-tta", "--skip-existing", "--save-probabilities")
+    assert r.exit_code == 0 and "3 done" in r.output  # asked for more outputs: nothing is complete
+    r = cli("infer", "--model", tiny_model, a, b, export, "--out", out, "--no-tta", "--skip-existing", "--save-probabilities")
+    assert r.exit_code == 0 and "0 done, 0 failed, 3 skipped" in r.output
