@@ -75,13 +75,17 @@ def _expected_outputs(case: CaseInput, opt: _Options) -> list[str]:
     return names
 
 
-def _previous_cases(out: Path) -> dict[str, Any]:
-    """The per-case entries of an earlier run's summary.json in ``out`` (none when absent or unreadable)."""
+def _previous_run(out: Path) -> tuple[dict[str, Any], list[str] | None]:
+    """The per-case entries (done or skipped) and the model(s) of an earlier run's summary.json in ``out``
+    (nothing when absent or unreadable)."""
     try:
-        cases = json.loads((out / "summary.json").read_text()).get("cases", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return cases if isinstance(cases, dict) else {}
+        summary = json.loads((out / "summary.json").read_text())
+        cases = {**summary.get("skipped", {}), **summary.get("cases", {})}
+        model = summary.get("model")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}, None
+    models = [model] if isinstance(model, str) else model if isinstance(model, list) else None
+    return cases, models
 
 
 def _stem(path: Path) -> str:
@@ -467,7 +471,10 @@ def infer(
     out = ensure_writable_dir(out, what="--out folder")  # only once model and inputs are known good
     todo = cases
     if skip_existing:
-        previous = _previous_cases(out)
+        previous, made_by = _previous_run(out)
+        if made_by is not None and made_by != list(sources):
+            log.warning("--skip-existing: the outputs in %s were made with %s, this run uses %s; the cases left as they are "
+                        "keep the other model's masks", out, ", ".join(made_by), ", ".join(sources))
         todo = [c for c in cases if not all((out / f).is_file() for f in _expected_outputs(c, opt))]
         left = {c.id for c in todo}
         report.skipped = {c.id: previous.get(c.id, {"input": c.source, "outputs": _expected_outputs(c, opt)})

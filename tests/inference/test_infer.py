@@ -486,4 +486,8 @@ def test_skip_existing_continues_an_interrupted_run(cli, tiny_model, tmp_path):
     r = cli("infer", "--model", tiny_model, a, b, export, "--out", out, "--no-tta", "--skip-existing", "--save-probabilities")
     assert r.exit_code == 0 and "3 done" in r.output  # asked for more outputs: nothing is complete
     r = cli("infer", "--model", tiny_model, a, b, export, "--out", out, "--no-tta", "--skip-existing", "--save-probabilities")
-    assert r.exit_code == 0 and "0 done, 0 failed, 3 skipped" in r.output
+    assert r.exit_code == 0 and "0 done, 0 failed, 3 skipped" in r.output and "were made with" not in r.output
+    assert json.loads((out / "summary.json").read_text())["skipped"]["a"]["outputs"] == ["a.nii.gz", "a_probabilities.nii.gz"]
+    other = _variant(tiny_model, tmp_path / "other.pt", noise=0.01)
+    r = cli("infer", "--model", other, a, b, export, "--out", out, "--no-tta", "--skip-existing", "--save-probabilities")
+    assert r.exit_code == 0 and "were made with" in r.output and "keep the other model's masks" in r.output
