@@ -242,7 +242,7 @@ class PreparedCase:
     """A case preprocessed for the network: what :meth:`Predictor.segment` needs, picklable (a preprocessing
     process can make it while the network works on the case before)."""
 
-    image: torch.Tensor  # (C, X, Y, Z) float32 on the CPU
+    image: torch.Tensor | np.ndarray  # (C, X, Y, Z) float32 on the CPU
     affine: np.ndarray  # the preprocessed grid
     reference: Geometry  # the reference channel's original grid, where the mask goes
     seconds: float = 0.0

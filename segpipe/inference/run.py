@@ -243,6 +243,9 @@ def _prepare(plan: Any, case: CaseInput, opt: _Options, rules: Mapping[str, Any]
                                                              opt.allow_uneven, plan.reference_channel)
         prepared = prepare_case(plan, channels)
         prepared.seconds = time.perf_counter() - t
+    # as a NumPy array the image goes back from a preprocessing process through the pipe; a tensor would go
+    # through shared memory, which containers limit (Docker: 64 MB by default, less than one 1 mm case)
+    prepared.image = prepared.image.numpy()
     return _Prepared(prepared, ref_files, ref_index)
 
 
@@ -362,6 +365,9 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
                     if not broken:
                         log.warning("a preprocessing process stopped unexpectedly; the remaining cases are prepared one after the other")
                     broken = True
+                except Exception as exc:  # the result did not come back (e.g. it could not be sent): prepare it here
+                    log.warning("case '%s': its preprocessing process failed to return it (%s: %s); preparing it here",
+                                case.id, type(exc).__name__, (str(exc).strip().splitlines() or [""])[0])
             if status == "":
                 status, prep = _guarded(case, _prepare, plan, case, opt, rules)
             if i == 0 and processes > 0 and len(cases) > 1:

@@ -491,3 +491,24 @@ def test_skip_existing_continues_an_interrupted_run(cli, tiny_model, tmp_path):
     other = _variant(tiny_model, tmp_path / "other.pt", noise=0.01)
     r = cli("infer", "--model", other, a, b, export, "--out", out, "--no-tta", "--skip-existing", "--save-probabilities")
     assert r.exit_code == 0 and "were made with" in r.output and "keep the other model's masks" in r.output
+
+
+def test_a_result_that_does_not_come_back_is_prepared_here(tiny_model, tmp_path, monkeypatch, caplog):
+    import concurrent.futures as cf
+
+    from segpipe.inference import run
+
+    class NoSpace:  # a pool whose results fail to arrive, as when shared memory is full
+        def submit(self, *args, **kwargs):
+            fut = cf.Future()
+            fut.set_exception(RuntimeError("unable to write to file </torch_1>: No space left on device (28)"))
+            return fut
+
+        def shutdown(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(run, "_preprocessing_pool", lambda *a: NoSpace())
+    cases = [_nifti_case(tmp_path / n, seed=s) for n, s in (("a", 1), ("b", 2), ("c", 3))]
+    report = infer(tiny_model, cases, tmp_path / "out", tta=False, preprocess_workers=2)
+    assert list(report.done) == ["a", "b", "c"] and not report.failed
+    assert "case 'b': its preprocessing process failed to return it (RuntimeError: unable to write" in caplog.text
