@@ -176,7 +176,7 @@ def write_dicom_series_sitk(volume: np.ndarray, affine: np.ndarray, folder: Path
         tags = {
             "0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0008|0018": generate_uid(),
             "0020|000d": study_uid, "0020|000e": series_uid, "0020|0052": frame_uid, "0020|0011": str(series_number),
-            "0008|103e": description, "0020|0013": str(k + 1), "0010|0010": "Test^Patient", "0010|0020": "T1",
+            "0008|103e": description, "0020|0013": str(k + 1), "0010|0010": "Synthetic^Patient", "0010|0020": "SYN0001",  # as write_dicom_series: one patient
             "0020|0032": "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))),
             "0020|0037": iop, "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}", "0018|0050": f"{spacing[2]:.6f}",
             "0008|0070": "segpipe-tests", "0008|0020": "20240101", "0008|0030": "120000",

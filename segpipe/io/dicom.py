@@ -10,7 +10,9 @@ resamples the slices linearly onto their median spacing with a warning.
 
 Choosing: per channel, rules (a SeriesDescription pattern, an exclusion pattern, a modality, a minimum
 b-value; defaults below, overridable in the config's ``infer.dicom_rules``) or ``--series CHANNEL=NUMBER``.
-No candidate or several candidates is an error that lists the series found.
+No candidate or several candidates is an error that lists the series found. The chosen series must belong
+to one study of one patient (StudyInstanceUID, PatientID): an export folder holding several is an error
+naming which channel came from where, never a silent mix.
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ class SeriesInfo:
     files: list[str]
     image_type: str = ""
     b_values: dict[str, float] = field(default_factory=dict)  # file -> b-value, where known
+    study_uid: str = ""
+    patient: str = ""  # PatientID
+    study: str = ""  # date and description, for messages
+
+    @property
+    def study_label(self) -> str:
+        return f"study {self.study or self.study_uid or '?'} of patient {self.patient or '?'}"
 
     @property
     def label(self) -> str:
@@ -146,6 +155,8 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
                     description=str(first.get("SeriesDescription", "") or first.get("ProtocolName", "")),
                     modality=str(first.get("Modality", "")), files=[],
                     image_type="\\".join(str(v) for v in first.get("ImageType", [])),
+                    study_uid=str(first.get("StudyInstanceUID", "") or ""), patient=str(first.get("PatientID", "") or ""),
+                    study=" ".join(str(first.get(k, "") or "") for k in ("StudyDate", "StudyDescription")).strip(),
                 )
             for name in names:
                 if name in info.files:
@@ -162,12 +173,27 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
 
 
 def format_series_table(series: Sequence[SeriesInfo]) -> list[str]:
+    """One line per series; with the study and patient when the series come from more than one study."""
+    several = len({(s.study_uid, s.patient) for s in series}) > 1
     lines = []
     for s in series:
         bs = sorted(set(s.b_values.values()))
         b = f", b={'/'.join(f'{v:g}' for v in bs)}" if bs else ""
-        lines.append(f"series {s.label}{b}")
+        lines.append(f"series {s.label}{b}" + (f", {s.study_label}" if several else ""))
     return lines
+
+
+def _check_one_study(chosen: Mapping[str, tuple[SeriesInfo, list[str]]], where: str) -> None:
+    """The channels of a case must come from one examination: a folder holding several patients or studies
+    could otherwise give DWI from one and ADC from another."""
+    patients = {s.patient for s, _ in chosen.values()}
+    studies = {s.study_uid for s, _ in chosen.values()}
+    if len(patients) > 1 or len(studies) > 1:
+        what = "different patients" if len(patients) > 1 else "different studies"
+        raise SegpipeError(
+            f"DICOM input '{where}': the series chosen for the channels come from {what}; point INPUT at the folder of one "
+            "study (or choose its series with --series)",
+            details=[f"channel {ch} <- series {s.label}, {s.study_label}" for ch, (s, _) in chosen.items()])
 
 
 def _matches(series: SeriesInfo, rule: Mapping[str, Any]) -> bool:
@@ -208,6 +234,11 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
             raise SegpipeError(f"DICOM input '{where}': no series found for channel '{ch}'; choose one with --series {ch}=NUMBER",
                                details=table)
         if len(hits) > 1:
+            if len({(h.study_uid, h.patient) for h in hits}) > 1:
+                raise SegpipeError(
+                    f"DICOM input '{where}': {len(hits)} candidate series for channel '{ch}' in {len({h.study_uid for h in hits})} "
+                    "studies (series numbers repeat between studies); point INPUT at the folder of one study",
+                    details=format_series_table(hits))
             raise SegpipeError(
                 f"DICOM input '{where}': {len(hits)} candidate series for channel '{ch}'; choose one with --series {ch}=NUMBER",
                 details=format_series_table(hits))
@@ -219,6 +250,7 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
             log.info("channel %s: series %s holds b-values %s; using b=%g (%d files)", ch, s.label,
                      sorted(set(s.b_values.values())), top, len(files))
         chosen[ch] = (s, files)
+    _check_one_study(chosen, where)
     for ch, (s, files) in chosen.items():
         log.info("channel %s <- series %s", ch, s.label)
     return chosen

@@ -512,3 +512,41 @@ def test_a_result_that_does_not_come_back_is_prepared_here(tiny_model, tmp_path,
     report = infer(tiny_model, cases, tmp_path / "out", tta=False, preprocess_workers=2)
     assert list(report.done) == ["a", "b", "c"] and not report.failed
     assert "case 'b': its preprocessing process failed to return it (RuntimeError: unable to write" in caplog.text
+
+
+def _series_of(root, study, patient, *channels, frame=None):
+    """Write ``channels`` of a small case as DICOM series of one study into ``root``."""
+    case = _case(3)
+    frame = frame or generate_uid()
+    names = {"dwi": ("DWI b1000", 7, 1000.0), "adc": ("DWI_ADC", 8, None), "flair": ("FLAIR tra", 4, None)}
+    for ch in channels:
+        desc, number, b = names[ch]
+        arr, aff = case.images[ch]
+        write_dicom_series(arr, aff, root / study / ch, description=desc, series_number=number, study_uid=study, frame_uid=frame,
+                           patient=patient, b_value=b)
+
+
+def test_dicom_series_must_come_from_one_study(tmp_path):
+    p1, p2 = ("One^Patient", "P1"), ("Two^Patient", "P2")
+    both = tmp_path / "both"  # two full studies: the candidates come in pairs
+    _series_of(both, generate_uid(), p1, "dwi", "adc", "flair")
+    _series_of(both, generate_uid(), p2, "dwi", "adc", "flair")
+    with pytest.raises(SegpipeError, match=r"2 candidate series for channel 'dwi' in 2 studies .*folder of one study") as info:
+        select_series(find_series(both), CHANNELS, where="both")
+    assert any("of patient P2" in line for line in info.value.details)
+    with pytest.raises(SegpipeError, match="in 2 studies"):  # series numbers repeat between studies: --series cannot tell them apart
+        select_series(find_series(both), ["dwi"], forced={"dwi": 7}, where="both")
+    mixed = tmp_path / "mixed"  # DWI of one patient, ADC and FLAIR of another: never mixed silently
+    _series_of(mixed, generate_uid(), p1, "dwi")
+    _series_of(mixed, generate_uid(), p2, "adc", "flair")
+    with pytest.raises(SegpipeError, match="come from different patients") as info:
+        select_series(find_series(mixed), CHANNELS, where="mixed")
+    assert [line.split(" <- ")[0] for line in info.value.details] == ["channel dwi", "channel adc", "channel flair"]
+    follow_up = tmp_path / "follow_up"  # one patient, two examinations
+    _series_of(follow_up, generate_uid(), p1, "dwi", "adc")
+    _series_of(follow_up, generate_uid(), p1, "flair")
+    with pytest.raises(SegpipeError, match="come from different studies"):
+        select_series(find_series(follow_up), CHANNELS, where="follow_up")
+    one = tmp_path / "one"
+    _series_of(one, generate_uid(), p1, "dwi", "adc", "flair")
+    assert sorted(select_series(find_series(one), CHANNELS, where="one")) == sorted(CHANNELS)
