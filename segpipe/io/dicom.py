@@ -12,7 +12,8 @@ Choosing: per channel, rules (a SeriesDescription pattern, an exclusion pattern,
 b-value; defaults below, overridable in the config's ``infer.dicom_rules``) or ``--series CHANNEL=NUMBER``.
 No candidate or several candidates is an error that lists the series found. The chosen series must belong
 to one study of one patient (StudyInstanceUID, PatientID): an export folder holding several is an error
-naming which channel came from where, never a silent mix.
+naming which channel came from where, never a silent mix. Enhanced multi-frame images (one file per series)
+are listed but not read: choosing one is an error that says how to convert it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class SeriesInfo:
     study_uid: str = ""
     patient: str = ""  # PatientID
     study: str = ""  # date and description, for messages
+    multiframe: bool = False  # an enhanced multi-frame image (one file, per-frame geometry): listed, not read
 
     @property
     def study_label(self) -> str:
@@ -75,7 +77,8 @@ class SeriesInfo:
 
     @property
     def label(self) -> str:
-        return f"#{self.number if self.number is not None else '?'} '{self.description}' ({self.modality}, {len(self.files)} files)"
+        kind = "enhanced multi-frame file" if self.multiframe else f"{len(self.files)} files"
+        return f"#{self.number if self.number is not None else '?'} '{self.description}' ({self.modality}, {kind})"
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -145,7 +148,9 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
                 first = pydicom.dcmread(names[0], stop_before_pixels=True)
             except Exception:  # not readable as DICOM: skip, reported below if nothing is found
                 continue
-            if "PixelSpacing" not in first and "ImagePositionPatient" not in first:
+            multiframe = int(first.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in first \
+                and str(first.get("Modality", "")) != "SEG"
+            if "PixelSpacing" not in first and "ImagePositionPatient" not in first and not multiframe:
                 continue  # not an image series (SR, presentation state, SEG)
             info = found.get(sid)
             if info is None:
@@ -157,6 +162,7 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
                     image_type="\\".join(str(v) for v in first.get("ImageType", [])),
                     study_uid=str(first.get("StudyInstanceUID", "") or ""), patient=str(first.get("PatientID", "") or ""),
                     study=" ".join(str(first.get(k, "") or "") for k in ("StudyDate", "StudyDescription")).strip(),
+                    multiframe=multiframe,
                 )
             for name in names:
                 if name in info.files:
@@ -251,6 +257,12 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
                      sorted(set(s.b_values.values())), top, len(files))
         chosen[ch] = (s, files)
     _check_one_study(chosen, where)
+    for ch, (s, _) in chosen.items():
+        if s.multiframe:
+            raise SegpipeError(
+                f"DICOM input '{where}': channel '{ch}' <- series {s.label}: an enhanced multi-frame DICOM image, which segpipe "
+                "does not read yet; convert the export to NIfTI (e.g. `dcm2niix -z y -o OUT '{where}'`) and give those files, or "
+                "export classic single-frame images from the scanner or PACS")
     for ch, (s, files) in chosen.items():
         log.info("channel %s <- series %s", ch, s.label)
     return chosen

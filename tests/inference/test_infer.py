@@ -550,3 +550,50 @@ def test_dicom_series_must_come_from_one_study(tmp_path):
     one = tmp_path / "one"
     _series_of(one, generate_uid(), p1, "dwi", "adc", "flair")
     assert sorted(select_series(find_series(one), CHANNELS, where="one")) == sorted(CHANNELS)
+
+
+def _enhanced_mr(path, study, patient, *, frames=4, size=8):
+    """A small enhanced (multi-frame) MR image file: per-frame positions in functional groups."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence as Seq
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = patient
+    ds.Modality, ds.SeriesNumber, ds.SeriesDescription, ds.StudyDate = "MR", 9, "ep2d_diff_trace enhanced", "20240101"
+    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, size, size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    shared, measures, orient = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [2.0, 2.0], 2.0
+    orient.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Seq([measures]), Seq([orient])
+    ds.SharedFunctionalGroupsSequence = Seq([shared])
+    per = []
+    for k in range(frames):
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [0.0, 0.0, 2.0 * k]
+        item.PlanePositionSequence = Seq([pos])
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Seq(per)
+    ds.PixelData = np.zeros((frames, size, size), np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_enhanced_multiframe_series_is_named_with_a_way_out(cli, tiny_model, tmp_path):
+    study, patient = generate_uid(), ("One^Patient", "P1")
+    _enhanced_mr(tmp_path / "exam" / "DWI" / "IM0001.dcm", study, patient)
+    _series_of(tmp_path / "exam", study, patient, "adc", "flair")
+    series = find_series(tmp_path / "exam")
+    assert [s.label for s in series if s.multiframe] == ["#9 'ep2d_diff_trace enhanced' (MR, enhanced multi-frame file)"]
+    with pytest.raises(SegpipeError, match=r"channel 'dwi' <- series #9 .*enhanced multi-frame DICOM image.*dcm2niix"):
+        select_series(series, CHANNELS, where="exam")
+    r = cli("infer", "--model", tiny_model, tmp_path / "exam", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "enhanced multi-frame DICOM image" in r.output and "Traceback" not in r.output
