@@ -146,7 +146,7 @@ class Predictor:
     networks and patch sizes may differ."""
 
     def __init__(self, net: torch.nn.Module, plan: Plan, *, device: torch.device, overlap: float = 0.5, sw_batch_size: int = 2,
-                 amp: bool = True, source: str = "", infer_config: InferConfig | None = None,
+                 amp: bool = True, source: str | Sequence[str] = "", infer_config: InferConfig | None = None,
                  others: Sequence[tuple[torch.nn.Module, Plan]] = ()) -> None:
         self.net = net.eval()
         self.plan = plan
@@ -156,8 +156,7 @@ class Predictor:
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.amp_dtype = torch.bfloat16 if amp and device.type == "cuda" else None
-        self.source = source
-        self.sources = [source]
+        self.sources = [source] if isinstance(source, str) else list(source)  # one per member
 
     @classmethod
     def load(cls, model: str | Path | Sequence[str | Path], device: str = "auto", infer_config: InferConfig | None = None) -> Predictor:
@@ -185,10 +184,13 @@ class Predictor:
         if len(paths) > 1:
             log.info("ensemble of %d models: their class probabilities are averaged", len(paths))
         icfg = infer_config or cfg.infer
-        pred = cls(net, plan, device=dev, overlap=icfg.overlap, sw_batch_size=icfg.sw_batch_size, amp=cfg.train.amp, source=str(paths[0]),
-                   infer_config=icfg, others=[(n, p) for n, p, _ in loaded[1:]])
-        pred.sources = [str(p) for p in paths]
-        return pred
+        return cls(net, plan, device=dev, overlap=icfg.overlap, sw_batch_size=icfg.sw_batch_size, amp=cfg.train.amp,
+                   source=[str(p) for p in paths], infer_config=icfg, others=[(n, p) for n, p, _ in loaded[1:]])
+
+    @property
+    def source(self) -> str:
+        """The (first) model's checkpoint."""
+        return self.sources[0]
 
     def predict(self, channels: dict[str, str | Path], *, tta: bool = True, min_lesion_mm3: float = 0.0,
                 keep_probabilities: bool = False) -> Prediction:

@@ -391,7 +391,6 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
                 results[case.id] = (status, pred)
                 continue
             writes.append((case.id, writer.submit(_guarded, case, _write, plan, case, prep.ref_files, prep.ref_index, pred, out, opt)))
-            del prep
         for cid, wfut in writes:
             results[cid] = wfut.result()
     finally:
