@@ -12,8 +12,9 @@ Choosing: per channel, rules (a SeriesDescription pattern, an exclusion pattern,
 b-value; defaults below, overridable in the config's ``infer.dicom_rules``) or ``--series CHANNEL=NUMBER``.
 No candidate or several candidates is an error that lists the series found. The chosen series must belong
 to one study of one patient (StudyInstanceUID, PatientID): an export folder holding several is an error
-naming which channel came from where, never a silent mix. Enhanced multi-frame images (one file per series)
-are listed but not read: choosing one is an error that says how to convert it.
+naming which channel came from where, never a silent mix. Enhanced multi-frame images (one file per series,
+the geometry of each frame in its functional groups; a DWI file with several b-values gives its highest)
+are read like a classic series.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "select_series",
     "write_dicom_seg",
     "write_dicom_series",
+    "write_enhanced_dicom",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,12 @@ class SeriesInfo:
     study_uid: str = ""
     patient: str = ""  # PatientID
     study: str = ""  # date and description, for messages
-    multiframe: bool = False  # an enhanced multi-frame image (one file, per-frame geometry): listed, not read
+    multiframe: bool = False  # an enhanced multi-frame image: one file, geometry in per-frame functional groups
+    frame_b_values: list[float | None] = field(default_factory=list)  # multi-frame: each frame's b-value
+
+    @property
+    def all_b_values(self) -> list[float]:
+        return [*self.b_values.values(), *(b for b in self.frame_b_values if b is not None)]
 
     @property
     def study_label(self) -> str:
@@ -164,6 +171,9 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
                     study=" ".join(str(first.get(k, "") or "") for k in ("StudyDate", "StudyDescription")).strip(),
                     multiframe=multiframe,
                 )
+                if multiframe:
+                    info.frame_b_values = [_b_value(_frame_item(first, k, "MRDiffusionSequence") or first)
+                                           for k in range(int(first.NumberOfFrames))]
             for name in names:
                 if name in info.files:
                     continue
@@ -183,7 +193,7 @@ def format_series_table(series: Sequence[SeriesInfo]) -> list[str]:
     several = len({(s.study_uid, s.patient) for s in series}) > 1
     lines = []
     for s in series:
-        bs = sorted(set(s.b_values.values()))
+        bs = sorted(set(s.all_b_values))
         b = f", b={'/'.join(f'{v:g}' for v in bs)}" if bs else ""
         lines.append(f"series {s.label}{b}" + (f", {s.study_label}" if several else ""))
     return lines
@@ -211,7 +221,7 @@ def _matches(series: SeriesInfo, rule: Mapping[str, Any]) -> bool:
         return False
     if excl and excl != "^$" and re.search(excl, text, re.I):
         return False
-    if rule.get("min_b_value") and series.b_values and max(series.b_values.values()) < float(rule["min_b_value"]):
+    if rule.get("min_b_value") and series.all_b_values and max(series.all_b_values) < float(rule["min_b_value"]):
         return False
     return True
 
@@ -257,88 +267,169 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
                      sorted(set(s.b_values.values())), top, len(files))
         chosen[ch] = (s, files)
     _check_one_study(chosen, where)
-    for ch, (s, _) in chosen.items():
-        if s.multiframe:
-            raise SegpipeError(
-                f"DICOM input '{where}': channel '{ch}' <- series {s.label}: an enhanced multi-frame DICOM image, which segpipe "
-                "does not read yet; convert the export to NIfTI (e.g. `dcm2niix -z y -o OUT '{where}'`) and give those files, or "
-                "export classic single-frame images from the scanner or PACS")
     for ch, (s, files) in chosen.items():
         log.info("channel %s <- series %s", ch, s.label)
     return chosen
 
 
-def _geometry(datasets: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    iop = np.asarray(datasets[0].ImageOrientationPatient, dtype=float)
-    row, col = iop[:3], iop[3:]
-    normal = np.cross(row, col)
-    pos = np.array([np.asarray(d.ImagePositionPatient, dtype=float) @ normal for d in datasets])
-    return row, col, pos
+def _frame_item(ds: Any, frame: int, name: str) -> Any:
+    """Frame ``frame``'s item of the functional group ``name`` (per-frame, else shared), or None."""
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        seq = ds.get(groups)
+        if not seq:
+            continue
+        item = seq[frame] if groups.startswith("PerFrame") else seq[0]
+        if name in item and len(item[name].value):
+            return item[name].value[0]
+    return None
+
+
+def _plane(ds: Any, frame: int | None) -> tuple[np.ndarray, np.ndarray, list[float]] | None:
+    """(ImageOrientationPatient, ImagePositionPatient, PixelSpacing) of an image or of a frame, or None."""
+    if frame is None:
+        if not all(k in ds for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")):
+            return None
+        return np.asarray(ds.ImageOrientationPatient, float), np.asarray(ds.ImagePositionPatient, float), [float(v) for v in ds.PixelSpacing]
+    orient, pos, meas = (_frame_item(ds, frame, n) for n in ("PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence"))
+    if orient is None or pos is None or meas is None or "PixelSpacing" not in meas:
+        return None
+    return np.asarray(orient.ImageOrientationPatient, float), np.asarray(pos.ImagePositionPatient, float), [float(v) for v in meas.PixelSpacing]
 
 
 def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool = False,
                 what: str = "series") -> tuple[Volume, list[str], list[int]]:
     """Read a series as a volume (x = columns, y = rows, z = slices along the normal; RAS affine). Returns
-    the volume, the files in slice order, and for each file its slice index in the volume (they differ only
-    when uneven slices were resampled): what a DICOM SEG that references the files needs."""
+    the volume, the source files in slice order, and for each file its slice index in the volume (they differ
+    only when uneven slices were resampled): what a DICOM SEG that references the files needs. An enhanced
+    multi-frame series is one file: the second item is that file, the third has one entry per frame of it
+    (-1 for frames left out, e.g. the lower b-values of a DWI)."""
     import pydicom
-    import SimpleITK as sitk
 
+    if series.multiframe:
+        return _read_multiframe(series, files[0], allow_uneven=allow_uneven, what=what)
     dss = []
     for f in files:
         try:
             dss.append((pydicom.dcmread(f, stop_before_pixels=True), f))
         except Exception as exc:
             raise SegpipeError(f"{what} {series.label}: file '{f}' cannot be read as DICOM ({exc})") from None
-    missing = [f for d, f in dss if "ImagePositionPatient" not in d or "ImageOrientationPatient" not in d]
+    planes = [_plane(d, None) for d, _ in dss]
+    missing = [f for (d, f), p in zip(dss, planes) if p is None]
     if missing:
         raise SegpipeError(f"{what} {series.label}: {len(missing)} files have no slice position/orientation (e.g. '{missing[0]}'); not a volume")
-    row, col, pos = _geometry([d for d, _ in dss])
-    order = np.argsort(pos, kind="stable")
-    dss = [dss[i] for i in order]
+    thickness = float(dss[0][0].get("SliceThickness", 1.0) or 1.0)
+    order, spacing_z = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
+    sorted_files = [dss[i][1] for i in order]
+    arr = _pixels_sitk(series, sorted_files, what)
+    return _assemble(arr, [planes[i] for i in order], spacing_z, Path(sorted_files[0]).parent, sorted_files)  # type: ignore[misc]
+
+
+def _slice_order(series: SeriesInfo, positions: Sequence[np.ndarray], iop: np.ndarray, thickness: float, allow_uneven: bool,
+                 what: str) -> tuple[list[int], float]:
+    """Slices sorted along the normal; their (median) spacing (one slice: its thickness). One image per
+    position; uneven spacing or a missing slice is an error unless ``allow_uneven`` (then a warning;
+    :func:`_assemble` resamples)."""
+    normal = np.cross(iop[:3], iop[3:])
+    pos = np.array([p @ normal for p in positions])
+    order = [int(i) for i in np.argsort(pos, kind="stable")]
     pos = pos[order]
     if len(np.unique(np.round(pos, 3))) != len(pos):
         raise SegpipeError(f"{what} {series.label}: several images share a slice position (a 4D or multi-echo series); "
                            "choose a series with one image per position")
     gaps = np.diff(pos)
-    spacing_z = float(np.median(gaps)) if len(gaps) else float(dss[0][0].get("SliceThickness", 1.0) or 1.0)
-    uneven = len(gaps) > 0 and float(np.abs(gaps - spacing_z).max()) > 0.1 * spacing_z
-    if uneven:
+    spacing_z = float(np.median(gaps)) if len(gaps) else thickness
+    if len(gaps) and float(np.abs(gaps - spacing_z).max()) > 0.1 * spacing_z:
         worst = int(np.argmax(np.abs(gaps - spacing_z)))
         msg = (f"{what} {series.label}: uneven slice spacing: slices {worst} and {worst + 1} are {gaps[worst]:.2f} mm apart where "
                f"{spacing_z:.2f} mm is the rule ({'a missing slice' if gaps[worst] > 1.5 * spacing_z else 'irregular spacing'})")
         if not allow_uneven:
             raise SegpipeError(msg + "; re-export the series, or pass --allow-uneven to resample it onto even slices")
         log.warning("%s; resampling onto even %.2f mm slices (--allow-uneven)", msg, spacing_z)
-    sorted_files = [f for _, f in dss]
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sorted_files)
+    return order, spacing_z
+
+
+def _pixels_sitk(series: SeriesInfo, files: Sequence[str], what: str) -> np.ndarray:
+    """The pixel data of ``files`` (slices in that order; or the frames of one multi-frame file) as (x, y, z)
+    float32, rescaled; SimpleITK/GDCM decodes every transfer syntax."""
+    import SimpleITK as sitk
+
     warn = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # the spacing was checked above, with a clearer message
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # the geometry is checked here, with clearer messages
     try:
-        img = reader.Execute()
+        if len(files) == 1 and series.multiframe:
+            img = sitk.ReadImage(files[0])
+        else:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(list(files))
+            img = reader.Execute()
     except RuntimeError as exc:
         raise SegpipeError(f"{what} {series.label}: pixel data cannot be read ({str(exc).strip().splitlines()[-1][:160]})") from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warn)
-    arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)).astype(np.float32)  # (x = column, y = row, z)
-    index = list(range(len(sorted_files)))
-    if uneven:
+    return np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)).astype(np.float32)  # (x = column, y = row, z)
+
+
+def _assemble(arr: np.ndarray, planes: Sequence[tuple[np.ndarray, np.ndarray, list[float]]], spacing_z: float, where: Path,
+              sources: list[str], frames: Sequence[int] | None = None, n_frames: int = 0) -> tuple[Volume, list[str], list[int]]:
+    """The volume and its RAS affine from slices in order along the normal (``arr`` (x, y, z), one plane each);
+    uneven slices resampled linearly onto ``spacing_z``. With ``frames`` (the multi-frame file's frame of each
+    slice), the index maps every one of the ``n_frames`` frames to its slice (-1: not in the volume)."""
+    iop, first_pos, ps = planes[0]
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    pos = np.array([p[1] @ normal for p in planes])
+    index = list(range(len(planes)))
+    if len(pos) > 1 and float(np.abs(np.diff(pos) - spacing_z).max()) > 0.1 * spacing_z:
         target = pos[0] + spacing_z * np.arange(int(round((pos[-1] - pos[0]) / spacing_z)) + 1)
         idx = np.clip(np.searchsorted(pos, target, side="right") - 1, 0, len(pos) - 2)
         w = ((target - pos[idx]) / (pos[idx + 1] - pos[idx]))[None, None, :]
         arr = (arr[:, :, idx] * (1 - w) + arr[:, :, idx + 1] * w).astype(np.float32)
         index = [int(round((p - pos[0]) / spacing_z)) for p in pos]
-    first = dss[0][0]
-    ps = [float(v) for v in first.PixelSpacing]  # (row spacing, column spacing)
-    normal = np.cross(row, col)
+    if frames is not None:
+        by_frame = [-1] * n_frames
+        for f, i in zip(frames, index):
+            by_frame[f] = i
+        index = by_frame
     lps = np.eye(4)
-    lps[:3, 0] = row * ps[1]
+    lps[:3, 0] = row * ps[1]  # PixelSpacing is (row spacing, column spacing)
     lps[:3, 1] = col * ps[0]
     lps[:3, 2] = normal * spacing_z
-    lps[:3, 3] = np.asarray(first.ImagePositionPatient, dtype=float)
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    return Volume(arr, affine, Path(sorted_files[0]).parent), sorted_files, index
+    lps[:3, 3] = first_pos
+    return Volume(arr, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, where), sources, index
+
+
+def _read_multiframe(series: SeriesInfo, path: str, *, allow_uneven: bool, what: str) -> tuple[Volume, list[str], list[int]]:
+    """An enhanced multi-frame image: the frames of its highest b-value (all frames when there is none),
+    sorted along the normal; one orientation and one image per position, as for a classic series."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:
+        raise SegpipeError(f"{what} {series.label}: file '{path}' cannot be read as DICOM ({exc})") from None
+    n = int(ds.NumberOfFrames)
+    frames = list(range(n))
+    bs = series.frame_b_values if len(series.frame_b_values) == n else [None] * n
+    known = [b for b in bs if b is not None]
+    if known and len(set(known)) > 1:
+        top = max(known)
+        frames = [k for k in frames if bs[k] == top]
+        log.info("%s %s holds b-values %s; using b=%g (%d frames)", what, series.label, sorted(set(known)), top, len(frames))
+    planes = [_plane(ds, k) for k in frames]
+    if any(p is None for p in planes):
+        raise SegpipeError(f"{what} {series.label}: frames without position, orientation or pixel spacing in their functional "
+                           "groups; not a volume (convert the export with dcm2niix)")
+    if any(not np.allclose(p[0], planes[0][0], atol=1e-4) for p in planes):  # type: ignore[index]
+        raise SegpipeError(f"{what} {series.label}: the frames have several orientations (a localizer or a multi-stack file); "
+                           "choose a series with one stack")
+    meas = _frame_item(ds, frames[0], "PixelMeasuresSequence")
+    thickness = float(meas.get("SliceThickness", 1.0) or 1.0) if meas is not None else 1.0
+    order, spacing_z = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
+    arr = _pixels_sitk(series, [path], what)
+    if arr.shape[2] != n:
+        raise SegpipeError(f"{what} {series.label}: {arr.shape[2]} frames of pixel data for {n} frames in the header")
+    chosen = [frames[i] for i in order]
+    return _assemble(arr[:, :, chosen], [planes[i] for i in order], spacing_z, Path(path).parent, [path], chosen, n)  # type: ignore[misc]
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -366,19 +457,9 @@ def write_dicom_series(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, float)
-    vol = np.asarray(volume, dtype=np.float64)
-    sx, sy, sz = (float(np.linalg.norm(lps[:3, i])) for i in range(3))
-    if np.dot(np.cross(lps[:3, 0], lps[:3, 1]), lps[:3, 2]) < 0:
-        # DICOM slices follow row x column: run the rows the other way (same voxels, same world positions)
-        vol = vol[:, ::-1, :]
-        lps[:3, 3] = lps[:3, 3] + lps[:3, 1] * (vol.shape[1] - 1)
-        lps[:3, 1] = -lps[:3, 1]
+    vol, lps, (sx, sy, sz) = _slice_geometry(volume, affine)
     row, col, normal = lps[:3, 0] / sx, lps[:3, 1] / sy, lps[:3, 2] / sz
-    lo, hi = float(vol.min()), float(vol.max())
-    slope = max((hi - lo) / 60000.0, 1e-6)
-    intercept = lo + 30000.0 * slope
-    stored = np.clip(np.round((vol - intercept) / slope), -32768, 32767).astype(np.int16)
+    stored, slope, intercept = _encode16(vol)
     sop_class = "1.2.840.10008.5.1.4.1.1.4" if modality == "MR" else "1.2.840.10008.5.1.4.1.1.2"
     series_uid = generate_uid()
     now = datetime.datetime(2024, 1, 1, 12, 0, 0)
@@ -418,6 +499,98 @@ def write_dicom_series(
     return written
 
 
+def _slice_geometry(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """The volume as DICOM slices store it and its LPS affine: slices follow row x column, so when the RAS
+    axes make a left-handed LPS frame the rows run the other way (same voxels, same world positions)."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, float)
+    vol = np.asarray(volume, dtype=np.float64)
+    if np.dot(np.cross(lps[:3, 0], lps[:3, 1]), lps[:3, 2]) < 0:
+        vol = vol[:, ::-1, :]
+        lps[:3, 3] = lps[:3, 3] + lps[:3, 1] * (vol.shape[1] - 1)
+        lps[:3, 1] = -lps[:3, 1]
+    spacing = tuple(float(np.linalg.norm(lps[:3, i])) for i in range(3))
+    return vol, lps, spacing  # type: ignore[return-value]
+
+
+def _encode16(vol: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Signed 16-bit stored values with the rescale slope and intercept that give ``vol`` back."""
+    lo, hi = float(vol.min()), float(vol.max())
+    slope = max((hi - lo) / 60000.0, 1e-6)
+    intercept = lo + 30000.0 * slope
+    return np.clip(np.round((vol - intercept) / slope), -32768, 32767).astype(np.int16), slope, intercept
+
+
+def write_enhanced_dicom(
+    stacks: Sequence[tuple[np.ndarray, float | None]],
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    description: str,
+    series_number: int,
+    study_uid: str,
+    frame_uid: str,
+    patient: tuple[str, str] = ("Synthetic^Patient", "SYN0001"),
+    frame_order: Sequence[int] | None = None,
+) -> Path:
+    """Write (x, y, z) volumes on one grid (RAS ``affine``), each with its b-value (or None), as one enhanced
+    multi-frame MR file, as newer scanners export: every frame's position in its functional groups, the
+    orientation, spacing and rescale shared, the b-value per frame. ``frame_order`` permutes the frames
+    (stack-major order by default): readers must sort by position, not trust the file order."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    geo = [_slice_geometry(v, affine) for v, _ in stacks]
+    lps, (sx, sy, sz) = geo[0][1], geo[0][2]
+    row, col, normal = lps[:3, 0] / sx, lps[:3, 1] / sy, lps[:3, 2] / sz
+    stored, slope, intercept = _encode16(np.stack([g[0] for g in geo]))
+    frames = [(s, k) for s in range(len(stacks)) for k in range(stored.shape[3])]
+    if frame_order is not None:
+        frames = [frames[i] for i in frame_order]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, generate_uid(), frame_uid
+    ds.PatientName, ds.PatientID = patient
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.Modality, ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "MR", "segpipe", series_number, 1
+    ds.SeriesDescription, ds.ImageType = description, ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]
+    ds.NumberOfFrames, ds.Rows, ds.Columns = len(frames), stored.shape[2], stored.shape[1]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    measures, orientation, transform = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [sy, sx], sz, sz
+    orientation.ImageOrientationPatient = [float(v) for v in (*row, *col)]
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = f"{slope:.10g}", f"{intercept:.10g}", "US"
+    shared = Dataset()
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    shared.PlaneOrientationSequence = DicomSequence([orientation])
+    shared.PixelValueTransformationSequence = DicomSequence([transform])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    per = []
+    for s, k in frames:
+        item, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [float(v) for v in (lps[:3, 3] + normal * sz * k)]
+        item.PlanePositionSequence = DicomSequence([position])
+        if stacks[s][1] is not None:
+            diffusion = Dataset()
+            diffusion.DiffusionBValue = float(stacks[s][1])
+            diffusion.DiffusionDirectionality = "ISOTROPIC" if stacks[s][1] else "NONE"
+            item.MRDiffusionSequence = DicomSequence([diffusion])
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per)
+    ds.PixelData = np.ascontiguousarray(np.stack([stored[s, :, :, k].T for s, k in frames])).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
 def write_dicom_seg(
     mask: np.ndarray,
     source_files: Sequence[str],
@@ -431,7 +604,7 @@ def write_dicom_seg(
 ) -> Path:
     """A binary DICOM SEG (one segment per foreground class) that references the source series. ``mask`` is
     on the source series' grid as :func:`read_series` gives it ((x, y, z), z in ``source_files`` order, or
-    the slices ``source_index`` for each file when uneven slices were resampled)."""
+    the slice ``source_index`` gives for each file (each frame of a multi-frame file; -1: empty))."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -439,9 +612,22 @@ def write_dicom_seg(
     from segpipe.io.atomic import atomic_path
 
     sources = [pydicom.dcmread(f) for f in source_files]
+    for ds in sources:  # highdicom copies these; anonymised exports may lack them (type 2: present, possibly empty)
+        for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+                    "AccessionNumber", "ReferringPhysicianName"):
+            if key not in ds:
+                setattr(ds, key, "")
     mask = np.asarray(mask, dtype=np.uint8)
+    positions, used = None, []
     if source_index is not None:
-        mask = mask[:, :, list(source_index)]
+        index = list(source_index)
+        if min(index) < 0:  # frames of a multi-frame source left out of the volume (other b-values at the same places)
+            used = [f for f, i in enumerate(index) if i >= 0]
+            per_frame = sources[0].PerFrameFunctionalGroupsSequence
+            positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
+                                                  per_frame[f].PlanePositionSequence[0].ImagePositionPatient) for f in used]
+            index = [index[f] for f in used]
+        mask = mask[:, :, index]
     frames = np.transpose(mask, (2, 1, 0))  # (slices, rows, columns)
     algo = hd.AlgorithmIdentificationSequence(name=algorithm, version=version, family=codes.cid7162.ArtificialIntelligence)
     descriptions = [
@@ -459,10 +645,19 @@ def write_dicom_seg(
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixel, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="segpipe", manufacturer_model_name=algorithm,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="segpipe", manufacturer_model_name=algorithm, plane_positions=positions,
         software_versions=version, device_serial_number="0", series_description=f"{algorithm} lesion segmentation",
         omit_empty_frames=False,
     )
+    if positions is not None:
+        # highdicom refers each SEG frame to the first source frame at its position, which for a DWI file is
+        # the b0 frame: point it at the frame that was segmented (positions are unique among those)
+        frame_at = {tuple(np.round(np.asarray(p[0].ImagePositionPatient, float), 3)): f + 1 for p, f in zip(positions, used)}
+        for item in seg.PerFrameFunctionalGroupsSequence:
+            key = tuple(np.round(np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float), 3))
+            for derivation in item.get("DerivationImageSequence", []):
+                for ref in derivation.get("SourceImageSequence", []):
+                    ref.ReferencedFrameNumber = frame_at[key]
     out = Path(out)
     with atomic_path(out) as tmp:
         seg.save_as(tmp)

@@ -16,7 +16,7 @@ from segpipe.data.synthetic import make_head_case
 from segpipe.errors import SegpipeError
 from segpipe.inference.predictor import Predictor, remove_small_components
 from segpipe.inference.run import infer, resolve_inputs
-from segpipe.io.dicom import find_series, read_series, select_series, write_dicom_series
+from segpipe.io.dicom import find_series, read_series, select_series, write_dicom_series, write_enhanced_dicom
 from segpipe.io.nifti import save_nifti
 from tests.conftest import write_dicom_series_sitk
 
@@ -552,48 +552,57 @@ def test_dicom_series_must_come_from_one_study(tmp_path):
     assert sorted(select_series(find_series(one), CHANNELS, where="one")) == sorted(CHANNELS)
 
 
-def _enhanced_mr(path, study, patient, *, frames=4, size=8):
-    """A small enhanced (multi-frame) MR image file: per-frame positions in functional groups."""
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-    from pydicom.sequence import Sequence as Seq
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID = patient
-    ds.Modality, ds.SeriesNumber, ds.SeriesDescription, ds.StudyDate = "MR", 9, "ep2d_diff_trace enhanced", "20240101"
-    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, size, size
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    shared, measures, orient = Dataset(), Dataset(), Dataset()
-    measures.PixelSpacing, measures.SliceThickness = [2.0, 2.0], 2.0
-    orient.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Seq([measures]), Seq([orient])
-    ds.SharedFunctionalGroupsSequence = Seq([shared])
-    per = []
-    for k in range(frames):
-        item, pos = Dataset(), Dataset()
-        pos.ImagePositionPatient = [0.0, 0.0, 2.0 * k]
-        item.PlanePositionSequence = Seq([pos])
-        per.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Seq(per)
-    ds.PixelData = np.zeros((frames, size, size), np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(path), enforce_file_format=True)
+def _export_with_enhanced_dwi(root, case, study, frame, *, enhanced=True):
+    """The case's DWI (with a b0 stack, frames shuffled) as one enhanced multi-frame file, or classic; ADC and
+    FLAIR classic; one study."""
+    arr, aff = case.images["dwi"]
+    if enhanced:
+        n = arr.shape[2]
+        order = list(np.random.default_rng(0).permutation(2 * n))
+        write_enhanced_dicom([(arr * 0.4 + 5, 0.0), (arr, 1000.0)], aff, root / "DWI" / "IM0001", description="ep2d_diff_trace",
+                             series_number=7, study_uid=study, frame_uid=frame, frame_order=order)
+    else:
+        write_dicom_series(arr, aff, root / "DWI", description="ep2d_diff_trace", series_number=7, study_uid=study,
+                           frame_uid=frame, b_value=1000.0)
+    write_dicom_series(*case.images["adc"], root / "ADC", description="ep2d_diff_ADC", series_number=8, study_uid=study, frame_uid=frame)
+    write_dicom_series(*case.images["flair"], root / "FLAIR", description="t2_tirm_tra_dark-fluid", series_number=4, study_uid=study,
+                       frame_uid=frame)
+    return root
 
 
-def test_enhanced_multiframe_series_is_named_with_a_way_out(cli, tiny_model, tmp_path):
-    study, patient = generate_uid(), ("One^Patient", "P1")
-    _enhanced_mr(tmp_path / "exam" / "DWI" / "IM0001.dcm", study, patient)
-    _series_of(tmp_path / "exam", study, patient, "adc", "flair")
-    series = find_series(tmp_path / "exam")
-    assert [s.label for s in series if s.multiframe] == ["#9 'ep2d_diff_trace enhanced' (MR, enhanced multi-frame file)"]
-    with pytest.raises(SegpipeError, match=r"channel 'dwi' <- series #9 .*enhanced multi-frame DICOM image.*dcm2niix"):
-        select_series(series, CHANNELS, where="exam")
-    r = cli("infer", "--model", tiny_model, tmp_path / "exam", "--out", tmp_path / "o")
-    assert r.exit_code == 1 and "enhanced multi-frame DICOM image" in r.output and "Traceback" not in r.output
+def test_enhanced_multiframe_reads_like_the_classic_series(tmp_path):
+    case = _case(3)  # oblique LAS grid
+    study, frame = generate_uid(), generate_uid()
+    enhanced = _export_with_enhanced_dwi(tmp_path / "enh", case, study, frame)
+    classic = _export_with_enhanced_dwi(tmp_path / "cls", case, study, frame, enhanced=False)
+    e = next(s for s in find_series(enhanced) if s.number == 7)
+    c = next(s for s in find_series(classic) if s.number == 7)
+    assert e.multiframe and e.label == "#7 'ep2d_diff_trace' (MR, enhanced multi-frame file)" and sorted(set(e.all_b_values)) == [0, 1000]
+    (ve, files_e, index_e), (vc, _, _) = read_series(e, e.files), read_series(c, c.files)
+    assert ve.array.shape == vc.array.shape == case.images["dwi"][0].shape
+    np.testing.assert_allclose(ve.affine, vc.affine, atol=1e-4)
+    # the b1000 frames (the b0 ones hold 0.4 x + 5), up to the 16-bit quantisation of each file
+    np.testing.assert_allclose(ve.array, vc.array, atol=2e-3 * float(np.ptp(vc.array)))
+    n = ve.array.shape[2]
+    assert files_e == e.files and len(index_e) == 2 * n and sorted(i for i in index_e if i >= 0) == list(range(n))
+
+
+def test_enhanced_multiframe_export_is_segmented_and_seg_references_its_frames(tiny_model, tmp_path):
+    case = _case(3)
+    study, frame = generate_uid(), generate_uid()
+    enhanced = _export_with_enhanced_dwi(tmp_path / "enh", case, study, frame)
+    classic = _export_with_enhanced_dwi(tmp_path / "cls", case, study, frame, enhanced=False)
+    report = infer(tiny_model, [enhanced, classic], tmp_path / "out", tta=False)
+    assert not report.failed, report.failed
+    m_e = np.asanyarray(nib.load(str(tmp_path / "out" / "enh.nii.gz")).dataobj)
+    m_c = np.asanyarray(nib.load(str(tmp_path / "out" / "cls.nii.gz")).dataobj)
+    assert m_e.shape == m_c.shape and (m_e != m_c).mean() < 0.002  # same case; only the 16-bit quantisation differs
+    seg = pydicom.dcmread(str(tmp_path / "out" / "enh_seg.dcm"))
+    source = pydicom.dcmread(str(tmp_path / "enh" / "DWI" / "IM0001"))
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    frames = seg.pixel_array.reshape(-1, *seg.pixel_array.shape[-2:])
+    assert int(frames.sum()) == int(m_e.sum()) > 0
+    b_of = [float(f.MRDiffusionSequence[0].DiffusionBValue) for f in source.PerFrameFunctionalGroupsSequence]
+    for f, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        referenced = int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        assert b_of[referenced - 1] == 1000.0 or not f.any()  # lesions only on the frames that were segmented
