@@ -606,3 +606,21 @@ def test_enhanced_multiframe_export_is_segmented_and_seg_references_its_frames(t
     for f, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
         referenced = int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
         assert b_of[referenced - 1] == 1000.0 or not f.any()  # lesions only on the frames that were segmented
+
+
+def test_enhanced_multiframe_bad_geometry_is_named(tmp_path):
+    case = _case(3)
+    arr, aff = case.images["dwi"]
+    path = write_enhanced_dicom([(arr, 1000.0)], aff, tmp_path / "e" / "IM1", description="DWI", series_number=3,
+                                study_uid=generate_uid(), frame_uid=generate_uid())
+    ds = pydicom.dcmread(str(path))
+    ds.PerFrameFunctionalGroupsSequence[5].PlanePositionSequence[0].ImagePositionPatient = \
+        ds.PerFrameFunctionalGroupsSequence[4].PlanePositionSequence[0].ImagePositionPatient
+    ds.save_as(str(path))
+    (series,) = find_series(tmp_path / "e")
+    with pytest.raises(SegpipeError, match="several images share a slice position"):
+        read_series(series, series.files, what="channel 'dwi' series")
+    del ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
+    ds.save_as(str(path))
+    with pytest.raises(SegpipeError, match=r"#3 'DWI' \(MR, enhanced multi-frame file\): frames without position"):
+        read_series(series, series.files, what="channel 'dwi' series")
