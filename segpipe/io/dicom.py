@@ -251,9 +251,10 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
                                details=table)
         if len(hits) > 1:
             if len({(h.study_uid, h.patient) for h in hits}) > 1:
+                repeat = " (series numbers repeat between studies: --series cannot tell them apart)" if ch in forced else ""
                 raise SegpipeError(
                     f"DICOM input '{where}': {len(hits)} candidate series for channel '{ch}' in {len({h.study_uid for h in hits})} "
-                    "studies (series numbers repeat between studies); point INPUT at the folder of one study",
+                    f"studies; point INPUT at the folder of one study{repeat}",
                     details=format_series_table(hits))
             raise SegpipeError(
                 f"DICOM input '{where}': {len(hits)} candidate series for channel '{ch}'; choose one with --series {ch}=NUMBER",
