@@ -531,9 +531,9 @@ def test_dicom_series_must_come_from_one_study(tmp_path):
     both = tmp_path / "both"  # two full studies: the candidates come in pairs
     _series_of(both, generate_uid(), p1, "dwi", "adc", "flair")
     _series_of(both, generate_uid(), p2, "dwi", "adc", "flair")
-    with pytest.raises(SegpipeError, match=r"2 candidate series for channel 'dwi' in 2 studies .*folder of one study") as info:
+    with pytest.raises(SegpipeError, match=r"2 candidate series for channel 'dwi' in 2 studies; point INPUT at the folder of one study") as info:
         select_series(find_series(both), CHANNELS, where="both")
-    assert any("of patient P2" in line for line in info.value.details)
+    assert any("of patient P2" in line for line in info.value.details) and "--series cannot" not in str(info.value)
     with pytest.raises(SegpipeError, match="in 2 studies.*--series cannot tell them apart"):  # series numbers repeat between studies
         select_series(find_series(both), ["dwi"], forced={"dwi": 7}, where="both")
     mixed = tmp_path / "mixed"  # DWI of one patient, ADC and FLAIR of another: never mixed silently
