@@ -60,7 +60,8 @@ def synth(
         typer.Option(help="Label-grid size X,Y,Z (default 64,64,40 at 2 mm for isles22; 96,96,24 at 0.96x0.96x3 mm for wmh17)."),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="nifti: the challenge's layout; dicom: one scanner-export study folder per case (labels as NIfTI).")
+        str, typer.Option("--format", help="nifti: the challenge's layout; dicom: one scanner-export study folder per case (labels as NIfTI); "
+                     "dicom-enhanced: the same with one enhanced multi-frame file per series.")
     ] = "nifti",
 ) -> None:
     """Write a synthetic dataset (head phantom with small, unbalanced lesions) in an official layout.

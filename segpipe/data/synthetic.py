@@ -366,13 +366,14 @@ _DICOM_SERIES = {
 }
 
 
-def _write_dicom_case(root: Path, index: int, rng: np.random.Generator, shape, *, layout: str) -> str:
+def _write_dicom_case(root: Path, index: int, rng: np.random.Generator, shape, *, layout: str, enhanced: bool = False) -> str:
     """One case as a scanner export: ``ROOT/<case>/DICOM/<series>/IM...`` (one folder per series, DWI and
     ADC together, as many scanners write them) and the label as ``ROOT/labels/<case>.nii.gz`` on the
-    reference series' grid."""
+    reference series' grid. ``enhanced``: each series one enhanced multi-frame file, the DWI with its b0
+    frames as well, as newer scanners export."""
     from pydicom.uid import generate_uid
 
-    from segpipe.io.dicom import write_dicom_series
+    from segpipe.io.dicom import write_dicom_series, write_enhanced_dicom
 
     if layout == "isles22":
         spacing = (2.0, 2.0, 2.0)
@@ -386,11 +387,19 @@ def _write_dicom_case(root: Path, index: int, rng: np.random.Generator, shape, *
         case = make_head_case(rng, "wmh", shape, _WMH_SITES[0][2], channels=("flair", "t1"))
         name = f"wmhcase{index + 1:04d}"
     study, frame = generate_uid(), generate_uid()
+    patient = ("Synthetic^Case", f"SYN{index + 1:04d}")
     for ch, description, number, b_value in _DICOM_SERIES[layout]:
         folder = root / name / "DICOM" / ("S0001" if ch in ("dwi", "adc") else f"S{number:04d}")
-        write_dicom_series(*case.images[ch], folder, description=description, series_number=number, study_uid=study,
-                           frame_uid=frame, b_value=b_value, prefix=f"{ch.upper()}_",
-                           patient=("Synthetic^Case", f"SYN{index + 1:04d}"))
+        image, affine = case.images[ch]
+        if enhanced:
+            stacks = [(image, b_value)]
+            if b_value:  # the b0 images: T2-weighted, the lesion fainter than at high b
+                stacks.insert(0, (0.5 * image + 0.5 * float(np.percentile(image, 90)), 0.0))
+            write_enhanced_dicom(stacks, affine, folder / f"{ch.upper()}_{number:03d}", description=description,
+                                 series_number=number, study_uid=study, frame_uid=frame, patient=patient)
+        else:
+            write_dicom_series(image, affine, folder, description=description, series_number=number, study_uid=study,
+                               frame_uid=frame, b_value=b_value, prefix=f"{ch.upper()}_", patient=patient)
     save_nifti(root / "labels" / f"{name}.nii.gz", case.label.astype(np.uint8), case.label_affine)
     return name
 
@@ -404,19 +413,20 @@ def synthesize(
     fmt: str = "nifti",
 ) -> list[str]:
     """Write ``cases`` synthetic cases under ``root``: in the official ``layout`` (``fmt="nifti"``), or as
-    DICOM scanner exports, one study folder per case (``fmt="dicom"``); returns their names."""
+    DICOM scanner exports, one study folder per case (``fmt="dicom"``; ``"dicom-enhanced"``: one enhanced
+    multi-frame file per series); returns their names."""
     if layout not in SYNTH_LAYOUTS:
         from segpipe.errors import did_you_mean
 
         raise UsageError(f"--layout: synth writes {', '.join(SYNTH_LAYOUTS)}, got '{layout}'{did_you_mean(layout, SYNTH_LAYOUTS)}")
     if cases < 1:
         raise UsageError(f"--cases: expected at least 1, got {cases}")
-    if fmt not in ("nifti", "dicom"):
-        raise UsageError(f"--format: expected nifti or dicom, got '{fmt}'")
+    if fmt not in ("nifti", "dicom", "dicom-enhanced"):
+        raise UsageError(f"--format: expected nifti, dicom or dicom-enhanced, got '{fmt}'")
     shape = _check_shape(shape, layout)
     root = Path(root)
-    if fmt == "dicom":  # the same case drawing, written as a scanner export
-        writer = functools.partial(_write_dicom_case, layout=layout)
+    if fmt.startswith("dicom"):  # the same case drawing, written as a scanner export
+        writer = functools.partial(_write_dicom_case, layout=layout, enhanced=fmt == "dicom-enhanced")
     else:
         writer = _write_isles22 if layout == "isles22" else _write_wmh17
     from segpipe.progress import track

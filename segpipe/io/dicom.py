@@ -562,7 +562,8 @@ def write_enhanced_dicom(
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
     ds.Modality, ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "MR", "segpipe", series_number, 1
-    ds.SeriesDescription, ds.ImageType = description, ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]
+    diffusion_weighted = any(b is not None for _, b in stacks)
+    ds.SeriesDescription, ds.ImageType = description, ["ORIGINAL", "PRIMARY", "DIFFUSION" if diffusion_weighted else "M", "NONE"]
     ds.NumberOfFrames, ds.Rows, ds.Columns = len(frames), stored.shape[2], stored.shape[1]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1

@@ -624,3 +624,18 @@ def test_enhanced_multiframe_bad_geometry_is_named(tmp_path):
     ds.save_as(str(path))
     with pytest.raises(SegpipeError, match=r"#3 'DWI' \(MR, enhanced multi-frame file\): frames without position"):
         read_series(series, series.files, what="channel 'dwi' series")
+
+
+def test_synthetic_enhanced_export_segments_like_the_classic_one(tiny_model, tmp_path):
+    from segpipe.data.synthetic import synthesize
+
+    for fmt in ("dicom", "dicom-enhanced"):
+        synthesize(tmp_path / fmt, "isles22", cases=1, seed=3, shape=(40, 40, 24), fmt=fmt)
+    assert len(list((tmp_path / "dicom-enhanced" / "strokecase0001" / "DICOM").rglob("*_0*"))) == 3  # one file per series
+    masks = {}
+    for fmt in ("dicom", "dicom-enhanced"):
+        report = infer(tiny_model, [tmp_path / fmt / "strokecase0001"], tmp_path / f"out-{fmt}", tta=False)
+        assert not report.failed, report.failed
+        assert (tmp_path / f"out-{fmt}" / "strokecase0001_seg.dcm").is_file()
+        masks[fmt] = np.asanyarray(nib.load(str(tmp_path / f"out-{fmt}" / "strokecase0001.nii.gz")).dataobj)
+    assert (masks["dicom"] != masks["dicom-enhanced"]).mean() < 0.002 and masks["dicom"].any()
