@@ -317,19 +317,20 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
     planes = [_plane(d, None) for d, _ in dss]
     missing = [f for (d, f), p in zip(dss, planes) if p is None]
     if missing:
-        raise SegpipeError(f"{what} {series.label}: {len(missing)} files have no slice position/orientation (e.g. '{missing[0]}'); not a volume")
+        raise SegpipeError(f"{what} {series.label}: {len(missing)} files have no slice position, orientation or pixel spacing "
+                           f"(e.g. '{missing[0]}'); not a volume")
     thickness = float(dss[0][0].get("SliceThickness", 1.0) or 1.0)
-    order, spacing_z = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
+    order, spacing_z, uneven = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
     sorted_files = [dss[i][1] for i in order]
     arr = _pixels_sitk(series, sorted_files, what)
-    return _assemble(arr, [planes[i] for i in order], spacing_z, Path(sorted_files[0]).parent, sorted_files)  # type: ignore[misc]
+    return _assemble(arr, [planes[i] for i in order], spacing_z, uneven, Path(sorted_files[0]).parent, sorted_files)  # type: ignore[misc]
 
 
 def _slice_order(series: SeriesInfo, positions: Sequence[np.ndarray], iop: np.ndarray, thickness: float, allow_uneven: bool,
-                 what: str) -> tuple[list[int], float]:
-    """Slices sorted along the normal; their (median) spacing (one slice: its thickness). One image per
-    position; uneven spacing or a missing slice is an error unless ``allow_uneven`` (then a warning;
-    :func:`_assemble` resamples)."""
+                 what: str) -> tuple[list[int], float, bool]:
+    """Slices sorted along the normal; their (median) spacing (one slice: its thickness); whether it is
+    uneven. One image per position; uneven spacing or a missing slice is an error unless ``allow_uneven``
+    (then a warning; :func:`_assemble` resamples)."""
     normal = np.cross(iop[:3], iop[3:])
     pos = np.array([p @ normal for p in positions])
     order = [int(i) for i in np.argsort(pos, kind="stable")]
@@ -339,14 +340,15 @@ def _slice_order(series: SeriesInfo, positions: Sequence[np.ndarray], iop: np.nd
                            "choose a series with one image per position")
     gaps = np.diff(pos)
     spacing_z = float(np.median(gaps)) if len(gaps) else thickness
-    if len(gaps) and float(np.abs(gaps - spacing_z).max()) > 0.1 * spacing_z:
+    uneven = bool(len(gaps)) and float(np.abs(gaps - spacing_z).max()) > 0.1 * spacing_z
+    if uneven:
         worst = int(np.argmax(np.abs(gaps - spacing_z)))
         msg = (f"{what} {series.label}: uneven slice spacing: slices {worst} and {worst + 1} are {gaps[worst]:.2f} mm apart where "
                f"{spacing_z:.2f} mm is the rule ({'a missing slice' if gaps[worst] > 1.5 * spacing_z else 'irregular spacing'})")
         if not allow_uneven:
             raise SegpipeError(msg + "; re-export the series, or pass --allow-uneven to resample it onto even slices")
         log.warning("%s; resampling onto even %.2f mm slices (--allow-uneven)", msg, spacing_z)
-    return order, spacing_z
+    return order, spacing_z, uneven
 
 
 def _pixels_sitk(series: SeriesInfo, files: Sequence[str], what: str) -> np.ndarray:
@@ -370,17 +372,18 @@ def _pixels_sitk(series: SeriesInfo, files: Sequence[str], what: str) -> np.ndar
     return np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)).astype(np.float32)  # (x = column, y = row, z)
 
 
-def _assemble(arr: np.ndarray, planes: Sequence[tuple[np.ndarray, np.ndarray, list[float]]], spacing_z: float, where: Path,
-              sources: list[str], frames: Sequence[int] | None = None, n_frames: int = 0) -> tuple[Volume, list[str], list[int]]:
+def _assemble(arr: np.ndarray, planes: Sequence[tuple[np.ndarray, np.ndarray, list[float]]], spacing_z: float, uneven: bool,
+              where: Path, sources: list[str], frames: Sequence[int] | None = None,
+              n_frames: int = 0) -> tuple[Volume, list[str], list[int]]:
     """The volume and its RAS affine from slices in order along the normal (``arr`` (x, y, z), one plane each);
-    uneven slices resampled linearly onto ``spacing_z``. With ``frames`` (the multi-frame file's frame of each
+    ``uneven`` slices resampled linearly onto ``spacing_z``. With ``frames`` (the multi-frame file's frame of each
     slice), the index maps every one of the ``n_frames`` frames to its slice (-1: not in the volume)."""
     iop, first_pos, ps = planes[0]
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
     pos = np.array([p[1] @ normal for p in planes])
     index = list(range(len(planes)))
-    if len(pos) > 1 and float(np.abs(np.diff(pos) - spacing_z).max()) > 0.1 * spacing_z:
+    if uneven:
         target = pos[0] + spacing_z * np.arange(int(round((pos[-1] - pos[0]) / spacing_z)) + 1)
         idx = np.clip(np.searchsorted(pos, target, side="right") - 1, 0, len(pos) - 2)
         w = ((target - pos[idx]) / (pos[idx + 1] - pos[idx]))[None, None, :]
@@ -425,12 +428,12 @@ def _read_multiframe(series: SeriesInfo, path: str, *, allow_uneven: bool, what:
                            "choose a series with one stack")
     meas = _frame_item(ds, frames[0], "PixelMeasuresSequence")
     thickness = float(meas.get("SliceThickness", 1.0) or 1.0) if meas is not None else 1.0
-    order, spacing_z = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
+    order, spacing_z, uneven = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
     arr = _pixels_sitk(series, [path], what)
     if arr.shape[2] != n:
         raise SegpipeError(f"{what} {series.label}: {arr.shape[2]} frames of pixel data for {n} frames in the header")
     chosen = [frames[i] for i in order]
-    return _assemble(arr[:, :, chosen], [planes[i] for i in order], spacing_z, Path(path).parent, [path], chosen, n)  # type: ignore[misc]
+    return _assemble(arr[:, :, chosen], [planes[i] for i in order], spacing_z, uneven, Path(path).parent, [path], chosen, n)  # type: ignore[misc]
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
