@@ -3,7 +3,8 @@
 Inputs, each argument one of:
 
 - a manifest (``.json``): every case in it;
-- a folder holding a DICOM export (a tree of several series): one case; one series per model channel is
+- a folder holding a DICOM export (a tree of several series): one case per study in it (named after the
+  study's own subfolder, else numbered; one study: the folder's name); one series per model channel is
   chosen (see :mod:`segpipe.io.dicom`), converted to NIfTI in a temporary folder, segmented; the result is
   written as NIfTI and as a DICOM SEG that references the reference channel's series;
 - a folder of NIfTI files, or NIfTI files given together: one case; a file belongs to the channel whose
@@ -55,6 +56,7 @@ class CaseInput:
     channels: dict[str, Path] = field(default_factory=dict)
     dicom: Path | None = None
     source: str = ""
+    series: list[Any] | None = None  # DICOM: this case's series (one study), when the folder was scanned already
 
 
 @dataclass
@@ -158,7 +160,7 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
             cases += [CaseInput(c.id, {ch: m.image_path(c, ch) for ch in channels}, source=str(p)) for c in m.cases]
         elif p.is_dir():
             if is_dicom_folder(p):
-                cases.append(CaseInput(p.resolve().name, dicom=p, source=str(p)))
+                cases += _dicom_cases(p)
             else:
                 files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(NIFTI))
                 if not files:
@@ -179,12 +181,37 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
     return cases
 
 
+def _dicom_cases(folder: Path) -> list[CaseInput]:
+    """A DICOM folder: one case per study in it (a PACS export of several examinations is a batch). Each is
+    named after the subfolder that holds it when the studies have subfolders of their own, else numbered."""
+    from segpipe.io.dicom import find_series
+
+    series = find_series(folder)
+    studies: dict[str, list[Any]] = {}
+    for s in series:
+        studies.setdefault(s.study_uid, []).append(s)
+    name = folder.resolve().name
+    if len(studies) <= 1:
+        return [CaseInput(name, dicom=folder, source=str(folder), series=series or None)]
+
+    def top(s: Any) -> str:
+        rel = Path(os.path.relpath(s.files[0], folder)).parts
+        return rel[0] if len(rel) > 1 else ""
+
+    tops = [{top(s) for s in group} for group in studies.values()]
+    own = all(len(t) == 1 and "" not in t for t in tops) and len({next(iter(t)) for t in tops}) == len(tops)
+    log.info("DICOM input '%s' holds %d studies: one case each", folder, len(studies))
+    cases = [CaseInput(f"{name}_{next(iter(t))}" if own else f"{name}_study{k + 1}", dicom=folder, source=str(folder), series=group)
+             for k, (t, group) in enumerate(zip(tops, studies.values()))]
+    return sorted(cases, key=lambda c: c.id)
+
+
 def _dicom_to_nifti(case: CaseInput, channels: Sequence[str], work: Path, rules: Mapping[str, Any] | None,
                     forced: Mapping[str, int] | None, allow_uneven: bool, reference: str) -> tuple[dict[str, Path], list[str], list[int]]:
     from segpipe.io.dicom import find_series, read_series, select_series
 
     assert case.dicom is not None
-    series = find_series(case.dicom)
+    series = case.series if case.series is not None else find_series(case.dicom)
     chosen = select_series(series, channels, rules, forced, where=str(case.dicom))
     paths = {}
     ref_files: list[str] = []

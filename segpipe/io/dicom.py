@@ -11,8 +11,8 @@ resamples the slices linearly onto their median spacing with a warning.
 Choosing: per channel, rules (a SeriesDescription pattern, an exclusion pattern, a modality, a minimum
 b-value; defaults below, overridable in the config's ``infer.dicom_rules``) or ``--series CHANNEL=NUMBER``.
 No candidate or several candidates is an error that lists the series found. The chosen series must belong
-to one study of one patient (StudyInstanceUID, PatientID): an export folder holding several is an error
-naming which channel came from where, never a silent mix. Enhanced multi-frame images (one file per series,
+to one study of one patient (StudyInstanceUID, PatientID): series from several are an error naming which
+channel came from where, never a silent mix (``segpipe infer`` makes one case per study of a folder). Enhanced multi-frame images (one file per series,
 the geometry of each frame in its functional groups; a DWI file with several b-values gives its highest)
 are read like a classic series.
 """

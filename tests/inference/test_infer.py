@@ -639,3 +639,25 @@ def test_synthetic_enhanced_export_segments_like_the_classic_one(tiny_model, tmp
         assert (tmp_path / f"out-{fmt}" / "strokecase0001_seg.dcm").is_file()
         masks[fmt] = np.asanyarray(nib.load(str(tmp_path / f"out-{fmt}" / "strokecase0001.nii.gz")).dataobj)
     assert (masks["dicom"] != masks["dicom-enhanced"]).mean() < 0.002 and masks["dicom"].any()
+
+
+def test_a_dicom_folder_of_several_studies_is_a_batch(cli, tiny_model, tmp_path):
+    p1, p2 = ("One^Patient", "P1"), ("Two^Patient", "P2")
+    batch = tmp_path / "pacs"
+    _series_of(batch / "exam_b", generate_uid(), p2, "dwi", "adc", "flair")
+    _series_of(batch / "exam_a", generate_uid(), p1, "dwi", "adc", "flair")
+    _series_of(batch / "exam_c", generate_uid(), p1, "dwi", "adc")  # a follow-up without FLAIR: that case fails alone
+    r = cli("infer", "--model", tiny_model, batch, "--out", tmp_path / "out", "--no-tta")
+    assert r.exit_code == 1 and "2 done, 1 failed" in r.output, r.output
+    assert "pacs_exam_c: DICOM input" in r.output and "no series found for channel 'flair'" in r.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["cases"]) == ["pacs_exam_a", "pacs_exam_b"]
+    assert all((tmp_path / "out" / f"pacs_exam_{x}_seg.dcm").is_file() for x in "ab")
+    seg_b = pydicom.dcmread(str(tmp_path / "out" / "pacs_exam_b_seg.dcm"))
+    assert seg_b.PatientID == "P2"  # each SEG belongs to its own examination
+    flat = tmp_path / "flat"  # two studies' files in one folder: numbered
+    case = _case(3)
+    for k, patient in enumerate((p1, p2)):
+        write_dicom_series(*case.images["dwi"], flat, description="DWI", series_number=7, study_uid=generate_uid(),
+                           frame_uid=generate_uid(), patient=patient, prefix=f"S{k}_")
+    assert [c.id for c in resolve_inputs([flat], CHANNELS)] == ["flat_study1", "flat_study2"]
