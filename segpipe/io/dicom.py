@@ -439,6 +439,33 @@ def _read_multiframe(series: SeriesInfo, path: str, *, allow_uneven: bool, what:
 # -- writing ---------------------------------------------------------------------------------------------------
 
 
+def _image_dataset(path: Path, sop_class: str, uids: tuple[str, str, str], patient: tuple[str, str], modality: str,
+                   series_number: int, instance: int, description: str, rows: int, columns: int) -> Any:
+    """The header both synthetic writers share: file meta, (study, series, frame of reference) ``uids``,
+    patient and study as a scanner fills them, signed 16-bit monochrome pixels."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids
+    ds.PatientName, ds.PatientID = patient
+    ds.PatientBirthDate, ds.PatientSex = "19600101", "O"
+    now = datetime.datetime(2024, 1, 1, 12, 0, 0)
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "SYN1", "1", ""
+    ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = modality, "segpipe", "synthetic"
+    ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = series_number, instance, description
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    return ds
+
+
 def write_dicom_series(
     volume: np.ndarray,
     affine: np.ndarray,
@@ -456,8 +483,7 @@ def write_dicom_series(
     """Write an (x, y, z) volume with a RAS ``affine`` as one DICOM file per slice (MR/CT Image Storage),
     the way a scanner export stores it: 16-bit pixels with rescale slope and intercept, LPS geometry."""
     import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -466,34 +492,17 @@ def write_dicom_series(
     stored, slope, intercept = _encode16(vol)
     sop_class = "1.2.840.10008.5.1.4.1.1.4" if modality == "MR" else "1.2.840.10008.5.1.4.1.1.2"
     series_uid = generate_uid()
-    now = datetime.datetime(2024, 1, 1, 12, 0, 0)
     written = []
     for k in range(vol.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"{prefix}{series_number:03d}_{k + 1:04d}"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.PatientName, ds.PatientID = patient
-        ds.PatientBirthDate, ds.PatientSex = "19600101", "O"
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-        ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "SYN1", "1", ""
-        ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = modality, "segpipe", "synthetic"
-        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = series_number, k + 1, description
+        ds = _image_dataset(path, sop_class, (study_uid, series_uid, frame_uid), patient, modality, series_number, k + 1,
+                            description, stored.shape[1], stored.shape[0])
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
         ds.ImagePositionPatient = [float(v) for v in (lps[:3, 3] + normal * sz * k)]
         ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
         ds.PixelSpacing = [sy, sx]
         ds.SliceThickness = ds.SpacingBetweenSlices = sz
         ds.SliceLocation = float(np.dot(lps[:3, 3] + normal * sz * k, normal))
-        ds.Rows, ds.Columns = vol.shape[1], vol.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
         if b_value is not None:
             ds.add_new((0x0018, 0x9087), "FD", float(b_value))
@@ -541,9 +550,9 @@ def write_enhanced_dicom(
     orientation, spacing and rescale shared, the b-value per frame. ``frame_order`` permutes the frames
     (stack-major order by default): readers must sort by position, not trust the file order."""
     import pydicom
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -554,22 +563,12 @@ def write_enhanced_dicom(
     frames = [(s, k) for s in range(len(stacks)) for k in range(stored.shape[3])]
     if frame_order is not None:
         frames = [frames[i] for i in frame_order]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, generate_uid(), frame_uid
-    ds.PatientName, ds.PatientID = patient
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.Modality, ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "MR", "segpipe", series_number, 1
+    ds = _image_dataset(path, "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+                        (study_uid, generate_uid(), frame_uid), patient, "MR", series_number, 1, description,
+                        stored.shape[2], stored.shape[1])
     diffusion_weighted = any(b is not None for _, b in stacks)
-    ds.SeriesDescription, ds.ImageType = description, ["ORIGINAL", "PRIMARY", "DIFFUSION" if diffusion_weighted else "M", "NONE"]
-    ds.NumberOfFrames, ds.Rows, ds.Columns = len(frames), stored.shape[2], stored.shape[1]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "DIFFUSION" if diffusion_weighted else "M", "NONE"]
+    ds.NumberOfFrames = len(frames)
     measures, orientation, transform = Dataset(), Dataset(), Dataset()
     measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [sy, sx], sz, sz
     orientation.ImageOrientationPatient = [float(v) for v in (*row, *col)]
