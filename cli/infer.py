@@ -60,6 +60,10 @@ def infer(
     skip_existing: Annotated[
         bool, typer.Option("--skip-existing", help="Leave cases whose outputs are already in --out (continue an interrupted run).")
     ] = False,
+    cross_validation: Annotated[
+        bool, typer.Option("--cross-validation", help="INPUT is the manifest the models were trained from: segment each case only "
+                           "with the fold model(s) that held it out, for a cross-validation score (`segpipe evaluate`).")
+    ] = False,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="A config whose 'infer' section (overlap, TTA, DICOM rules...) replaces the model's.")
     ] = None,
@@ -79,12 +83,15 @@ def infer(
     report = run(model, inputs or [], out, channel_map=_pairs(channel, "--channel"), tta=tta, device=device,
                  min_lesion_mm3=min_lesion_mm3, save_probabilities=save_probabilities,
                  series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers,
-                 preprocess_workers=preprocess_workers, skip_existing=skip_existing,
+                 preprocess_workers=preprocess_workers, skip_existing=skip_existing, cross_validation=cross_validation,
                  infer_config=infer_config, progress=track)
     for cid, info in report.done.items():
         lesions = "; ".join(f"{k}: {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in info["lesions"].items())
         typer.echo(f"{cid}: {lesions} -> {', '.join(info['outputs'])}")
     skipped = f", {len(report.skipped)} skipped (outputs already there)" if report.skipped else ""
     typer.echo(f"{len(report.done)} done, {len(report.failed)} failed{skipped} in {report.seconds:.1f} s; summary in {out / 'summary.json'}")
+    if cross_validation and report.done:
+        typer.echo(f"cross-validation predictions: score them with `segpipe evaluate --pred {out} --gt {inputs[0]} --protocol "
+                   "isles22|wmh17`")
     if report.failed:
         raise SegpipeError(f"{len(report.failed)} case(s) failed", details=[f"{k}: {v}" for k, v in report.failed.items()])

@@ -147,7 +147,7 @@ class Predictor:
 
     def __init__(self, net: torch.nn.Module, plan: Plan, *, device: torch.device, overlap: float = 0.5, sw_batch_size: int = 2,
                  amp: bool = True, source: str | Sequence[str] = "", infer_config: InferConfig | None = None,
-                 others: Sequence[tuple[torch.nn.Module, Plan]] = ()) -> None:
+                 others: Sequence[tuple[torch.nn.Module, Plan]] = (), held_out: Sequence[tuple[str, ...] | None] = ()) -> None:
         self.net = net.eval()
         self.plan = plan
         self.members = [(self.net, plan), *((n.eval(), p) for n, p in others)]
@@ -157,6 +157,8 @@ class Predictor:
         self.sw_batch_size = sw_batch_size
         self.amp_dtype = torch.bfloat16 if amp and device.type == "cuda" else None
         self.sources = [source] if isinstance(source, str) else list(source)  # one per member
+        # per member: the cases its training held out (its fold's validation cases), None where not recorded
+        self.held_out = list(held_out) or [None] * len(self.members)
 
     @classmethod
     def load(cls, model: str | Path | Sequence[str | Path], device: str = "auto", infer_config: InferConfig | None = None) -> Predictor:
@@ -172,8 +174,8 @@ class Predictor:
             raise SegpipeError(f"--model: the same checkpoint is given twice ({', '.join(str(p) for p in paths)}); an ensemble needs different models")
         dev = resolve_device(device)
         loaded = [_load_member(p, dev) for p in paths]
-        net, plan, cfg = loaded[0]
-        for path, (_, other, _) in zip(paths[1:], loaded[1:]):
+        net, plan, cfg, _ = loaded[0]
+        for path, (_, other, _, _) in zip(paths[1:], loaded[1:]):
             a, b = plan.preprocessing_key(), other.preprocessing_key()
             differ = [k for k in a if a[k] != b.get(k)]
             if differ:
@@ -185,7 +187,8 @@ class Predictor:
             log.info("ensemble of %d models: their class probabilities are averaged", len(paths))
         icfg = infer_config or cfg.infer
         return cls(net, plan, device=dev, overlap=icfg.overlap, sw_batch_size=icfg.sw_batch_size, amp=cfg.train.amp,
-                   source=[str(p) for p in paths], infer_config=icfg, others=[(n, p) for n, p, _ in loaded[1:]])
+                   source=[str(p) for p in paths], infer_config=icfg, others=[(n, p) for n, p, _, _ in loaded[1:]],
+                   held_out=[h for _, _, _, h in loaded])
 
     @property
     def source(self) -> str:
@@ -199,16 +202,20 @@ class Predictor:
                             keep_probabilities=keep_probabilities)
 
     def segment(self, case: PreparedCase, *, tta: bool = True, min_lesion_mm3: float = 0.0,
-                keep_probabilities: bool = False) -> Prediction:
-        """The network and the inversion for a case :func:`prepare_case` made (possibly in another process)."""
+                keep_probabilities: bool = False, members: Sequence[int] | None = None) -> Prediction:
+        """The network and the inversion for a case :func:`prepare_case` made (possibly in another process);
+        ``members``: the indices of the ensemble's members to use (default: all)."""
         t1 = time.perf_counter()
         probs = None
-        for net, plan in self.members:
+        chosen = [self.members[i] for i in members] if members is not None else self.members
+        if not chosen:
+            raise ValueError("segment: no member chosen")
+        for net, plan in chosen:
             p = predict_volume(net, case.image, plan.patch_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
                                device=self.device, tta=tta, amp_dtype=self.amp_dtype, keep_on_device=True)
             probs = p if probs is None else probs.add_(p)
-        if len(self.members) > 1:
-            probs /= len(self.members)
+        if len(chosen) > 1:
+            probs /= len(chosen)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -221,7 +228,7 @@ class Predictor:
                           {"preprocess": case.seconds, "network": t2 - t1, "invert": t3 - t2})
 
 
-def _load_member(path: Path, dev: torch.device) -> tuple[torch.nn.Module, Plan, Any]:
+def _load_member(path: Path, dev: torch.device) -> tuple[torch.nn.Module, Plan, Any, tuple[str, ...] | None]:
     ckpt = load_checkpoint(path, map_location="cpu")
     try:
         plan = Plan.from_json(ckpt["plan"])
@@ -236,7 +243,14 @@ def _load_member(path: Path, dev: torch.device) -> tuple[torch.nn.Module, Plan, 
     net.to(dev)
     log.info("model %s (epoch %s): channels %s, classes %s, on %s", path, ckpt.get("epoch"), ", ".join(plan.channels),
              ", ".join(plan.classes), dev)
-    return net, plan, cfg
+    return net, plan, cfg, held_out_cases(ckpt)
+
+
+def held_out_cases(ckpt: dict[str, Any]) -> tuple[str, ...] | None:
+    """The cases a checkpoint's training held out (its fold's validation cases; none for ``--fold all``), or
+    None when the checkpoint does not record them (made by an earlier segpipe)."""
+    held = ckpt.get("validation_cases")
+    return tuple(str(c) for c in held) if isinstance(held, list) else None
 
 
 @dataclass

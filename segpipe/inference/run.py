@@ -57,6 +57,7 @@ class CaseInput:
     dicom: Path | None = None
     source: str = ""
     series: list[Any] | None = None  # DICOM: this case's series (one study), when the folder was scanned already
+    members: tuple[int, ...] | None = None  # the ensemble's members that segment it (--cross-validation); None: all
 
 
 @dataclass
@@ -300,11 +301,11 @@ def _write(plan: Any, case: CaseInput, ref_files: list[str], ref_index: list[int
             "removed_small_components": pred.removed_components, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
 
 
-def _predict(predictor: Any, prep: _Prepared, opt: _Options) -> Any:
+def _predict(predictor: Any, case: CaseInput, prep: _Prepared, opt: _Options) -> Any:
     icfg = predictor.infer_config
     return predictor.segment(prep.case, tta=icfg.tta if opt.tta is None else opt.tta,
                              min_lesion_mm3=icfg.min_lesion_mm3 if opt.min_mm3 is None else opt.min_mm3,
-                             keep_probabilities=opt.save_probabilities)
+                             keep_probabilities=opt.save_probabilities, members=case.members)
 
 
 def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple[str, Any]:
@@ -312,7 +313,7 @@ def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple
     status, prep = _guarded(case, _prepare, predictor.plan, case, opt, predictor.infer_config.dicom_rules)
     if status != "ok":
         return status, prep
-    status, pred = _guarded(case, _predict, predictor, prep, opt)
+    status, pred = _guarded(case, _predict, predictor, case, prep, opt)
     if status != "ok":
         return status, pred
     return _guarded(case, _write, predictor.plan, case, prep.ref_files, prep.ref_index, pred, out, opt)
@@ -413,7 +414,7 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
             if status != "ok":
                 results[case.id] = (status, prep)
                 continue
-            status, pred = _guarded(case, _predict, predictor, prep, opt)
+            status, pred = _guarded(case, _predict, predictor, case, prep, opt)
             if status != "ok":
                 results[case.id] = (status, pred)
                 continue
@@ -425,6 +426,37 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return {c.id: results[c.id] for c in cases}, processes if pool is not None else 0
+
+
+def _assign_held_out(cases: list[CaseInput], held_out: Sequence[tuple[str, ...] | None], sources: Sequence[str]) -> list[str]:
+    """``--cross-validation``: each case is segmented by the models whose training held it out (its fold's
+    model; several when several given models held it out, e.g. two configurations of one fold), never by a
+    model that trained on it. Sets ``members`` on each case; returns the ids that no model held out."""
+    for src, held in zip(sources, held_out):
+        if held is None:
+            raise SegpipeError(f"--cross-validation: '{src}' does not record which cases its training held out (made by an earlier "
+                               "segpipe); train it again, or segment without --cross-validation")
+        if not held:
+            raise SegpipeError(f"--cross-validation: '{src}' was trained on every case (--fold all) and holds none out; give the "
+                               "runs of the folds, one --model each")
+    ids = {c.id for c in cases}
+    absent = sorted(set().union(*held_out) - ids)
+    if absent:
+        log.warning("--cross-validation: %d of the models' validation cases are not among the inputs (e.g. %s)", len(absent),
+                    ", ".join(absent[:3]))
+    left = []
+    for c in cases:
+        c.members = tuple(i for i, held in enumerate(held_out) if c.id in held)
+        if not c.members:
+            left.append(c.id)
+    if len(left) == len(cases):
+        example = ", ".join(sorted(set().union(*held_out))[:3])
+        raise SegpipeError(f"--cross-validation: none of the {len(cases)} input cases was held out by the given models (they held out "
+                           f"e.g. {example}); give the manifest they were trained from")
+    if left:
+        log.info("--cross-validation: %d cases were held out by none of the given models (their training cases, or unlabelled): "
+                 "not segmented", len(left))
+    return left
 
 
 def default_preprocess_workers(device: Any) -> int:
@@ -461,6 +493,7 @@ def infer(
     workers: int = 1,
     preprocess_workers: int | None = None,
     skip_existing: bool = False,
+    cross_validation: bool = False,
     infer_config: Any = None,
     progress=None,
 ) -> InferReport:
@@ -472,8 +505,11 @@ def infer(
     model and several cases, ``preprocess_workers`` processes prepare the next cases while the network works
     (None: 3 on a GPU when the cases are large enough to be worth it, else 0; see :func:`_pipelined`). ``tta`` and
     ``min_lesion_mm3`` left at None take the model's inference settings, or ``infer_config``'s (an
-    :class:`~segpipe.config.InferConfig`, from ``--config``), which also carries the DICOM series rules."""
-    from segpipe.inference.predictor import Predictor, resolve_model_path
+    :class:`~segpipe.config.InferConfig`, from ``--config``), which also carries the DICOM series rules. With
+    ``cross_validation`` the inputs are the manifest the models were trained from, and each case is segmented
+    only by the models whose training held it out (see :func:`_assign_held_out`): the folds' validation
+    predictions, to score with ``segpipe evaluate``."""
+    from segpipe.inference.predictor import Predictor, held_out_cases, resolve_model_path
     from segpipe.planning import Plan
     from segpipe.training.checkpoint import load_checkpoint
 
@@ -487,6 +523,8 @@ def infer(
     if preprocess_workers and workers > 1:
         raise UsageError("--preprocess-workers works with one model process; with --workers N each process prepares its own "
                          "cases: give one of the two")
+    if cross_validation and (channel_map or not inputs or any(Path(i).suffix.lower() != ".json" for i in inputs)):
+        raise UsageError("--cross-validation: give the manifest (.json) the models were trained from as the only INPUT")
     start = time.perf_counter()
     opt = _Options(tta, float(min_lesion_mm3) if min_lesion_mm3 is not None else None, save_probabilities,
                    dict(series or {}), allow_uneven, dicom_seg)
@@ -494,12 +532,18 @@ def infer(
     pre = 0
     if workers == 1:
         predictor = Predictor.load(model, device, infer_config)
-        sources, plan = predictor.sources, predictor.plan
+        sources, plan, held_out = predictor.sources, predictor.plan, predictor.held_out
     else:
         paths = [resolve_model_path(m) for m in ([model] if isinstance(model, (str, Path)) else model)]
         sources = [str(p) for p in paths]
-        plan = Plan.from_json(load_checkpoint(paths[0])["plan"])
+        ckpts = [load_checkpoint(p) for p in (paths if cross_validation else paths[:1])]
+        plan, held_out = Plan.from_json(ckpts[0]["plan"]), [held_out_cases(c) for c in ckpts]
+        del ckpts
     cases = resolve_inputs(inputs, plan.channels, channel_map)
+    not_held_out = None
+    if cross_validation:
+        not_held_out = _assign_held_out(cases, held_out, sources)
+        cases = [c for c in cases if c.members]
     out = ensure_writable_dir(out, what="--out folder")  # only once model and inputs are known good
     todo = cases
     if skip_existing:
@@ -531,14 +575,19 @@ def infer(
             for fut in cf.as_completed(futures):
                 results.update(fut.result())
         results = {c.id: results[c.id] for c in todo}
+    members = {c.id: c.members for c in todo}
     for cid, (status, payload) in results.items():
         if status == "ok":
+            if members[cid] is not None:
+                payload["model"] = [sources[i] for i in members[cid]]
             report.done[cid] = payload
         else:
             report.failed[cid] = payload
     report.seconds = time.perf_counter() - start
     summary = {"model": sources[0] if len(sources) == 1 else sources, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "workers": workers,
-               "preprocess_workers": pre if workers == 1 else 0, "cases": report.done,
+               "preprocess_workers": pre if workers == 1 else 0, "cross_validation": cross_validation, "cases": report.done,
                "failed": report.failed, "skipped": report.skipped, "seconds": round(report.seconds, 2)}
+    if not_held_out is not None:
+        summary["not_held_out"] = not_held_out
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return report

@@ -431,7 +431,7 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
                 metrics.append(record)
                 payload = {
                     "model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                    "epoch": epoch, "fold": str(fold), "config": resolved, "plan": plan.to_json(), "schedule": schedule.to_json(),
+                    "epoch": epoch, "fold": str(fold), "training_cases": train_ids, "validation_cases": val_ids, "config": resolved, "plan": plan.to_json(), "schedule": schedule.to_json(),
                     "loss_spec": str(spec), "best_metric": best, "best_epoch": best_epoch, "best_metric_name": t.best_metric,
                     "rng": rng_state(), "world_size": dist.world,
                 }

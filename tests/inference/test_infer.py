@@ -661,3 +661,89 @@ def test_a_dicom_folder_of_several_studies_is_a_batch(cli, tiny_model, tmp_path)
         write_dicom_series(*case.images["dwi"], flat, description="DWI", series_number=7, study_uid=generate_uid(),
                            frame_uid=generate_uid(), patient=patient, prefix=f"S{k}_")
     assert [c.id for c in resolve_inputs([flat], CHANNELS)] == ["flat_study1", "flat_study2"]
+
+
+def _fold_models(tiny_model, tiny_cache, folder):
+    """One checkpoint per fold of the tiny cache (the tiny model's weights, perturbed differently), each
+    recording the cases its training held out, as `segpipe train --fold F` writes them."""
+    from segpipe.training.checkpoint import load_checkpoint, save_checkpoint
+
+    folds = json.loads((tiny_cache / "cache.json").read_text())["folds"]
+    cases = json.loads((tiny_cache / "cache.json").read_text())["cases"]
+    paths = []
+    for f, val in enumerate(folds):
+        path = _variant(tiny_model, folder / f"fold{f}.pt", noise=0.05 * (f + 1))
+        ckpt = load_checkpoint(path)
+        ckpt.pop("format")
+        ckpt.update(fold=str(f), validation_cases=list(val), training_cases=[c for c in cases if c not in val])
+        paths.append(save_checkpoint(path, ckpt))
+    return paths, folds
+
+
+def test_training_records_the_cases_it_held_out(tiny_model, tiny_cache):
+    from segpipe.training.checkpoint import load_checkpoint
+
+    index = json.loads((tiny_cache / "cache.json").read_text())
+    ckpt = load_checkpoint(tiny_model / "checkpoint_best.pt")
+    assert ckpt["fold"] == "0" and ckpt["validation_cases"] == list(index["folds"][0])
+    assert sorted(ckpt["training_cases"] + ckpt["validation_cases"]) == sorted(index["cases"])
+
+
+def test_cross_validation_segments_each_case_with_the_model_that_held_it_out(tiny_model, tiny_cache, tmp_path):
+    manifest = tiny_cache.parent / "m.json"
+    models, folds = _fold_models(tiny_model, tiny_cache, tmp_path)
+    report = infer(models, [manifest], tmp_path / "cv", tta=False, save_probabilities=True, cross_validation=True)
+    assert not report.failed and sorted(report.done) == sorted(c for fold in folds for c in fold)
+    summary = json.loads((tmp_path / "cv" / "summary.json").read_text())
+    assert summary["cross_validation"] is True and summary["not_held_out"] == []
+
+    def probs(folder, cid):
+        return np.asanyarray(nib.load(str(folder / f"{cid}_probabilities.nii.gz")).dataobj)
+
+    for f, (model, val) in enumerate(zip(models, folds)):
+        alone = infer([model], [manifest], tmp_path / f"alone{f}", tta=False, save_probabilities=True)  # every case, one model
+        for cid in report.done:
+            same = np.allclose(probs(tmp_path / "cv", cid), probs(tmp_path / f"alone{f}", cid), atol=1e-6)
+            assert same == (cid in val), (cid, f)  # equal to the fold's model on its own validation cases only
+            if cid in val:
+                assert summary["cases"][cid]["model"] == [str(model)]
+        assert not alone.failed
+
+
+def test_cross_validation_with_some_folds_and_bad_inputs(cli, tiny_model, tiny_cache, tmp_path):
+    from segpipe.training.checkpoint import load_checkpoint, save_checkpoint
+
+    manifest = tiny_cache.parent / "m.json"
+    models, folds = _fold_models(tiny_model, tiny_cache, tmp_path)
+    # one fold's model: its validation cases only; the others are listed as held out by none (also with --workers 2)
+    r = cli("infer", "--model", models[1], manifest, "--out", tmp_path / "one", "--cross-validation", "--no-tta", "--workers", "2")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert sorted(summary["cases"]) == sorted(folds[1])
+    assert sorted(summary["not_held_out"]) == sorted(c for f in (0, 2) for c in folds[f])
+    assert "segpipe evaluate --pred" in r.output
+    # not a manifest
+    r = cli("infer", "--model", models[0], _nifti_case(tmp_path / "in"), "--out", tmp_path / "o", "--cross-validation")
+    assert r.exit_code == 2 and "--cross-validation: give the manifest" in r.output
+    # a model trained on every case, and one that does not record its held-out cases
+    for name, change in (("all", {"fold": "all", "validation_cases": []}), ("old", None)):
+        ckpt = load_checkpoint(models[0])
+        ckpt.pop("format")
+        if change is None:
+            ckpt.pop("validation_cases")
+        else:
+            ckpt.update(change)
+        path = save_checkpoint(tmp_path / f"{name}.pt", ckpt)
+        r = cli("infer", "--model", path, "--model", models[1], manifest, "--out", tmp_path / "o", "--cross-validation")
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert ("trained on every case (--fold all)" if change else "does not record which cases") in r.output
+    # a manifest of other cases
+    other = json.loads(manifest.read_text())
+    root = (manifest.parent / other["root"]).resolve()
+    for c in other["cases"]:
+        c["id"] = "other_" + c["id"]
+    other.update(root=str(root), folds={"k": 1, "seed": 0, "validation": [[c["id"] for c in other["cases"]]]})
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    r = cli("infer", "--model", models[0], tmp_path / "other.json", "--out", tmp_path / "o", "--cross-validation")
+    assert r.exit_code == 1 and "was held out by the given models" in r.output
+    assert not (tmp_path / "o").exists()
