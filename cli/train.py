@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,10 @@ def train(
         typer.Option("--schedule", help="Boundary weight schedule: rebalance, increase or constant, with options: rebalance:step=0.02,floor=0.05."),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs (train.epochs).")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option("--init-from", help="Fine-tune: start from this run folder's or checkpoint's weights (output heads "
+                                  "fresh when the classes differ); lower train.learning_rate to taste.", show_default=False)
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
@@ -67,6 +72,8 @@ def train(
         extra.append("train.compile=true")
     if deterministic:
         extra.append("train.deterministic=true")
+    if init_from is not None:
+        extra.append(f"train.init_from={json.dumps(str(init_from.resolve()))}")  # a quoted YAML string: any path stays a string
     cfg = resolve_train_config(cache, config, extra)
     result = run(cfg, cache, out, fold=fold, resume=resume, overwrite=overwrite, device=device)
     best = (f"; best validation {cfg.train.best_metric} {result.best_metric:.4f} at epoch {result.best_epoch}"

@@ -123,6 +123,9 @@ class TrainConfig:
     #: loader's CPU processes), or "auto" (device on CUDA, workers otherwise)
     augment_on: Literal["auto", "workers", "device"] = "auto"
     log_every: int = 50
+    #: fine-tuning: start from this run folder's or checkpoint's weights (output heads fresh when the classes
+    #: differ; see segpipe.training.finetune); null: a fresh network
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from segpipe.inference.sliding import class_argmax, predict_volume
 from segpipe.io.nifti import Geometry, read_geometry
 from segpipe.models import build_network
 from segpipe.planning import Plan
-from segpipe.training.checkpoint import load_checkpoint
+from segpipe.training.checkpoint import load_checkpoint, resolve_checkpoint
 from segpipe.transforms.preprocessing import build_preprocessing, channel_key, run_chain
 
 __all__ = ["Prediction", "PreparedCase", "Predictor", "prepare_case", "remove_small_components", "resample_to_grid", "resolve_model_path"]
@@ -86,18 +86,7 @@ def resample_to_grid(probs: torch.Tensor, src_affine: np.ndarray, dst_shape: tup
 
 def resolve_model_path(model: str | Path) -> Path:
     """A run folder (its ``checkpoint_best.pt``, else ``checkpoint_latest.pt``) or a checkpoint file."""
-    p = Path(model)
-    if p.is_dir():
-        for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
-            if (p / name).is_file():
-                return p / name
-        runs = sorted(d.name for d in p.iterdir() if d.is_dir() and any((d / n).is_file() for n in ("checkpoint_best.pt", "checkpoint_latest.pt")))
-        hint = (f"; it holds the runs {', '.join(runs)}: give each with its own --model (an ensemble), or one of them" if runs
-                else "; give a run folder of `segpipe train`")
-        raise SegpipeError(f"--model '{p}': no checkpoint_best.pt or checkpoint_latest.pt in this folder{hint}")
-    if not p.exists():
-        raise SegpipeError(f"--model '{p}': not found; give a run folder or a checkpoint file")
-    return p
+    return resolve_checkpoint(model, option="--model")
 
 
 def remove_small_components(mask: np.ndarray, spacing: tuple[float, ...], min_mm3: float) -> tuple[np.ndarray, int]:

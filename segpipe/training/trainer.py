@@ -50,6 +50,7 @@ from segpipe.training.checkpoint import (
     set_rng_state,
 )
 from segpipe.training.distributed import Dist, setup_distributed, teardown_distributed
+from segpipe.training.finetune import initial_weights
 from segpipe.training.loader import BatchFinisher, PatchBatches, make_loader
 from segpipe.training.runlog import MetricsLog, attach_log_file, plot_progress
 from segpipe.transforms.preprocessing import IGNORE_INDEX
@@ -60,7 +61,8 @@ log = logging.getLogger(__name__)
 
 # config keys that may change when resuming: they do not change what is being trained
 RESUMABLE = ("name", "train.epochs", "train.num_workers", "train.augment_on", "train.log_every", "train.validate_every",
-             "train.max_validation_cases", "train.compile", "train.amp", "train.amp_dtype", "train.deterministic", "infer.")
+             "train.max_validation_cases", "train.compile", "train.amp", "train.amp_dtype", "train.deterministic", "infer.",
+             "train.init_from")  # init_from: a resumed run's weights come from its own checkpoint
 HIGHER_IS_BETTER = {"dice": True, "lesion_f1": True, "hd95": False, "avd_ml": False}
 RUN_MARKERS = ("config.yaml", "checkpoint_latest.pt", "metrics.csv", "plan.json")
 
@@ -282,6 +284,7 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         raise UsageError(f"config 'train.best_metric': expected one of {', '.join(HIGHER_IS_BETTER)}, got '{config.train.best_metric}'"
                          f"{did_you_mean(config.train.best_metric, HIGHER_IS_BETTER)}")
     workers = loader_workers(config.train.num_workers, dev, dist.world)  # checked before anything is written
+    init = initial_weights(config.train.init_from, plan) if config.train.init_from and not resume else None
 
     _prepare_run_folder(out, resume, overwrite, dist.is_main)
     dist.barrier()
@@ -316,7 +319,10 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         if dist.is_main:
             (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
             (out / "plan.json").write_text(json.dumps(plan.to_json(), indent=2))
-        net: torch.nn.Module = build_network(plan).to(dev)
+        net: torch.nn.Module = build_network(plan)
+        if init is not None:
+            net.load_state_dict(init[0], strict=False)
+        net = net.to(dev)
         if t.optimizer == "sgd":
             opt = torch.optim.SGD(net.parameters(), lr=t.learning_rate, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay)
         else:
