@@ -284,7 +284,10 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         raise UsageError(f"config 'train.best_metric': expected one of {', '.join(HIGHER_IS_BETTER)}, got '{config.train.best_metric}'"
                          f"{did_you_mean(config.train.best_metric, HIGHER_IS_BETTER)}")
     workers = loader_workers(config.train.num_workers, dev, dist.world)  # checked before anything is written
-    init = initial_weights(config.train.init_from, plan) if config.train.init_from and not resume else None
+    init = None
+    if config.train.init_from and not resume:
+        state, _, plan = initial_weights(config.train.init_from, plan)
+        init = state
 
     _prepare_run_folder(out, resume, overwrite, dist.is_main)
     dist.barrier()
@@ -321,7 +324,7 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
             (out / "plan.json").write_text(json.dumps(plan.to_json(), indent=2))
         net: torch.nn.Module = build_network(plan)
         if init is not None:
-            net.load_state_dict(init[0], strict=False)
+            net.load_state_dict(init, strict=False)
         net = net.to(dev)
         if t.optimizer == "sgd":
             opt = torch.optim.SGD(net.parameters(), lr=t.learning_rate, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay)

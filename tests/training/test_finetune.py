@@ -69,15 +69,33 @@ def test_other_channel_names_are_taken_in_order_with_a_warning(tiny_model, tmp_p
     assert not fresh and "trained on channels t1, t2, flair, this run has dwi, adc, flair" in caplog.text
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"channels": ("dwi", "adc")}, "the model takes 2 input channels (dwi, adc), this run 3"),
-    ("filters", "its network differs from this run's (filters [8, 16, 32] there, [4, 8, 16] here)"),
-])
-def test_a_network_that_does_not_fit_is_refused(cli, tiny_model, tiny_cache, tmp_path, change, needle):
+def test_the_run_takes_the_models_network_patch_and_batch(cli, tiny_model, tiny_cache, tmp_path):
     ckpt_plan = Plan.from_json(load_checkpoint(tiny_model / "checkpoint_best.pt")["plan"])
-    if change == "filters":
-        change = {"network": dataclasses.replace(ckpt_plan.network, filters=(8, 16, 32))}
-    source = _model_for(tiny_model, tmp_path / "other.pt", **change)
+    wider = dataclasses.replace(ckpt_plan.network, filters=(8, 16, 32))
+    source = _model_for(tiny_model, tmp_path / "wide.pt", network=wider, patch_size=(24, 24, 24), batch_size=1)
+    r = cli("train", "--cache", tiny_cache, "--out", tmp_path / "run", "--epochs", "1", "--init-from", source, "train.learning_rate=0")
+    assert r.exit_code == 0, r.output
+    after = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
+    plan = Plan.from_json(after["plan"])
+    assert plan.network == wider and plan.patch_size == (24, 24, 24) and plan.batch_size == 1
+    assert plan.target_spacing == ckpt_plan.target_spacing  # the preprocessing stays the cache's
+    theirs = load_checkpoint(source)["model"]
+    assert all(torch.equal(after["model"][k], v) for k, v in theirs.items())
+
+
+@pytest.mark.parametrize("change, needle", [
+    ("channels", "the model takes 2 input channels (dwi, adc), this run 3"),
+    ("damaged", "its weights do not fit the network of its own plan"),
+])
+def test_a_model_that_does_not_fit_is_refused(cli, tiny_model, tiny_cache, tmp_path, change, needle):
+    if change == "channels":
+        source = _model_for(tiny_model, tmp_path / "other.pt", channels=("dwi", "adc"))
+    else:  # the plan says wider than the weights are
+        ckpt = load_checkpoint(tiny_model / "checkpoint_best.pt")
+        ckpt.pop("format")
+        plan = Plan.from_json(ckpt["plan"])
+        ckpt["plan"] = dataclasses.replace(plan, network=dataclasses.replace(plan.network, filters=(8, 16, 32))).to_json()
+        source = save_checkpoint(tmp_path / "damaged.pt", ckpt)
     r = cli("train", "--cache", tiny_cache, "--out", tmp_path / "run", "--epochs", "1", "--init-from", source)
     assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "run").exists()
