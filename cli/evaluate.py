@@ -18,17 +18,29 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the per-case and mean metrics as JSON.")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write them as CSV (one row per case, then the mean).")] = None,
     ignore_missing: Annotated[bool, typer.Option("--ignore-missing", help="Evaluate the cases found on both sides instead of failing.")] = False,
+    min_lesion_mm3: Annotated[
+        str | None, typer.Option("--min-lesion-mm3", help="Remove predicted lesions smaller than this (mm^3) before scoring; "
+                                 "several, comma-separated (0,10,50), compare the means, to choose `infer --min-lesion-mm3` on "
+                                 "cross-validation predictions.", show_default=False)
+    ] = None,
 ) -> None:
     """Score predictions against ground truth with a challenge's own metrics, number for number.
 
     isles22 follows the ISLES 2022 organisers' eval_utils.py; wmh17 follows the WMH 2017 organisers'
     evaluation.py (label 2 of the ground truth is ignored). Prints a table; --json and --csv write reports.
     """
+    from segpipe.errors import UsageError
     from segpipe.evaluation.protocols import evaluate as run
     from segpipe.evaluation.protocols import format_table, write_report
     from segpipe.progress import track
 
-    report = run(pred, gt, protocol, ignore_missing=ignore_missing, progress=track)
+    sizes = [0.0]
+    if min_lesion_mm3 is not None:
+        try:
+            sizes = [float(v) for v in min_lesion_mm3.split(",")]
+        except ValueError:
+            raise UsageError(f"--min-lesion-mm3: expected sizes in mm^3, comma-separated (e.g. 0,10,50), got '{min_lesion_mm3}'") from None
+    report = run(pred, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes, progress=track)
     write_report(report, json_out, csv_out)
     typer.echo(format_table(report))
     for path in (json_out, csv_out):

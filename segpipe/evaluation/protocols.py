@@ -12,6 +12,10 @@
   warning is logged.
 
 The JSON report is ``{"cases": {"<id>": {<key>: value}}, "mean": {<key>: value}}``; the means skip NaN.
+
+``min_lesion_mm3`` removes predicted components smaller than that (as ``segpipe infer --min-lesion-mm3``
+does, on the same grid) before scoring; several values give a sweep, the means for each (``"sweep"`` in the
+report), to choose the value on cross-validation predictions as nnU-Net chooses its postprocessing.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,7 @@ from segpipe.evaluation.metrics import (
 )
 from segpipe.io.atomic import atomic_write_text
 
-__all__ = ["PROTOCOLS", "evaluate", "evaluate_isles22", "evaluate_wmh17", "pair_cases", "write_report"]
+__all__ = ["HIGHER_IS_BETTER", "PROTOCOLS", "best_in_sweep", "evaluate", "evaluate_isles22", "evaluate_wmh17", "pair_cases", "write_report"]
 
 log = logging.getLogger(__name__)
 NIFTI = (".nii.gz", ".nii")
@@ -180,12 +184,34 @@ def _load(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[float, .
     return arr, np.asarray(img.affine), tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
+#: the direction in which each key is better
+HIGHER_IS_BETTER = {"dice": True, "lesion_f1": True, "lesion_recall": True, "avd_ml": False, "avd_pct": False,
+                    "lesion_count_diff": False, "hd95": False}
+
+
+def _means(cases: dict[str, dict[str, float]], protocol: str) -> dict[str, float]:
+    mean = {}
+    for key in PROTOCOLS[protocol]:
+        vals = [float(c[key]) for c in cases.values() if not math.isnan(float(c[key]))]
+        mean[key] = float(np.mean(vals)) if vals else math.nan
+    return mean
+
+
 def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, ignore_missing: bool = False,
-             progress: Callable | None = None) -> dict[str, Any]:
+             min_lesion_mm3: Sequence[float] = (0.0,), progress: Callable | None = None) -> dict[str, Any]:
+    from segpipe.inference.postprocess import remove_small_components
+
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got '{protocol}'{did_you_mean(protocol, PROTOCOLS)}")
+    sizes = [float(v) for v in min_lesion_mm3] or [0.0]
+    bad = [v for v in sizes if not math.isfinite(v) or v < 0]
+    if bad:
+        raise UsageError(f"--min-lesion-mm3: expected sizes of 0 or more (mm^3), got {bad[0]:g}")
+    if len(set(sizes)) < len(sizes):
+        raise UsageError(f"--min-lesion-mm3: a size is given twice ({', '.join(f'{v:g}' for v in sizes)})")
     pairs = pair_cases(Path(pred), Path(gt), ignore_missing=ignore_missing)
-    cases: dict[str, dict[str, float]] = {}
+    swept: list[dict[str, dict[str, float]]] = [{} for _ in sizes]
+    removed = [0] * len(sizes)
     items = progress(pairs, "evaluating") if progress else pairs
     for cid, p_path, g_path in items:
         p, p_aff, p_zoom = _load(p_path, "prediction")
@@ -196,15 +222,32 @@ def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, i
                 f"'{g_path}' is {g.shape} at {tuple(round(z, 4) for z in g_zoom)} mm; predict on the ground truth's grid "
                 "(`segpipe infer` writes masks in the input's own geometry)"
             )
-        if protocol == "isles22":
-            cases[cid] = evaluate_isles22(g, p, float(np.prod(g_zoom)) / 1000.0)
-        else:
-            cases[cid] = evaluate_wmh17(g, p, g_aff, cid)
-    mean = {}
-    for key in PROTOCOLS[protocol]:
-        vals = [float(c[key]) for c in cases.values() if not math.isnan(float(c[key]))]
-        mean[key] = float(np.mean(vals)) if vals else math.nan
-    return {"protocol": protocol, "cases": cases, "mean": mean}
+        for i, size in enumerate(sizes):
+            kept = p
+            if size > 0:  # the mask segpipe writes is integer; a probability map is taken from 0.5
+                labels = p if np.issubdtype(p.dtype, np.integer) else (p >= 0.5).astype(np.uint8)
+                kept, removed_here = remove_small_components(labels, p_zoom, size)
+                removed[i] += removed_here
+            if protocol == "isles22":
+                swept[i][cid] = evaluate_isles22(g, kept, float(np.prod(g_zoom)) / 1000.0)
+            else:
+                swept[i][cid] = evaluate_wmh17(g, kept, g_aff, cid)
+    report: dict[str, Any] = {"protocol": protocol, "min_lesion_mm3": sizes[0], "cases": swept[0], "mean": _means(swept[0], protocol)}
+    if len(sizes) > 1:
+        report["sweep"] = [{"min_lesion_mm3": size, "removed_lesions": n, "mean": _means(c, protocol)}
+                           for size, n, c in zip(sizes, removed, swept)]
+    return report
+
+
+def best_in_sweep(report: dict[str, Any]) -> dict[str, float]:
+    """For each key, the swept size with the best mean (the smallest size among equals)."""
+    best = {}
+    for key in PROTOCOLS[report["protocol"]]:
+        rows = [r for r in report.get("sweep", []) if not math.isnan(r["mean"][key])]
+        if rows:
+            sign = -1 if HIGHER_IS_BETTER[key] else 1
+            best[key] = min(rows, key=lambda r: (sign * r["mean"][key], r["min_lesion_mm3"]))["min_lesion_mm3"]
+    return best
 
 
 def _json_safe(v: Any) -> Any:
@@ -218,7 +261,12 @@ def _json_safe(v: Any) -> Any:
 def write_report(report: dict[str, Any], json_path: str | os.PathLike | None = None, csv_path: str | os.PathLike | None = None) -> None:
     """JSON (NaN written as null) and CSV (one row per case, then the mean)."""
     if json_path:
-        atomic_write_text(json_path, json.dumps({"cases": _json_safe(report["cases"]), "mean": _json_safe(report["mean"])}, indent=2) + "\n")
+        out = {"cases": _json_safe(report["cases"]), "mean": _json_safe(report["mean"])}
+        if report.get("min_lesion_mm3"):
+            out["min_lesion_mm3"] = report["min_lesion_mm3"]
+        if "sweep" in report:
+            out["sweep"] = [{**r, "mean": _json_safe(r["mean"])} for r in report["sweep"]]
+        atomic_write_text(json_path, json.dumps(out, indent=2) + "\n")
     if csv_path:
         keys = PROTOCOLS[report["protocol"]]
         buf = io.StringIO()
@@ -242,4 +290,12 @@ def format_table(report: dict[str, Any]) -> str:
     lines = ["case".ljust(width) + "".join(k.rjust(18) for k in keys)]
     for cid, vals in [*report["cases"].items(), ("mean", report["mean"])]:
         lines.append(cid.ljust(width) + "".join(_cell(vals[k]).rjust(18) for k in keys))
+    if "sweep" in report:
+        lines += ["", f"means after removing predicted lesions smaller than (mm^3); the table above: {report['min_lesion_mm3']:g}",
+                  "min_lesion_mm3".ljust(16) + "removed".rjust(9) + "".join(k.rjust(18) for k in keys)]
+        for r in report["sweep"]:
+            lines.append(f"{r['min_lesion_mm3']:g}".ljust(16) + str(r["removed_lesions"]).rjust(9)
+                         + "".join(_cell(r["mean"][k]).rjust(18) for k in keys))
+        best = best_in_sweep(report)
+        lines.append("best".ljust(25) + "".join((f"{best[k]:g}" if k in best else "-").rjust(18) for k in keys))
     return "\n".join(lines)

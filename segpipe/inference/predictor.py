@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from segpipe.config import InferConfig, config_from_dict
 from segpipe.errors import SegpipeError
+from segpipe.inference.postprocess import remove_small_components
 from segpipe.inference.sliding import class_argmax, predict_volume
 from segpipe.io.nifti import Geometry, read_geometry
 from segpipe.models import build_network
@@ -87,28 +88,6 @@ def resample_to_grid(probs: torch.Tensor, src_affine: np.ndarray, dst_shape: tup
 def resolve_model_path(model: str | Path) -> Path:
     """A run folder (its ``checkpoint_best.pt``, else ``checkpoint_latest.pt``) or a checkpoint file."""
     return resolve_checkpoint(model, option="--model")
-
-
-def remove_small_components(mask: np.ndarray, spacing: tuple[float, ...], min_mm3: float) -> tuple[np.ndarray, int]:
-    """Set components (26-connected, per class) smaller than ``min_mm3`` to background; returns the mask and
-    how many were removed."""
-    if min_mm3 <= 0:
-        return mask, 0
-    voxel = float(np.prod(spacing))
-    out = mask.copy()
-    removed = 0
-    for k in np.unique(mask):
-        if k == 0:
-            continue
-        lab, n = ndimage.label(mask == k, structure=np.ones((3, 3, 3), bool))
-        if n == 0:
-            continue
-        sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1)) * voxel
-        small = np.flatnonzero(sizes < min_mm3) + 1
-        if len(small):
-            out[np.isin(lab, small)] = 0
-            removed += len(small)
-    return out, removed
 
 
 @dataclass

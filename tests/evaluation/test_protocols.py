@@ -143,3 +143,36 @@ def test_cli_bad_input(cli, tmp_path):
     assert r.exit_code == 2 and "did you mean 'isles22'" in r.output
     with pytest.raises(SegpipeError, match="--pred"):
         evaluate(tmp_path / "nothing", gtd, "isles22")
+
+
+def test_min_lesion_sweep_hand_computed(cli, tmp_path):
+    gt = np.zeros((12, 12, 10), np.uint8)
+    gt[2:4, 2:4, 2:4] = 1  # one lesion of 8 mm^3
+    pred = gt.copy()
+    pred[9, 9, 8] = 1  # a false positive of 1 mm^3
+    pred_dir, gt_dir = _folders(tmp_path, {"a": (gt, pred, (1, 1, 1))})
+    r = cli("evaluate", "--pred", pred_dir, "--gt", gt_dir, "--min-lesion-mm3", "0,2,10", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["cases"]["a"]["lesion_f1"] == pytest.approx(2 / 3)  # the table is the first size: nothing removed
+    sweep = {row["min_lesion_mm3"]: row for row in data["sweep"]}
+    assert sweep[0.0]["removed_lesions"] == 0 and sweep[2.0]["removed_lesions"] == 1 and sweep[10.0]["removed_lesions"] == 2
+    assert sweep[2.0]["mean"]["lesion_f1"] == 1.0 and sweep[2.0]["mean"]["dice"] == 1.0
+    assert sweep[10.0]["mean"]["dice"] == 0.0  # the true lesion went too
+    best = next(line for line in r.output.splitlines() if line.startswith("best")).split()
+    assert best[1:] == ["2", "2", "2", "2"]  # dice, avd_ml, lesion count difference, F1
+    for bad in ("-1", "x", "5,5"):
+        r = cli("evaluate", "--pred", pred_dir, "--gt", gt_dir, "--min-lesion-mm3", bad)
+        assert r.exit_code == 2 and "--min-lesion-mm3" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_min_lesion_sweep_equals_infer_removing_them(cli, tiny_model, tiny_cache, tmp_path):
+    manifest = tiny_cache.parent / "m.json"
+    for size in ("0", "40"):
+        r = cli("infer", "--model", tiny_model, manifest, "--out", tmp_path / f"p{size}", "--no-tta", "--min-lesion-mm3", size)
+        assert r.exit_code == 0, r.output
+    swept = evaluate(tmp_path / "p0", manifest, "isles22", min_lesion_mm3=[0, 40])
+    direct = evaluate(tmp_path / "p40", manifest, "isles22")
+    assert swept["sweep"][1]["removed_lesions"] > 0
+    assert swept["sweep"][1]["mean"] == direct["mean"]
+    assert swept["sweep"][0]["mean"] == swept["mean"] != direct["mean"]
