@@ -3,10 +3,16 @@
 Every read problem becomes one :class:`~segpipe.errors.SegpipeError` line that names the file. Arrays are
 indexed ``(x, y, z)`` in voxel order, as nibabel gives them; ``affine`` maps voxel indices to RAS+ world
 millimetres (the NIfTI convention).
+
+A diffusion series converted by dcm2niix is one 4D file with a ``.bval`` sidecar (one b-value per volume, the
+BIDS convention): it is read as its diffusion-weighted image at the highest b-value, the geometric mean of
+the volumes at that b (the trace image scanners compute from the directions; a single volume is taken as it
+is), the image the ISLES DWI channel holds.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +26,7 @@ from segpipe.io.atomic import atomic_path
 __all__ = ["Geometry", "Volume", "read_geometry", "read_volume", "save_nifti", "spacing_of"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,16 +138,52 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", dtype: np.dtype
         ) from exc
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
+    if arr.ndim == 4 and _bval_path(path) is not None:
+        arr = _highest_b_trace(np.asarray(arr), _bval_path(path), path, what)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:
         raise SegpipeError(
             f"{what} '{path}': expected a 3D volume, found {arr.ndim}D with shape {tuple(arr.shape)}; "
-            "split multi-volume files (e.g. keep one b-value or one time point) before using them"
+            "split multi-volume files (e.g. keep one b-value or one time point) before using them; a diffusion series "
+            "converted by dcm2niix is read when its .bval file lies next to it"
         )
     if dtype is not None:
         arr = np.asarray(arr, dtype=dtype)
     return Volume(arr, affine, path, header)
+
+
+def _bval_path(path: Path) -> Path | None:
+    """The ``.bval`` sidecar of a NIfTI file (``dwi.nii.gz`` -> ``dwi.bval``), when there is one."""
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext):
+            side = path.with_name(name[: -len(ext)] + ".bval")
+            return side if side.is_file() else None
+    return None
+
+
+def _highest_b_trace(arr: np.ndarray, bval: Path, path: Path, what: str) -> np.ndarray:
+    """The volumes of a 4D diffusion file at its highest b-value, combined as their geometric mean."""
+    try:
+        bvals = [float(v) for v in bval.read_text().split()]
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise SegpipeError(f"{what} '{path}': its b-values '{bval}' cannot be read ({type(exc).__name__}); expected numbers "
+                           "separated by spaces, one per volume (as dcm2niix writes them)") from None
+    if len(bvals) != arr.shape[3]:
+        raise SegpipeError(f"{what} '{path}': {arr.shape[3]} volumes but {len(bvals)} b-values in '{bval}'; the two must come "
+                           "from the same conversion")
+    top = max(bvals)
+    picked = [i for i, b in enumerate(bvals) if abs(b - top) <= 0.01 * max(top, 1.0)]
+    if len(picked) == 1:
+        out = arr[..., picked[0]].astype(np.float32)
+    else:
+        vols = np.clip(arr[..., picked].astype(np.float64), 1e-6, None)  # intensities are >= 0; a 0 keeps the mean at ~0
+        out = np.exp(np.log(vols).mean(axis=3)).astype(np.float32)
+    log.info("%s '%s': %d volumes with b-values %s; using b=%g (%s)", what, path.name, len(bvals),
+             ", ".join(f"{b:g}" for b in sorted(set(bvals))), top,
+             "one volume" if len(picked) == 1 else f"geometric mean of its {len(picked)} volumes")
+    return out
 
 
 def save_nifti(

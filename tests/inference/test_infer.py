@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -747,3 +748,44 @@ def test_cross_validation_with_some_folds_and_bad_inputs(cli, tiny_model, tiny_c
     r = cli("infer", "--model", models[0], tmp_path / "other.json", "--out", tmp_path / "o", "--cross-validation")
     assert r.exit_code == 1 and "was held out by the given models" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_dcm2niix_4d_dwi_with_bval_reads_as_its_highest_b_trace(tiny_model, tmp_path, caplog):
+    from segpipe.io.nifti import read_volume
+
+    src = _nifti_case(tmp_path / "in3d")
+    dwi = nib.load(str(src / "subj_dwi.nii.gz"))
+    trace = np.asanyarray(dwi.dataobj).astype(np.float32)
+    rng = np.random.default_rng(0)
+    # b0, then three directions at b=1000 (and one at 995: the same shell, as scanners round) whose geometric mean is the trace
+    gains = rng.uniform(0.7, 1.3, size=(3,) + trace.shape)
+    gains[2] = 1.0 / (gains[0] * gains[1])
+    vols = [trace * 3 + 10, *(trace * g for g in gains)]
+    (tmp_path / "in4d").mkdir()
+    for ch in ("adc", "flair"):
+        (tmp_path / "in4d" / f"subj_{ch}.nii.gz").write_bytes((src / f"subj_{ch}.nii.gz").read_bytes())
+    four = tmp_path / "in4d" / "subj_dwi.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack(vols, axis=3).astype(np.float32), dwi.affine, header=dwi.header), str(four))
+    (tmp_path / "in4d" / "subj_dwi.bval").write_text("0 1000 995 1000\n")
+    with caplog.at_level(logging.INFO, logger="segpipe"):
+        vol = read_volume(four, what="channel 'dwi'")
+    np.testing.assert_allclose(vol.array, trace, rtol=1e-4, atol=1e-4)
+    assert "using b=1000 (geometric mean of its 3 volumes)" in caplog.text
+    # segmented like the 3D trace image, the mask on the 3D grid
+    for name in ("in3d", "in4d"):
+        report = infer([tiny_model], [tmp_path / name], tmp_path / f"out_{name}", tta=False, save_probabilities=True)
+        assert not report.failed, report.failed
+    p3 = nib.load(str(tmp_path / "out_in3d" / "in3d_probabilities.nii.gz")).get_fdata()
+    p4 = nib.load(str(tmp_path / "out_in4d" / "in4d_probabilities.nii.gz")).get_fdata()
+    np.testing.assert_allclose(p4, p3, atol=1e-3)
+    assert nib.load(str(tmp_path / "out_in4d" / "in4d.nii.gz")).shape == trace.shape
+    # bad sidecars: one line each; without one, the 4D file is refused with the hint
+    (tmp_path / "in4d" / "subj_dwi.bval").write_text("0 1000\n")
+    with pytest.raises(SegpipeError, match="4 volumes but 2 b-values"):
+        read_volume(four)
+    (tmp_path / "in4d" / "subj_dwi.bval").write_text("0 b1000 0 0\n")
+    with pytest.raises(SegpipeError, match="cannot be read"):
+        read_volume(four)
+    (tmp_path / "in4d" / "subj_dwi.bval").unlink()
+    with pytest.raises(SegpipeError, match="found 4D .* is read when its .bval file lies next to it"):
+        read_volume(four)
