@@ -34,6 +34,7 @@ import numpy as np
 
 from segpipe.errors import SegpipeError
 from segpipe.io.atomic import TMP_PREFIX, atomic_path, atomic_write_text
+from segpipe.io.nifti import bval_sidecar
 from segpipe.transforms.distance import SDM_VERSION
 
 __all__ = ["PREPROCESS_VERSION", "CachedCase", "CaseCache", "case_key"]
@@ -50,6 +51,9 @@ def case_key(preprocessing: dict[str, Any], files: dict[str, Path]) -> str:
         try:
             st = Path(path).stat()
             ident[role] = [str(path), st.st_size, st.st_mtime_ns]
+            side = bval_sidecar(Path(path))  # a 4D diffusion file is read through its b-values
+            if side is not None:
+                ident[role].append([side.stat().st_size, side.stat().st_mtime_ns])
         except OSError:
             ident[role] = [str(path), None, None]
     payload = {"preprocessing": preprocessing, "sdm_version": SDM_VERSION, "code_version": PREPROCESS_VERSION, "files": ident}

@@ -23,7 +23,7 @@ import numpy as np
 from segpipe.errors import SegpipeError
 from segpipe.io.atomic import atomic_path
 
-__all__ = ["Geometry", "Volume", "read_geometry", "read_volume", "save_nifti", "spacing_of"]
+__all__ = ["Geometry", "Volume", "bval_sidecar", "read_geometry", "read_volume", "save_nifti", "spacing_of"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 log = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", dtype: np.dtype
         ) from exc
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
-    if arr.ndim == 4 and _bval_path(path) is not None:
-        arr = _highest_b_trace(np.asarray(arr), _bval_path(path), path, what)
+    if arr.ndim == 4 and bval_sidecar(path) is not None:
+        arr = _highest_b_trace(np.asarray(arr), bval_sidecar(path), path, what)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:
@@ -153,7 +153,7 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", dtype: np.dtype
     return Volume(arr, affine, path, header)
 
 
-def _bval_path(path: Path) -> Path | None:
+def bval_sidecar(path: Path) -> Path | None:
     """The ``.bval`` sidecar of a NIfTI file (``dwi.nii.gz`` -> ``dwi.bval``), when there is one."""
     name = path.name
     for ext in (".nii.gz", ".nii"):

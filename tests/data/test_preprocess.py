@@ -233,3 +233,19 @@ def test_inspect(cli, toy_dataset, tmp_path):
     assert r.exit_code == 1 and "no case 'case9'" in r.output
     r = cli("inspect", tmp_path / "nothing")
     assert r.exit_code == 1 and "segpipe preprocess" in r.output
+
+
+def test_a_changed_bval_sidecar_makes_the_case_stale(tmp_path):
+    import os
+
+    from segpipe.data.cache import case_key
+
+    img = tmp_path / "dwi.nii.gz"
+    img.write_bytes(b"x")
+    key = case_key({"a": 1}, {"dwi": img})
+    (tmp_path / "dwi.bval").write_text("0 1000\n")
+    with_bval = case_key({"a": 1}, {"dwi": img})
+    assert with_bval != key
+    (tmp_path / "dwi.bval").write_text("0 2000\n")
+    os.utime(tmp_path / "dwi.bval", ns=(1, 1))
+    assert case_key({"a": 1}, {"dwi": img}) != with_bval
