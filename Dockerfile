@@ -38,6 +38,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY segpipe ./segpipe
 COPY cli ./cli
+COPY configs ./configs
 RUN pip install --find-links /wheels . \
     && python -c "import segpipe, monai, nibabel, SimpleITK, highdicom" \
     && rm -rf /src

@@ -297,17 +297,42 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
+def builtin_configs() -> dict[str, Path]:
+    """The configs that come with segpipe (``configs/*.yaml``), by name: installed as ``segpipe/configs``, or,
+    in a source checkout, next to the package."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parent / "configs"):
+        found = {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+        if found:
+            return found
+    return {}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file, or the name of a built-in one (``isles22``, ``wmh17``, ``demo``)."""
+    p = Path(path)
+    if not p.exists() and p.suffix == "" and len(p.parts) == 1:
+        builtin = builtin_configs()
+        if p.name in builtin:
+            return builtin[p.name]
+    return p
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Read a YAML config, given as a file or as the name of a built-in one (or the defaults when ``path`` is
+    None), and apply dotted overrides."""
     data: dict[str, Any] = {}
     source = None
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         source = str(p)
         try:
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise SegpipeError(f"--config '{p}': file not found; see configs/ for examples") from None
+            builtin = builtin_configs()
+            hint = did_you_mean(p.name, builtin) if p.suffix == "" and len(p.parts) == 1 else ""
+            raise SegpipeError(f"--config '{p}': file not found{hint}; give a YAML file or the name of a built-in config "
+                               f"({', '.join(builtin) or 'none found'})") from None
         except OSError as exc:
             raise SegpipeError(f"--config '{p}': cannot be read ({exc})") from None
         try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segpipe.config import load_config
+from segpipe.config import builtin_configs, load_config
 from segpipe.data.layouts import discover
 from segpipe.data.manifest import load_manifest, write_manifest
 from segpipe.data.preprocess import preprocess_dataset
@@ -31,7 +31,6 @@ from segpipe.training.trainer import resolve_train_config, train
 __all__ = ["DemoResult", "run_demo"]
 
 log = logging.getLogger(__name__)
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 # (training cases, held-out cases, label-grid shape, epochs, iterations per epoch, test-time augmentation)
 SETTINGS = {
@@ -67,12 +66,11 @@ def _empty_baseline(test_manifest: Path) -> tuple[float, float]:
 
 
 def _config_path() -> Path:
-    if CONFIG.is_file():
-        return CONFIG
-    raise SegpipeError(
-        f"segpipe demo needs configs/demo.yaml of the source tree, not found at {CONFIG}; run it from a checkout "
-        "installed with `pip install -e .`"
-    )
+    path = builtin_configs().get("demo")
+    if path is not None:
+        return path
+    raise SegpipeError("segpipe demo needs its config demo.yaml, installed with segpipe as segpipe/configs/demo.yaml (from "
+                       "configs/ of the source tree) and not found; reinstall segpipe")
 
 
 def run_demo(out: str | Path = "demo_out", *, quick: bool = False, device: str = "auto", seed: int = 0) -> DemoResult:
