@@ -5,8 +5,13 @@ Inputs, each argument one of:
 - a manifest (``.json``): every case in it;
 - a folder holding a DICOM export (a tree of several series): one case per study in it (named after the
   study's own subfolder, else numbered; one study: the folder's name);
-- a folder of NIfTI files, or NIfTI files given together: one case; a file belongs to the channel whose
-  name appears in its file name as a word (``..._dwi.nii.gz``, ``flair.nii.gz``), or ``--channel NAME=PATH``.
+- NIfTI files given together, or a folder of them: one case; a file belongs to the channel whose name
+  appears in its file name as a word (``..._dwi.nii.gz``, ``flair.nii.gz``), or ``--channel NAME=PATH``;
+- a folder holding several cases: files named as nnU-Net names them (``CASE_0000.nii.gz``, ``CASE_0001...``:
+  the channel's index in the model's order, e.g. an ``imagesTs`` folder), or channel-named files of several
+  cases (``sub-01_dwi.nii.gz``, ``sub-01_adc.nii.gz``, ``sub-02_dwi.nii.gz``, ...), or one subfolder per case;
+- a dataset folder in a known layout (ISLES 2022's BIDS tree, WMH 2017, ...; see :mod:`segpipe.data.layouts`):
+  every case in it.
 """
 
 from __future__ import annotations
@@ -66,6 +71,92 @@ def _match_channels(files: Sequence[Path], channels: Sequence[str], where: str) 
     return {c: v[0] for c, v in found.items()}
 
 
+#: nnU-Net's file names: CASE_XXXX, XXXX the channel's index
+_NNUNET_NAME = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(NIFTI))
+
+
+def _words(path: Path) -> list[str]:
+    return [w for w in re.split(r"[^a-z0-9]+", _stem(path).lower()) if w]
+
+
+def _by_channel_word(files: Sequence[Path], channels: Sequence[str]) -> dict[tuple[str, ...], list[Path]] | None:
+    """The files grouped by their name without the channel word (``sub-01_dwi``, ``sub-01_adc`` -> ``sub 01``);
+    files without a channel word are left out; None when a name holds two channel words (ambiguous)."""
+    names = {c.lower() for c in channels}
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for f in files:
+        words = _words(f)
+        hits = {w for w in words if w in names}
+        if len(hits) > 1:
+            return None
+        if hits:
+            groups.setdefault(tuple(w for w in words if w not in hits), []).append(f)
+    return groups
+
+
+def _folder_cases(folder: Path, files: Sequence[Path], channels: Sequence[str]) -> list[CaseInput]:
+    """The cases of a folder of NIfTI files: nnU-Net's CASE_XXXX names, channel-named files of several cases,
+    or one case (named after the folder)."""
+    source = str(folder)
+    named = {f: _NNUNET_NAME.match(_stem(f)) for f in files}
+    if all(named.values()):
+        groups: dict[str, dict[int, Path]] = {}
+        for f, m in named.items():
+            groups.setdefault(m["case"], {})[int(m["index"])] = f
+        want = set(range(len(channels)))
+        bad = [f"{c} has {', '.join(f'{i:04d}' for i in sorted(g))}" for c, g in sorted(groups.items()) if set(g) != want]
+        if bad:
+            raise SegpipeError(
+                f"input '{folder}': files named as nnU-Net names them (CASE_XXXX, XXXX the channel), but {len(bad)} case(s) "
+                f"lack one file per channel 0000..{len(channels) - 1:04d} ({', '.join(channels)}, the model's order): "
+                f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+            )
+        log.info("input '%s': %d cases named as nnU-Net names them (CASE_XXXX: %s)", folder, len(groups),
+                 ", ".join(f"{i:04d} {c}" for i, c in enumerate(channels)))
+        return [CaseInput(c, {channels[i]: g[i] for i in range(len(channels))}, source=source) for c, g in sorted(groups.items())]
+    by_word = _by_channel_word(files, channels)
+    if by_word and len(by_word) > 1:
+        lowered = [c.lower() for c in channels]
+        complete = {k: g for k, g in by_word.items() if sorted(w for f in g for w in _words(f) if w in lowered) == sorted(lowered)}
+        if len(complete) > 1:
+            incomplete = [k for k in by_word if k not in complete]
+            if incomplete:
+                detail = "; ".join(f"{'_'.join(k) or '(no name)'}: {', '.join(f.name for f in by_word[k])}" for k in incomplete[:3])
+                raise SegpipeError(
+                    f"input '{folder}': {len(by_word)} cases of channel-named files, {len(incomplete)} without exactly one file for "
+                    f"each of {', '.join(channels)} ({detail}); complete them or move them out"
+                )
+            log.info("input '%s': %d cases of channel-named files", folder, len(complete))
+            return [CaseInput(_common_id(g), _match_channels(g, channels, source), source=source)
+                    for _, g in sorted(complete.items())]
+    return [CaseInput(folder.resolve().name, _match_channels(files, channels, source), source=source)]
+
+
+def _dataset_cases(folder: Path, channels: Sequence[str]) -> list[CaseInput]:
+    """A folder with no NIfTI files of its own: one subfolder per case, or a dataset in a known layout."""
+    subs = [(d, _nifti_files(d)) for d in sorted(folder.iterdir()) if d.is_dir()]
+    subs = [(d, files) for d, files in subs if files]
+    if subs:
+        log.info("input '%s': %d case folders", folder, len(subs))
+        return [case for d, files in subs for case in _folder_cases(d, files, channels)]
+    from segpipe.data.layouts import discover
+
+    try:
+        m = discover(folder, channels=list(channels))
+    except SegpipeError as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise SegpipeError(
+            f"input '{folder}': neither DICOM nor NIfTI files, nor case folders holding them, and not a dataset of a known layout "
+            f"({reason}); give NIfTI files, a folder of them, or a manifest (`segpipe manifest`)"
+        ) from None
+    log.info("input '%s': a %s dataset, %d cases", folder, m.layout, len(m.cases))
+    return [CaseInput(c.id, {ch: m.image_path(c, ch) for ch in channels}, source=str(folder)) for c in m.cases]
+
+
 def _common_id(files: Sequence[Path]) -> str:
     stems = [_stem(f) for f in files]
     prefix = os.path.commonprefix(stems).rstrip("_-. ")
@@ -109,10 +200,8 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
             if is_dicom_folder(p):
                 cases += _dicom_cases(p)
             else:
-                files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(NIFTI))
-                if not files:
-                    raise SegpipeError(f"input '{p}': a folder with neither DICOM nor NIfTI files")
-                cases.append(CaseInput(p.resolve().name, _match_channels(files, channels, str(p)), source=str(p)))
+                files = _nifti_files(p)
+                cases += _folder_cases(p, files, channels) if files else _dataset_cases(p, channels)
         elif p.name.lower().endswith(NIFTI):
             loose.append(p)
         else:

@@ -191,6 +191,61 @@ def test_inputs_and_channels(tmp_path):
         resolve_inputs([], CHANNELS, {"dwi": str(src / "subj_dwi.nii.gz"), "adc": str(src / "subj_adc.nii.gz")})
 
 
+def _copy_case(src: Path, dest: Path, names: dict[str, str]) -> None:
+    """The channels of the case in ``src`` (subj_<channel>.nii.gz) under other names in ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for ch, name in names.items():
+        (dest / name).write_bytes((src / f"subj_{ch}.nii.gz").read_bytes())
+
+
+def test_a_folder_of_several_cases(cli, tiny_model, tmp_path):
+    a, b = _nifti_case(tmp_path / "a", seed=1), _nifti_case(tmp_path / "b", seed=2)
+    # nnU-Net's naming (imagesTs): CASE_XXXX, XXXX the channel's index in the model's order
+    nn = tmp_path / "imagesTs"
+    for case, src in (("isles_001", a), ("isles_002", b)):
+        _copy_case(src, nn, {ch: f"{case}_{i:04d}.nii.gz" for i, ch in enumerate(CHANNELS)})
+    cases = resolve_inputs([nn], CHANNELS)
+    assert [c.id for c in cases] == ["isles_001", "isles_002"]
+    assert {ch: p.name for ch, p in cases[1].channels.items()} == {"dwi": "isles_002_0000.nii.gz", "adc": "isles_002_0001.nii.gz",
+                                                                   "flair": "isles_002_0002.nii.gz"}
+    r = cli("infer", "--model", tiny_model, nn, "--out", tmp_path / "out", "--no-tta")
+    assert r.exit_code == 0 and "2 done" in r.output, r.output
+    single = infer([tiny_model], [b], tmp_path / "single", tta=False)  # the same images as one case: the same mask
+    assert not single.failed
+    assert np.array_equal(nib.load(str(tmp_path / "out" / "isles_002.nii.gz")).get_fdata(),
+                          nib.load(str(tmp_path / "single" / "b.nii.gz")).get_fdata())
+    (nn / "isles_002_0002.nii.gz").unlink()
+    with pytest.raises(SegpipeError, match=r"1 case\(s\) lack one file per channel 0000..0002 \(dwi, adc, flair.*isles_002 has 0000, 0001"):
+        resolve_inputs([nn], CHANNELS)
+    # channel-named files of several cases in one folder; a file without a channel word (a mask) is not an image
+    flat = tmp_path / "flat"
+    for case, src in (("sub-01", a), ("sub-02", b)):
+        _copy_case(src, flat, {ch: f"{case}_ses-1_{ch.upper() if ch == 'flair' else ch}.nii.gz" for ch in CHANNELS})
+    (flat / "sub-01_ses-1_msk.nii.gz").write_bytes((a / "subj_dwi.nii.gz").read_bytes())
+    cases = resolve_inputs([flat], CHANNELS)
+    assert [c.id for c in cases] == ["sub-01_ses-1", "sub-02_ses-1"]
+    assert cases[0].channels["flair"].name == "sub-01_ses-1_FLAIR.nii.gz"
+    _copy_case(a, flat, {"dwi": "sub-03_ses-1_dwi.nii.gz"})
+    with pytest.raises(SegpipeError, match="3 cases of channel-named files, 1 without exactly one file for each of dwi, adc, flair "
+                                           r"\(sub_03_ses_1: sub-03_ses-1_dwi.nii.gz\)"):
+        resolve_inputs([flat], CHANNELS)
+    # one folder per case
+    folders = tmp_path / "folders"
+    for case, src in (("p1", a), ("p2", b)):
+        _copy_case(src, folders / case, {ch: f"{ch}.nii.gz" for ch in CHANNELS})
+    assert [(c.id, sorted(c.channels)) for c in resolve_inputs([folders], CHANNELS)] == [("p1", sorted(CHANNELS)), ("p2", sorted(CHANNELS))]
+    # nothing usable
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(SegpipeError, match="not a dataset of a known layout.*give NIfTI files, a folder of them, or a manifest"):
+        resolve_inputs([tmp_path / "empty"], CHANNELS)
+
+
+def test_a_dataset_folder_in_a_known_layout(synth_isles):
+    cases = resolve_inputs([synth_isles], CHANNELS)
+    assert len(cases) == 3 and all(set(c.channels) == set(CHANNELS) for c in cases)
+    assert all("_dwi.nii.gz" in c.channels["dwi"].name and "FLAIR" in c.channels["flair"].name for c in cases)
+
+
 def test_cli_failure_in_one_case_does_not_stop_the_others(cli, tiny_model, tmp_path):
     good = _nifti_case(tmp_path / "good")
     bad = _nifti_case(tmp_path / "bad", seed=5)
