@@ -145,14 +145,28 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
     return {_strip(p.name): p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(NIFTI)}
 
 
+def _dataset_labels(root: Path) -> dict[str, Path]:
+    """The labels of a dataset folder in a known layout (ISLES 2022's derivatives, WMH 2017's wmh.nii.gz, ...)."""
+    from segpipe.data.layouts import discover
+
+    try:
+        m = discover(root)
+    except SegpipeError as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise SegpipeError(f"--gt '{root}': no NIfTI masks named by case id in it, and not a dataset of a known layout ({reason}); "
+                           "give the folder of masks or a manifest") from None
+    return {c.id: m.label_path(c) for c in m.labelled}
+
+
 def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tuple[str, Path, Path]]:
-    """(case id, prediction, ground truth) triples. ``gt`` is a folder of NIfTI files named by case id, or a
-    manifest (its labelled cases). Predictions are ``<case id>.nii.gz`` (what ``segpipe infer`` writes)."""
+    """(case id, prediction, ground truth) triples. ``gt`` is a folder of NIfTI files named by case id, a
+    dataset folder in a known layout, or a manifest (its labelled cases). Predictions are
+    ``<case id>.nii.gz`` (what ``segpipe infer`` writes)."""
     if not pred.is_dir():
         raise SegpipeError(f"--pred '{pred}': folder not found; give the folder `segpipe infer --out` wrote")
     preds = _nifti_files(pred)
     if gt.is_dir():
-        gts = _nifti_files(gt)
+        gts = _nifti_files(gt) or _dataset_labels(gt)
     elif gt.is_file() and gt.suffix.lower() == ".json":
         from segpipe.data.manifest import load_manifest
 

@@ -176,3 +176,20 @@ def test_min_lesion_sweep_equals_infer_removing_them(cli, tiny_model, tiny_cache
     assert swept["sweep"][1]["removed_lesions"] > 0
     assert swept["sweep"][1]["mean"] == direct["mean"]
     assert swept["sweep"][0]["mean"] == swept["mean"] != direct["mean"]
+
+
+def test_ground_truth_from_a_dataset_folder(cli, synth_isles, tmp_path):
+    from segpipe.data.layouts import discover
+
+    m = discover(synth_isles)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case in m.labelled:  # the masks themselves as predictions: Dice 1
+        (pred / f"{case.id}.nii.gz").write_bytes(m.label_path(case).read_bytes())
+    r = cli("evaluate", "--pred", pred, "--gt", synth_isles, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert len(data["cases"]) == 3 and data["mean"]["dice"] == 1.0
+    (tmp_path / "nothing").mkdir()
+    r = cli("evaluate", "--pred", pred, "--gt", tmp_path / "nothing")
+    assert r.exit_code == 1 and "not a dataset of a known layout" in r.output and "Traceback" not in r.output
