@@ -50,6 +50,10 @@ def infer(
     ] = None,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write the foreground probabilities as NIfTI.")] = False,
     series: Annotated[list[str] | None, typer.Option("--series", help="CHANNEL=SERIESNUMBER: which DICOM series is that channel.")] = None,
+    dicom_case: Annotated[
+        str, typer.Option("--dicom-case", help="A DICOM folder is one case per study ('study'), or one case whatever its studies "
+                          "and patients ('folder': an anonymiser gave each series a study of its own).")
+    ] = "study",
     allow_uneven: Annotated[bool, typer.Option("--allow-uneven", help="Resample DICOM series with uneven slices instead of failing.")] = False,
     workers: Annotated[int, typer.Option(help="Processes to split many inputs over (each loads the model once).")] = 1,
     preprocess_workers: Annotated[
@@ -84,6 +88,7 @@ def infer(
                  min_lesion_mm3=min_lesion_mm3, save_probabilities=save_probabilities,
                  series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers,
                  preprocess_workers=preprocess_workers, skip_existing=skip_existing, cross_validation=cross_validation,
+                 dicom_case=dicom_case,
                  infer_config=infer_config, progress=track)
     for cid, info in report.done.items():
         lesions = "; ".join(f"{k}: {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in info["lesions"].items())

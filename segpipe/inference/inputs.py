@@ -4,7 +4,7 @@ Inputs, each argument one of:
 
 - a manifest (``.json``): every case in it;
 - a folder holding a DICOM export (a tree of several series): one case per study in it (named after the
-  study's own subfolder, else numbered; one study: the folder's name);
+  study's own subfolder, else numbered; one study: the folder's name), or one case (``dicom_case="folder"``);
 - NIfTI files given together, or a folder of them: one case; a file belongs to the channel whose name
   appears in its file name as a word (``..._dwi.nii.gz``, ``flair.nii.gz``), or ``--channel NAME=PATH``;
 - a folder holding several cases: files named as nnU-Net names them (``CASE_0000.nii.gz``, ``CASE_0001...``:
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segpipe.errors import SegpipeError, UsageError
+from segpipe.errors import SegpipeError, UsageError, did_you_mean
 
 __all__ = ["NIFTI", "CaseInput", "resolve_inputs"]
 
@@ -40,6 +40,7 @@ class CaseInput:
     source: str = ""
     series: list[Any] | None = None  # DICOM: this case's series (one study), when the folder was scanned already
     members: tuple[int, ...] | None = None  # the ensemble's members that segment it (--cross-validation); None: all
+    one_study: bool = True  # DICOM: the channels must come from one study (False: --dicom-case folder)
 
 
 def _stem(path: Path) -> str:
@@ -163,8 +164,16 @@ def _common_id(files: Sequence[Path]) -> str:
     return prefix or stems[0]
 
 
-def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channel_map: Mapping[str, str] | None = None) -> list[CaseInput]:
-    """Turn the command line's inputs into cases (see the module docstring)."""
+DICOM_CASE = ("study", "folder")
+
+
+def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channel_map: Mapping[str, str] | None = None, *,
+                   dicom_case: str = "study") -> list[CaseInput]:
+    """Turn the command line's inputs into cases (see the module docstring). ``dicom_case``: a DICOM folder
+    is one case per study ("study"), or one case whatever its studies and patients ("folder": for exports an
+    anonymiser gave a study per series)."""
+    if dicom_case not in DICOM_CASE:
+        raise UsageError(f"--dicom-case: expected study or folder, got '{dicom_case}'{did_you_mean(dicom_case, DICOM_CASE)}")
     from segpipe.io.dicom import is_dicom_folder
 
     cases: list[CaseInput] = []
@@ -198,7 +207,7 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
             cases += [CaseInput(c.id, {ch: m.image_path(c, ch) for ch in channels}, source=str(p)) for c in m.cases]
         elif p.is_dir():
             if is_dicom_folder(p):
-                cases += _dicom_cases(p)
+                cases += _dicom_cases(p, by_study=dicom_case == "study")
             else:
                 files = _nifti_files(p)
                 cases += _folder_cases(p, files, channels) if files else _dataset_cases(p, channels)
@@ -217,12 +226,15 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
     return cases
 
 
-def _dicom_cases(folder: Path) -> list[CaseInput]:
+def _dicom_cases(folder: Path, by_study: bool = True) -> list[CaseInput]:
     """A DICOM folder: one case per study in it (a PACS export of several examinations is a batch). Each is
-    named after the subfolder that holds it when the studies have subfolders of their own, else numbered."""
+    named after the subfolder that holds it when the studies have subfolders of their own, else numbered.
+    Not ``by_study``: the folder is one case."""
     from segpipe.io.dicom import find_series
 
     series = find_series(folder)
+    if not by_study:
+        return [CaseInput(folder.resolve().name, dicom=folder, source=str(folder), series=series or None, one_study=False)]
     studies: dict[str, list[Any]] = {}
     for s in series:
         studies.setdefault(s.study_uid, []).append(s)

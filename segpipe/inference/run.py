@@ -81,7 +81,7 @@ def _dicom_to_nifti(case: CaseInput, channels: Sequence[str], work: Path, rules:
 
     assert case.dicom is not None
     series = case.series if case.series is not None else find_series(case.dicom)
-    chosen = select_series(series, channels, rules, forced, where=str(case.dicom))
+    chosen = select_series(series, channels, rules, forced, where=str(case.dicom), one_study=case.one_study)
     paths = {}
     ref_files: list[str] = []
     ref_index: list[int] = []
@@ -362,6 +362,7 @@ def infer(
     preprocess_workers: int | None = None,
     skip_existing: bool = False,
     cross_validation: bool = False,
+    dicom_case: str = "study",
     infer_config: Any = None,
     progress=None,
 ) -> InferReport:
@@ -407,7 +408,7 @@ def infer(
         ckpts = [load_checkpoint(p) for p in (paths if cross_validation else paths[:1])]
         plan, held_out = Plan.from_json(ckpts[0]["plan"]), [held_out_cases(c) for c in ckpts]
         del ckpts
-    cases = resolve_inputs(inputs, plan.channels, channel_map)
+    cases = resolve_inputs(inputs, plan.channels, channel_map, dicom_case=dicom_case)
     not_held_out = None
     if cross_validation:
         not_held_out = _assign_held_out(cases, held_out, sources)

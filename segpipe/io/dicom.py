@@ -199,16 +199,22 @@ def format_series_table(series: Sequence[SeriesInfo]) -> list[str]:
     return lines
 
 
-def _check_one_study(chosen: Mapping[str, tuple[SeriesInfo, list[str]]], where: str) -> None:
+def _check_one_study(chosen: Mapping[str, tuple[SeriesInfo, list[str]]], where: str, strict: bool = True) -> None:
     """The channels of a case must come from one examination: a folder holding several patients or studies
-    could otherwise give DWI from one and ADC from another."""
+    could otherwise give DWI from one and ADC from another. Not ``strict`` (the user declared the folder one
+    case, ``--dicom-case folder``): a warning naming them."""
     patients = {s.patient for s, _ in chosen.values()}
     studies = {s.study_uid for s, _ in chosen.values()}
     if len(patients) > 1 or len(studies) > 1:
         what = "different patients" if len(patients) > 1 else "different studies"
+        if not strict:
+            log.warning("DICOM input '%s': the series chosen for the channels come from %s (%s); taken as one case, as "
+                        "--dicom-case folder asks", where, what, "; ".join(f"{ch} <- {s.study_label}" for ch, (s, _) in chosen.items()))
+            return
         raise SegpipeError(
             f"DICOM input '{where}': the series chosen for the channels come from {what}; point INPUT at the folder of one "
-            "study (or choose its series with --series)",
+            "study (or choose its series with --series; if an anonymiser gave each series a study of its own, --dicom-case "
+            "folder takes the folder as one case)",
             details=[f"channel {ch} <- series {s.label}, {s.study_label}" for ch, (s, _) in chosen.items()])
 
 
@@ -227,8 +233,9 @@ def _matches(series: SeriesInfo, rule: Mapping[str, Any]) -> bool:
 
 
 def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: Mapping[str, Mapping[str, Any]] | None = None,
-                  forced: Mapping[str, int] | None = None, where: str = "") -> dict[str, tuple[SeriesInfo, list[str]]]:
-    """One series (and the files to read from it) per channel."""
+                  forced: Mapping[str, int] | None = None, where: str = "", one_study: bool = True) -> dict[str, tuple[SeriesInfo, list[str]]]:
+    """One series (and the files to read from it) per channel; with ``one_study`` (the default) they must
+    come from one study of one patient."""
     rules = {**DEFAULT_RULES, **{k: {**DEFAULT_RULES.get(k, {}), **v} for k, v in (rules or {}).items()}}
     forced = dict(forced or {})
     table = format_series_table(series)
@@ -267,7 +274,7 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
             log.info("channel %s: series %s holds b-values %s; using b=%g (%d files)", ch, s.label,
                      sorted(set(s.b_values.values())), top, len(files))
         chosen[ch] = (s, files)
-    _check_one_study(chosen, where)
+    _check_one_study(chosen, where, strict=one_study)
     for ch, (s, files) in chosen.items():
         log.info("channel %s <- series %s", ch, s.label)
     return chosen

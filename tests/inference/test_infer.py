@@ -719,6 +719,24 @@ def test_a_dicom_folder_of_several_studies_is_a_batch(cli, tiny_model, tmp_path)
     assert [c.id for c in resolve_inputs([flat], CHANNELS)] == ["flat_study1", "flat_study2"]
 
 
+def test_dicom_case_folder_joins_series_an_anonymiser_split_into_studies(cli, tiny_model, tmp_path, caplog):
+    patient = ("Anon^Patient", "ANON1")
+    export = tmp_path / "anon"
+    frame = generate_uid()
+    for ch in CHANNELS:  # each series in a study of its own, as some anonymisers write them
+        _series_of(export / ch, generate_uid(), patient, ch, frame=frame)
+    r = cli("infer", "--model", tiny_model, export, "--out", tmp_path / "by_study", "--no-tta")
+    assert r.exit_code == 1 and "0 done, 3 failed" in r.output  # by study: three cases of one series each
+    r = cli("infer", "--model", tiny_model, export, "--out", tmp_path / "one", "--no-tta", "--dicom-case", "folder")
+    assert r.exit_code == 0 and "1 done" in r.output, r.output
+    assert (tmp_path / "one" / "anon.nii.gz").is_file() and (tmp_path / "one" / "anon_seg.dcm").is_file()
+    with caplog.at_level(logging.WARNING, logger="segpipe"):
+        report = infer([tiny_model], [export], tmp_path / "again", tta=False, dicom_case="folder")
+    assert not report.failed and "come from different studies" in caplog.text and "--dicom-case folder" in caplog.text
+    r = cli("infer", "--model", tiny_model, export, "--out", tmp_path / "x", "--dicom-case", "studies")
+    assert r.exit_code == 2 and "did you mean 'study'" in r.output
+
+
 def _fold_models(tiny_model, tiny_cache, folder):
     """One checkpoint per fold of the tiny cache (the tiny model's weights, perturbed differently), each
     recording the cases its training held out, as `segpipe train --fold F` writes them."""
