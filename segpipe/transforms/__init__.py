@@ -5,5 +5,6 @@ from segpipe.transforms.distance import (
     signed_distance_map,
     signed_distance_maps,
 )
+from segpipe.transforms.preprocessing import SignedDistanced, build_preprocessing
 
-__all__ = ["SDM_VERSION", "signed_distance_map", "signed_distance_maps"]
+__all__ = ["SDM_VERSION", "SignedDistanced", "build_preprocessing", "signed_distance_map", "signed_distance_maps"]

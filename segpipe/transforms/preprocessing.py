@@ -311,9 +311,11 @@ class ZScored(MapTransform):
 
 
 class SignedDistanced(MapTransform):
-    """One signed distance map per foreground class of ``label`` (mm, from the label's own affine)."""
+    """One signed distance map per foreground class of ``label`` (mm, from the label's own affine). ``label``
+    holds class indices; voxels of ``ignore_index`` (segpipe's chain: 255, where WMH's label 2 goes) get 0.
+    Other values are an error, not silently a class without maps."""
 
-    def __init__(self, key: str = "label", out_key: str = "sdm", num_classes: int = 2, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, key: str = "label", out_key: str = "sdm", num_classes: int = 2, ignore_index: int | None = None) -> None:
         super().__init__([key], allow_missing_keys=True)
         self.out_key = out_key
         self.num_classes = num_classes
@@ -323,7 +325,18 @@ class SignedDistanced(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             lab = d[key]
-            arr = np.asarray(lab[0]).astype(np.uint8)
+            raw = np.asarray(lab[0])
+            if raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)):
+                odd = float(raw[raw != np.round(raw)].flat[0])
+                raise ValueError(f"SignedDistanced: '{key}' must hold class indices, found {odd!r}; threshold or round it first "
+                                 "(e.g. MONAI's AsDiscreted(threshold=0.5) for a binary mask)")
+            arr = raw.astype(np.uint8)
+            present = np.flatnonzero(np.bincount(arr.ravel(), minlength=256))
+            stray = [int(v) for v in present if v >= self.num_classes and v != self.ignore_index]
+            if stray:
+                ignored = f" or {self.ignore_index} (ignored)" if self.ignore_index is not None else ""
+                raise ValueError(f"SignedDistanced: '{key}' holds values {stray[:5]}, not classes 0..{self.num_classes - 1}{ignored}; "
+                                 "map them first (e.g. AsDiscreted(threshold=0.5) for a 0/255 mask)")
             spacing = spacing_of(_affine(lab))
             maps = signed_distance_maps(arr, self.num_classes, spacing, ignore_index=self.ignore_index)
             d[self.out_key] = _like(lab, maps)
