@@ -90,6 +90,46 @@ def resolve_model_path(model: str | Path) -> Path:
     return resolve_checkpoint(model, option="--model")
 
 
+_CHECKPOINTS = ("checkpoint_best.pt", "checkpoint_latest.pt")
+
+
+def resolve_model_paths(models: Sequence[str | Path]) -> list[Path]:
+    """The checkpoints of ``--model`` arguments: a run folder or checkpoint each, or a folder holding the runs
+    of the folds of one cross-validation (each fold once, as ``segpipe train --fold F`` records it), which
+    stands for all of them, as nnU-Net predicts with all its folds. A folder of runs that are not such folds
+    (a fold twice, a ``--fold all`` run, unrecorded folds) is refused, naming them: its runs may be different
+    experiments, not an ensemble."""
+    paths: list[Path] = []
+    for m in models:
+        p = Path(m)
+        runs = sorted(d for d in p.iterdir() if d.is_dir() and any((d / n).is_file() for n in _CHECKPOINTS)) if p.is_dir() else []
+        if not p.is_dir() or any((p / n).is_file() for n in _CHECKPOINTS) or len(runs) < 2:
+            paths.append(resolve_model_path(p))
+            continue
+        found = [resolve_model_path(r) for r in runs]
+        held = [held_out_cases(load_checkpoint(f)) for f in found]
+        names = ", ".join(r.name for r in runs)
+        problem = ""
+        if any(h is None for h in held):
+            problem = f"{runs[held.index(None)].name} does not record its fold"
+        elif any(not h for h in held):
+            problem = f"{runs[held.index(())].name} was trained on every case (--fold all)"
+        else:
+            seen: dict[str, str] = {}
+            for r, h in zip(runs, held):
+                twice = next((c for c in h if c in seen), None)
+                if twice is not None:
+                    problem = f"{seen[twice]} and {r.name} both held out case {twice}"
+                    break
+                seen.update({c: r.name for c in h})
+        if problem:
+            raise SegpipeError(f"--model '{p}': its runs ({names}) are not the folds of one cross-validation ({problem}); give the runs "
+                               "to ensemble each with its own --model")
+        log.info("--model %s: the %d folds in it (%s), as an ensemble", p, len(runs), names)
+        paths += found
+    return paths
+
+
 @dataclass
 class Prediction:
     mask: np.ndarray  # (x, y, z) uint8 on the reference channel's grid
@@ -137,7 +177,7 @@ class Predictor:
         models = [model] if isinstance(model, (str, Path)) else list(model)
         if not models:
             raise SegpipeError("--model: give a run folder or a checkpoint file")
-        paths = [resolve_model_path(m) for m in models]
+        paths = resolve_model_paths(models)
         if len(set(paths)) < len(paths):
             raise SegpipeError(f"--model: the same checkpoint is given twice ({', '.join(str(p) for p in paths)}); an ensemble needs different models")
         dev = resolve_device(device)

@@ -378,7 +378,7 @@ def infer(
     ``cross_validation`` the inputs are the manifest the models were trained from, and each case is segmented
     only by the models whose training held it out (see :func:`_assign_held_out`): the folds' validation
     predictions, to score with ``segpipe evaluate``."""
-    from segpipe.inference.predictor import Predictor, held_out_cases, resolve_model_path
+    from segpipe.inference.predictor import Predictor, held_out_cases, resolve_model_paths
     from segpipe.planning import Plan
     from segpipe.training.checkpoint import load_checkpoint
 
@@ -403,7 +403,7 @@ def infer(
         predictor = Predictor.load(model, device, infer_config)
         sources, plan, held_out = predictor.sources, predictor.plan, predictor.held_out
     else:
-        paths = [resolve_model_path(m) for m in ([model] if isinstance(model, (str, Path)) else model)]
+        paths = resolve_model_paths([model] if isinstance(model, (str, Path)) else list(model))
         sources = [str(p) for p in paths]
         ckpts = [load_checkpoint(p) for p in (paths if cross_validation else paths[:1])]
         plan, held_out = Plan.from_json(ckpts[0]["plan"]), [held_out_cases(c) for c in ckpts]

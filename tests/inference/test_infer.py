@@ -516,8 +516,8 @@ def test_ensemble_checks(cli, tiny_model, tmp_path):
     for fold in ("fold0", "fold1"):
         (runs / fold).mkdir(parents=True)
         _variant(tiny_model, runs / fold / "checkpoint_best.pt")
-    r = cli("infer", "--model", runs, src, "--out", tmp_path / "o")
-    assert r.exit_code == 1 and "it holds the runs fold0, fold1: give each with its own --model" in r.output
+    r = cli("infer", "--model", runs, src, "--out", tmp_path / "o")  # copies of one fold: not a cross-validation's folds
+    assert r.exit_code == 1 and "its runs (fold0, fold1) are not the folds of one cross-validation (fold0 and fold1 both held out" in r.output
     r = cli("infer", "--model", runs / "fold0", "--model", runs / "fold1", src, "--out", tmp_path / "o", "--workers", "2", src)
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["model"][1].endswith("fold1/checkpoint_best.pt")
@@ -782,6 +782,33 @@ def test_cross_validation_segments_each_case_with_the_model_that_held_it_out(tin
             if cid in val:
                 assert summary["cases"][cid]["model"] == [str(model)]
         assert not alone.failed
+
+
+def test_a_folder_of_fold_runs_is_their_ensemble(cli, tiny_model, tiny_cache, tmp_path):
+    from segpipe.training.checkpoint import load_checkpoint, save_checkpoint
+
+    manifest = tiny_cache.parent / "m.json"
+    models, _ = _fold_models(tiny_model, tiny_cache, tmp_path)
+    runs = tmp_path / "exp"
+    for f, model in enumerate(models):
+        (runs / f"fold_{f}").mkdir(parents=True)
+        (runs / f"fold_{f}" / "checkpoint_best.pt").write_bytes(model.read_bytes())
+    r = cli("infer", "--model", runs, manifest, "--out", tmp_path / "folder", "--no-tta", "--save-probabilities")
+    assert r.exit_code == 0, r.output
+    listed = [a for m in models for a in ("--model", m)]
+    r = cli("infer", *listed, manifest, "--out", tmp_path / "listed", "--no-tta", "--save-probabilities")
+    assert r.exit_code == 0, r.output
+    for f in sorted((tmp_path / "listed").glob("*_probabilities.nii.gz")):
+        np.testing.assert_allclose(nib.load(str(tmp_path / "folder" / f.name)).get_fdata(), nib.load(str(f)).get_fdata(), atol=1e-6)
+    assert len(json.loads((tmp_path / "folder" / "summary.json").read_text())["model"]) == 3
+    r = cli("infer", "--model", runs, manifest, "--out", tmp_path / "cv", "--no-tta", "--cross-validation")
+    assert r.exit_code == 0 and "3 done" in r.output, r.output
+    ckpt = load_checkpoint(models[2])  # a --fold all run among them: refused, named
+    ckpt.pop("format")
+    ckpt.update(fold="all", validation_cases=[])
+    save_checkpoint(runs / "fold_2" / "checkpoint_best.pt", ckpt)
+    r = cli("infer", "--model", runs, manifest, "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "(fold_2 was trained on every case (--fold all))" in r.output
 
 
 def test_cross_validation_with_some_folds_and_bad_inputs(cli, tiny_model, tiny_cache, tmp_path):
