@@ -45,6 +45,10 @@ def infer(
         bool | None, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 flips; --no-tta is about 8x faster). Default: infer.tta (on).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    overlap: Annotated[
+        float | None, typer.Option("--overlap", help="Overlap of the sliding windows, a fraction of the window (nnU-Net's step "
+                                   "size 0.5 is overlap 0.5; less is faster). Default: infer.overlap (0.5).", show_default=False)
+    ] = None,
     min_lesion_mm3: Annotated[
         float | None, typer.Option("--min-lesion-mm3", help="Remove predicted lesions smaller than this (mm^3). Default: infer.min_lesion_mm3.")
     ] = None,
@@ -88,7 +92,7 @@ def infer(
                  min_lesion_mm3=min_lesion_mm3, save_probabilities=save_probabilities,
                  series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers,
                  preprocess_workers=preprocess_workers, skip_existing=skip_existing, cross_validation=cross_validation,
-                 dicom_case=dicom_case,
+                 dicom_case=dicom_case, overlap=overlap,
                  infer_config=infer_config, progress=track)
     for cid, info in report.done.items():
         lesions = "; ".join(f"{k}: {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in info["lesions"].items())

@@ -210,16 +210,18 @@ class Predictor:
                             keep_probabilities=keep_probabilities)
 
     def segment(self, case: PreparedCase, *, tta: bool = True, min_lesion_mm3: float = 0.0,
-                keep_probabilities: bool = False, members: Sequence[int] | None = None) -> Prediction:
+                keep_probabilities: bool = False, members: Sequence[int] | None = None, overlap: float | None = None) -> Prediction:
         """The network and the inversion for a case :func:`prepare_case` made (possibly in another process);
-        ``members``: the indices of the ensemble's members to use (default: all)."""
+        ``members``: the indices of the ensemble's members to use (default: all); ``overlap``: of the sliding
+        windows (default: the model's ``infer.overlap``)."""
         t1 = time.perf_counter()
         probs = None
         chosen = [self.members[i] for i in members] if members is not None else self.members
         if not chosen:
             raise ValueError("segment: no member chosen")
         for net, plan in chosen:
-            p = predict_volume(net, case.image, plan.patch_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
+            p = predict_volume(net, case.image, plan.patch_size, overlap=self.overlap if overlap is None else overlap,
+                               sw_batch_size=self.sw_batch_size,
                                device=self.device, tta=tta, amp_dtype=self.amp_dtype, keep_on_device=True)
             probs = p if probs is None else probs.add_(p)
         if len(chosen) > 1:

@@ -101,6 +101,7 @@ class _Options:
     series: dict[str, int]
     allow_uneven: bool
     dicom_seg: bool
+    overlap: float | None = None  # None: the model's (or --config's) infer.overlap
 
 
 def _guarded(case: CaseInput, step: Any, *args: Any) -> tuple[str, Any]:
@@ -173,7 +174,7 @@ def _predict(predictor: Any, case: CaseInput, prep: _Prepared, opt: _Options) ->
     icfg = predictor.infer_config
     return predictor.segment(prep.case, tta=icfg.tta if opt.tta is None else opt.tta,
                              min_lesion_mm3=icfg.min_lesion_mm3 if opt.min_mm3 is None else opt.min_mm3,
-                             keep_probabilities=opt.save_probabilities, members=case.members)
+                             keep_probabilities=opt.save_probabilities, members=case.members, overlap=opt.overlap)
 
 
 def _segment(predictor: Any, case: CaseInput, out: Path, opt: _Options) -> tuple[str, Any]:
@@ -363,6 +364,7 @@ def infer(
     skip_existing: bool = False,
     cross_validation: bool = False,
     dicom_case: str = "study",
+    overlap: float | None = None,
     infer_config: Any = None,
     progress=None,
 ) -> InferReport:
@@ -395,8 +397,10 @@ def infer(
     if cross_validation and (channel_map or not inputs or any(Path(i).suffix.lower() != ".json" for i in inputs)):
         raise UsageError("--cross-validation: give the manifest (.json) the models were trained from as the only INPUT")
     start = time.perf_counter()
+    if overlap is not None and not 0 <= overlap < 1:
+        raise UsageError(f"--overlap: expected a fraction of the window in [0, 1) (nnU-Net and the default: 0.5), got {overlap:g}")
     opt = _Options(tta, float(min_lesion_mm3) if min_lesion_mm3 is not None else None, save_probabilities,
-                   dict(series or {}), allow_uneven, dicom_seg)
+                   dict(series or {}), allow_uneven, dicom_seg, float(overlap) if overlap is not None else None)
     report = InferReport()
     pre = 0
     if workers == 1:
@@ -453,7 +457,8 @@ def infer(
         else:
             report.failed[cid] = payload
     report.seconds = time.perf_counter() - start
-    summary = {"model": sources[0] if len(sources) == 1 else sources, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "workers": workers,
+    summary = {"model": sources[0] if len(sources) == 1 else sources, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "overlap": opt.overlap,
+               "workers": workers,
                "preprocess_workers": pre if workers == 1 else 0, "cross_validation": cross_validation, "cases": report.done,
                "failed": report.failed, "skipped": report.skipped, "seconds": round(report.seconds, 2)}
     if not_held_out is not None:

@@ -889,3 +889,18 @@ def test_dcm2niix_4d_dwi_with_bval_reads_as_its_highest_b_trace(tiny_model, tmp_
     (tmp_path / "in4d" / "subj_dwi.bval").unlink()
     with pytest.raises(SegpipeError, match="found 4D .* is read when its .bval file lies next to it"):
         read_volume(four)
+
+
+def test_overlap_option(cli, tiny_model, tmp_path):
+    src = _nifti_case(tmp_path / "in")
+    probs = {}
+    for name, extra in (("default", []), ("quarter", ["--overlap", "0.25"]), ("half", ["--overlap", "0.5"])):
+        r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / name, "--no-tta", "--save-probabilities", *extra)
+        assert r.exit_code == 0, r.output
+        probs[name] = nib.load(str(tmp_path / name / "in_probabilities.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(probs["quarter"], probs["default"])  # the model's infer.overlap (demo.yaml) is 0.25
+    assert not np.allclose(probs["half"], probs["default"], atol=1e-4)  # other windows, other blending
+    assert json.loads((tmp_path / "half" / "summary.json").read_text())["overlap"] == 0.5
+    r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "bad", "--overlap", "1")
+    assert r.exit_code == 2 and "--overlap: expected a fraction of the window in [0, 1)" in r.output
+    assert not (tmp_path / "bad").exists()
