@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python_api_example() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert blocks, "README: no python block under '## Python API'"
@@ -25,7 +25,7 @@ def test_python_api_example_runs(tmp_path, monkeypatch, capsys):
 
     synthesize(tmp_path / "demo_data", "isles22", cases=1, seed=0)
     script = tmp_path / "example.py"
-    script.write_text(_python_api_example())
+    script.write_text(_python_api_example(), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
