@@ -69,7 +69,7 @@ def infer(
         bool, typer.Option("--skip-existing", help="Leave cases whose outputs are already in --out (continue an interrupted run).")
     ] = False,
     cross_validation: Annotated[
-        bool, typer.Option("--cross-validation", help="INPUT is the manifest the models were trained from: segment each case only "
+        bool, typer.Option("--cross-validation", help="INPUT is the manifest (or dataset folder) the models were trained from: segment each case only "
                            "with the fold model(s) that held it out, for a cross-validation score (`segpipe evaluate`).")
     ] = False,
     config: Annotated[

@@ -321,7 +321,7 @@ def _assign_held_out(cases: list[CaseInput], held_out: Sequence[tuple[str, ...] 
     if len(left) == len(cases):
         example = ", ".join(sorted(set().union(*held_out))[:3])
         raise SegpipeError(f"--cross-validation: none of the {len(cases)} input cases was held out by the given models (they held out "
-                           f"e.g. {example}); give the manifest they were trained from")
+                           f"e.g. {example}); give the manifest (or dataset folder) they were trained from")
     if left:
         log.info("--cross-validation: %d cases were held out by none of the given models (their training cases, or unlabelled): "
                  "not segmented", len(left))
@@ -377,7 +377,7 @@ def infer(
     (None: 3 on a GPU when the cases are large enough to be worth it, else 0; see :func:`_pipelined`). ``tta`` and
     ``min_lesion_mm3`` left at None take the model's inference settings, or ``infer_config``'s (an
     :class:`~segpipe.config.InferConfig`, from ``--config``), which also carries the DICOM series rules. With
-    ``cross_validation`` the inputs are the manifest the models were trained from, and each case is segmented
+    ``cross_validation`` the inputs are the manifest (or dataset) the models were trained from, and each case is segmented
     only by the models whose training held it out (see :func:`_assign_held_out`): the folds' validation
     predictions, to score with ``segpipe evaluate``."""
     from segpipe.inference.predictor import Predictor, held_out_cases, resolve_model_paths
@@ -394,8 +394,8 @@ def infer(
     if preprocess_workers and workers > 1:
         raise UsageError("--preprocess-workers works with one model process; with --workers N each process prepares its own "
                          "cases: give one of the two")
-    if cross_validation and (channel_map or not inputs or any(Path(i).suffix.lower() != ".json" for i in inputs)):
-        raise UsageError("--cross-validation: give the manifest (.json) the models were trained from as the only INPUT")
+    if cross_validation and channel_map:
+        raise UsageError("--cross-validation: give the manifest (or the dataset folder) the models were trained from, not --channel")
     start = time.perf_counter()
     if overlap is not None and not 0 <= overlap < 1:
         raise UsageError(f"--overlap: expected a fraction of the window in [0, 1) (nnU-Net and the default: 0.5), got {overlap:g}")

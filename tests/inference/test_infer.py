@@ -823,9 +823,12 @@ def test_cross_validation_with_some_folds_and_bad_inputs(cli, tiny_model, tiny_c
     assert sorted(summary["cases"]) == sorted(folds[1])
     assert sorted(summary["not_held_out"]) == sorted(c for f in (0, 2) for c in folds[f])
     assert "segpipe evaluate --pred" in r.output
-    # not a manifest
-    r = cli("infer", "--model", models[0], _nifti_case(tmp_path / "in"), "--out", tmp_path / "o", "--cross-validation")
-    assert r.exit_code == 2 and "--cross-validation: give the manifest" in r.output
+    # a case the models never saw; one case given by --channel
+    src = _nifti_case(tmp_path / "in")
+    r = cli("infer", "--model", models[0], src, "--out", tmp_path / "o", "--cross-validation")
+    assert r.exit_code == 1 and "none of the 1 input cases was held out by the given models" in r.output
+    r = cli("infer", "--model", models[0], "--channel", f"dwi={src / 'subj_dwi.nii.gz'}", "--out", tmp_path / "o", "--cross-validation")
+    assert r.exit_code == 2 and "--cross-validation: give the manifest (or the dataset folder)" in r.output
     # a model trained on every case, and one that does not record its held-out cases
     for name, change in (("all", {"fold": "all", "validation_cases": []}), ("old", None)):
         ckpt = load_checkpoint(models[0])
