@@ -464,4 +464,28 @@ def infer(
     if not_held_out is not None:
         summary["not_held_out"] = not_held_out
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.csv", _summary_csv(report, plan.classes[1:]))
     return report
+
+
+def _summary_csv(report: InferReport, classes: Sequence[str]) -> str:
+    """One row per case (done, skipped, failed): lesion count and volume per class, seconds, the error; for a
+    spreadsheet or a hospital's own records."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case", "status", *(f"{c}_{k}" for c in classes for k in ("lesions", "volume_ml")), "seconds", "input", "error"])
+    rows = [*((c, "done", e) for c, e in report.done.items()), *((c, "skipped", e) for c, e in report.skipped.items())]
+    for cid, status, entry in sorted(rows):
+        lesions = entry.get("lesions", {})
+        cells = [v for c in classes for v in (lesions.get(c, {}).get("lesions", ""), _ml(lesions.get(c, {}).get("volume_ml")))]
+        w.writerow([cid, status, *cells, entry.get("seconds", {}).get("total", ""), entry.get("input", ""), ""])
+    for cid, error in sorted(report.failed.items()):
+        w.writerow([cid, "failed", *([""] * 2 * len(classes)), "", "", error])
+    return buf.getvalue()
+
+
+def _ml(v: Any) -> str:
+    return "" if v is None else f"{float(v):.3f}"

@@ -255,6 +255,14 @@ def test_cli_failure_in_one_case_does_not_stop_the_others(cli, tiny_model, tmp_p
     assert r.exit_code == 1, r.output
     assert "1 done, 1 failed" in r.output and "bad:" in r.output and "cannot be read" in r.output and "Traceback" not in r.output
     assert (tmp_path / "out" / "good.nii.gz").is_file() and not (tmp_path / "out" / "bad.nii.gz").exists()
+    # summary.csv: a row per case, the failed one with its error; the numbers are summary.json's
+    import csv
+
+    rows = {r["case"]: r for r in csv.DictReader((tmp_path / "out" / "summary.csv").open())}
+    entry = json.loads((tmp_path / "out" / "summary.json").read_text())["cases"]["good"]
+    assert rows["good"]["status"] == "done" and int(rows["good"]["lesion_lesions"]) == entry["lesions"]["lesion"]["lesions"]
+    assert float(rows["good"]["lesion_volume_ml"]) == pytest.approx(entry["lesions"]["lesion"]["volume_ml"], abs=1e-3)
+    assert rows["bad"]["status"] == "failed" and "cannot be read" in rows["bad"]["error"] and rows["bad"]["lesion_lesions"] == ""
 
 
 def test_model_checks(cli, tiny_model, tmp_path):
