@@ -104,7 +104,8 @@ def _folder_cases(folder: Path, files: Sequence[Path], channels: Sequence[str]) 
     or one case (named after the folder)."""
     source = str(folder)
     named = {f: _NNUNET_NAME.match(_stem(f)) for f in files}
-    if all(named.values()):
+    # every name CASE_XXXX with XXXX a channel index of this model (a date or a series number is not one)
+    if all(m is not None and int(m["index"]) < len(channels) for m in named.values()):
         groups: dict[str, dict[int, Path]] = {}
         for f, m in named.items():
             groups.setdefault(m["case"], {})[int(m["index"])] = f

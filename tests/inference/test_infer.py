@@ -229,6 +229,10 @@ def test_a_folder_of_several_cases(cli, tiny_model, tmp_path):
     with pytest.raises(SegpipeError, match="3 cases of channel-named files, 1 without exactly one file for each of dwi, adc, flair "
                                            r"\(sub_03_ses_1: sub-03_ses-1_dwi.nii.gz\)"):
         resolve_inputs([flat], CHANNELS)
+    # a name that ends like nnU-Net's but with no channel index (a year) is an ordinary one-case file
+    (tmp_path / "year").mkdir()
+    (tmp_path / "year" / "flair_2021.nii.gz").write_bytes((a / "subj_flair.nii.gz").read_bytes())
+    assert [(c.id, list(c.channels)) for c in resolve_inputs([tmp_path / "year"], ("flair",))] == [("year", ["flair"])]
     # one folder per case
     folders = tmp_path / "folders"
     for case, src in (("p1", a), ("p2", b)):
