@@ -139,17 +139,17 @@ def _folder_cases(folder: Path, files: Sequence[Path], channels: Sequence[str]) 
 
 
 def _dataset_cases(folder: Path, channels: Sequence[str]) -> list[CaseInput]:
-    """A folder with no NIfTI files of its own: one subfolder per case, or a dataset in a known layout."""
-    subs = [(d, _nifti_files(d)) for d in sorted(folder.iterdir()) if d.is_dir()]
-    subs = [(d, files) for d, files in subs if files]
-    if subs:
-        log.info("input '%s': %d case folders", folder, len(subs))
-        return [case for d, files in subs for case in _folder_cases(d, files, channels)]
+    """A folder with no NIfTI files of its own: a dataset in a known layout, else one subfolder per case."""
     from segpipe.data.layouts import discover
 
     try:
         m = discover(folder, channels=list(channels))
     except SegpipeError as exc:
+        subs = [(d, _nifti_files(d)) for d in sorted(folder.iterdir()) if d.is_dir()]
+        subs = [(d, files) for d, files in subs if files]
+        if subs:
+            log.info("input '%s': %d case folders", folder, len(subs))
+            return [case for d, files in subs for case in _folder_cases(d, files, channels)]
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise SegpipeError(
             f"input '{folder}': neither DICOM nor NIfTI files, nor case folders holding them, and not a dataset of a known layout "
