@@ -73,6 +73,7 @@ class SeriesInfo:
     study: str = ""  # date and description, for messages
     multiframe: bool = False  # an enhanced multi-frame image: one file, geometry in per-frame functional groups
     frame_b_values: list[float | None] = field(default_factory=list)  # multi-frame: each frame's b-value
+    directionality: dict[str, str] = field(default_factory=dict)  # file -> "isotropic" or "directional", where known
 
     @property
     def all_b_values(self) -> list[float]:
@@ -132,6 +133,21 @@ def _b_value(ds: Any) -> float | None:
     return None
 
 
+def _directionality(ds: Any) -> str | None:
+    """A diffusion image's kind: "isotropic" (the trace, which scanners compute from the directions) or
+    "directional"; the standard DiffusionDirectionality (0018,9075), else Philips' (2001,1004) ('I': isotropic)."""
+    value = ds.get((0x0018, 0x9075))
+    text = str(value.value if value is not None else "").strip().upper()
+    if text:
+        return "isotropic" if text == "ISOTROPIC" else "directional" if text in ("DIRECTIONAL", "BMATRIX") else None
+    private = ds.get((0x2001, 0x1004))
+    if private is not None:
+        raw = private.value.decode(errors="ignore") if isinstance(private.value, bytes) else str(private.value)
+        raw = raw.strip().upper()
+        return "isotropic" if raw == "I" else "directional" if raw else None
+    return None
+
+
 def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
     """Every image series under ``root`` (any depth, several series per folder)."""
     import pydicom
@@ -185,6 +201,9 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
                 b = _b_value(ds)
                 if b is not None:
                     info.b_values[name] = b
+                    kind = _directionality(ds)
+                    if kind is not None:
+                        info.directionality[name] = kind
     return sorted(found.values(), key=lambda s: (s.number if s.number is not None else 1 << 30, s.description))
 
 
@@ -273,6 +292,11 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
             files = [f for f in files if s.b_values.get(f) == top]
             log.info("channel %s: series %s holds b-values %s; using b=%g (%d files)", ch, s.label,
                      sorted(set(s.b_values.values())), top, len(files))
+        iso = [f for f in files if s.directionality.get(f) == "isotropic"]
+        if iso and len(iso) < len(files):
+            files = iso
+            log.info("channel %s: series %s holds directional and isotropic (trace) images; using the %d isotropic ones", ch,
+                     s.label, len(files))
         chosen[ch] = (s, files)
     _check_one_study(chosen, where, strict=one_study)
     for ch, (s, files) in chosen.items():
@@ -327,10 +351,39 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
         raise SegpipeError(f"{what} {series.label}: {len(missing)} files have no slice position, orientation or pixel spacing "
                            f"(e.g. '{missing[0]}'); not a volume")
     thickness = float(dss[0][0].get("SliceThickness", 1.0) or 1.0)
+    groups = _diffusion_directions(series, dss, planes, what)
+    if groups is not None:  # n directional images per position: their geometric mean (the trace)
+        first = [g[0] for g in groups]
+        order, spacing_z, uneven = _slice_order(series, [planes[i][1] for i in first], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
+        n = len(groups[0])
+        stack = _pixels_sitk(series, [dss[i][1] for k in order for i in groups[k]], what)
+        stack = np.clip(stack.reshape(stack.shape[0], stack.shape[1], len(order), n).astype(np.float64), 1e-6, None)
+        arr = np.exp(np.log(stack).mean(axis=3)).astype(np.float32)
+        sorted_files = [dss[first[k]][1] for k in order]
+        return _assemble(arr, [planes[first[k]] for k in order], spacing_z, uneven, Path(sorted_files[0]).parent, sorted_files)  # type: ignore[misc]
     order, spacing_z, uneven = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
     sorted_files = [dss[i][1] for i in order]
     arr = _pixels_sitk(series, sorted_files, what)
     return _assemble(arr, [planes[i] for i in order], spacing_z, uneven, Path(sorted_files[0]).parent, sorted_files)  # type: ignore[misc]
+
+
+def _diffusion_directions(series: SeriesInfo, dss: Sequence[tuple[Any, str]], planes: Sequence[Any], what: str) -> list[list[int]] | None:
+    """A diffusion series (b-values known) with the same number (2 or more) of images at every slice position
+    (the directions of one b-value, without the trace image): the images of each position, in instance order;
+    None otherwise (one image per position, or not a diffusion series: the usual checks then apply)."""
+    if not series.b_values:
+        return None
+    normal = np.cross(planes[0][0][:3], planes[0][0][3:])
+    by_pos: dict[float, list[int]] = {}
+    for i, p in enumerate(planes):
+        by_pos.setdefault(round(float(p[1] @ normal), 3), []).append(i)
+    counts = {len(v) for v in by_pos.values()}
+    if len(counts) != 1 or counts == {1}:
+        return None
+    n = counts.pop()
+    log.info("%s %s: %d diffusion images at each of %d slice positions (directions without their trace image); using their "
+             "geometric mean, the trace", what, series.label, n, len(by_pos))
+    return [sorted(v, key=lambda i: int(dss[i][0].get("InstanceNumber", 0) or 0)) for v in by_pos.values()]
 
 
 def _slice_order(series: SeriesInfo, positions: Sequence[np.ndarray], iop: np.ndarray, thickness: float, allow_uneven: bool,

@@ -166,6 +166,55 @@ def test_multi_b_value_series_uses_the_highest_b(tmp_path):
     assert vol.shape == (40, 40, 24)
 
 
+def _one_series(folder, uid, marks=None):
+    """Give every file in ``folder`` the SeriesInstanceUID ``uid`` (several writes, one series), and per file
+    prefix the DiffusionDirectionality in ``marks``."""
+    for f in folder.glob("*"):
+        ds = pydicom.dcmread(str(f))
+        ds.SeriesInstanceUID = uid
+        for prefix, kind in (marks or {}).items():
+            if f.name.startswith(prefix):
+                ds.add_new((0x0018, 0x9075), "CS", kind)
+        ds.save_as(str(f))
+
+
+def test_directional_dwi_is_read_as_its_trace(tmp_path, caplog):
+    case = _case(4)
+    vol, aff = case.images["dwi"]
+    study, frame = generate_uid(), generate_uid()
+    rng = np.random.default_rng(1)
+    gains = rng.uniform(0.8, 1.25, size=(3,) + vol.shape)
+    gains[2] = 1.0 / (gains[0] * gains[1])  # the geometric mean of the three directions is the trace
+
+    def write(folder, arr, b, prefix):
+        return write_dicom_series(arr, aff, folder, description="DWI", series_number=5, study_uid=study, frame_uid=frame,
+                                  b_value=b, prefix=prefix)
+
+    raw = tmp_path / "raw"  # b0, then three directions at b=1000, no trace image: as some exports hold them
+    write(raw, vol * 3 + 10, 0, "B0_")
+    for k in range(3):
+        write(raw, vol * gains[k], 1000, f"D{k}_")
+    _one_series(raw, generate_uid())
+    ref = tmp_path / "ref"
+    write(ref, vol, 1000, "T_")
+    expected, _, _ = read_series(find_series(ref)[0], [str(f) for f in sorted(ref.glob("*"))])
+    info, files = select_series(find_series(raw), ["dwi"])["dwi"]
+    assert len(files) == 3 * 24
+    with caplog.at_level(logging.INFO, logger="segpipe"):
+        got, sources, index = read_series(info, files)
+    assert "3 diffusion images at each of 24 slice positions" in caplog.text
+    assert got.shape == expected.shape and np.allclose(got.affine, expected.affine)
+    np.testing.assert_allclose(got.array, expected.array, rtol=0.01, atol=0.01 * float(expected.array.max()))
+    assert len(sources) == 24 and index == list(range(24))
+    # the same series with the scanner's trace images in it, marked ISOTROPIC: those are taken
+    write(raw, vol * 0.5, 1000, "ISO_")
+    _one_series(raw, info.uid, {"ISO_": "ISOTROPIC", "D": "DIRECTIONAL"})
+    info, files = select_series(find_series(raw), ["dwi"])["dwi"]
+    assert len(files) == 24 and all(Path(f).name.startswith("ISO_") for f in files)
+    iso, _, _ = read_series(info, files)
+    np.testing.assert_allclose(iso.array, expected.array * 0.5, rtol=0.01, atol=0.01 * float(expected.array.max()))
+
+
 def test_missing_slice_is_named_or_resampled(tiny_model, tmp_path, caplog):
     export, _ = _dicom_export(tmp_path / "study", uneven=True)
     out = tmp_path / "out"
