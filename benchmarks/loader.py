@@ -4,7 +4,8 @@
 nnU-Net's probabilities, intensity), from a cache of two 160x192x160 cases. segpipe's loader (memory maps,
 region-limited sampling, one grid per patch) against the MONAI way in the same process: whole volumes in
 memory, ``RandCropByPosNegLabeld`` (a third positive), ``RandAffined`` (same probabilities and ranges),
-``RandFlipd`` and the same intensity transforms. One thread, as in a DataLoader worker. Target: >= 4
+``RandFlipd`` and the same intensity transforms (MONAI's own blur and low-resolution transforms, which act on
+all channels at once, at half the probability: the same expected work as nnU-Net's per-channel draws). One thread, as in a DataLoader worker. Target: >= 4
 patches/s per worker (so 16 workers feed a GPU training at about 50 patches/s).
 
 Also the worker's share when rotated and scaled patches are resampled on the training device
@@ -67,8 +68,10 @@ def monai_rate(root: Path, batches: int) -> float:
         RandCropByPosNegLabeld,
         RandFlipd,
         RandGaussianNoised,
+        RandGaussianSmoothd,
         RandScaleIntensityd,
         RandScaleIntensityFixedMeand,
+        RandSimulateLowResolutiond,
     )
 
     keys = ["image", "label", "sdm"]
@@ -83,8 +86,12 @@ def monai_rate(root: Path, batches: int) -> float:
         RandAffined(keys, prob=0.36, rotate_range=(np.deg2rad(15), np.deg2rad(15), np.deg2rad(30)), scale_range=(0.3, 0.3, 0.3),
                     mode=("bilinear", "nearest", "bilinear"), padding_mode=("zeros", "zeros", "border")),
         RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1), RandFlipd(keys, prob=0.5, spatial_axis=2),
-        RandGaussianNoised("image", prob=0.1, std=0.1), RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        RandGaussianNoised("image", prob=0.1, std=0.1),
+        RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.1),  # p 0.2 x half the channels
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),
         RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True),
+        RandSimulateLowResolutiond("image", prob=0.125, zoom_range=(0.5, 1.0)),  # p 0.25 x half the channels
+        RandAdjustContrastd("image", prob=0.1, gamma=(0.7, 1.5), retain_stats=True, invert_image=True),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
     ])
     chain.set_random_state(1)

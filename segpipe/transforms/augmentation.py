@@ -11,10 +11,15 @@ What touches the distance map, and how:
   zoom so that they stay in mm: objects drawn ``z`` times larger are ``z`` times further from everything.
   The loader reads just the region the rotated, zoomed patch samples from (clipped to the volume; outside
   it the image and maps take their edge values, the label 0), so rotated corners hold real data.
-- **intensity** (image only): Gaussian noise, brightness (multiplicative), contrast about the mean, gamma
-  (``RandGaussianNoiseTorchd``: MONAI's ``RandGaussianNoised`` drawn with PyTorch; MONAI
-  ``RandScaleIntensityd``, ``RandScaleIntensityFixedMeand``; ``RandAdjustContrastTorchd``: MONAI's
-  ``RandAdjustContrastd`` without its host synchronisation), with nnU-Net's probabilities.
+- **intensity** (image only), nnU-Net's set with its probabilities and ranges (nnU-Net v2's default training
+  transforms): Gaussian noise (p = 0.1), Gaussian blur (p = 0.2, sigma 0.5-1 voxel, each channel with p = 0.5),
+  brightness (multiplicative, p = 0.15), contrast about the mean (p = 0.15), simulated low resolution (p = 0.25,
+  each channel with p = 0.5: nearest-neighbour down to 0.5-1 of the size, back up linearly, where nnU-Net
+  uses cubic), gamma on the inverted image (p = 0.1) and gamma (p = 0.3)
+  (``RandGaussianNoiseTorchd``: MONAI's ``RandGaussianNoised`` drawn with PyTorch; ``RandGaussianBlurTorchd``,
+  ``RandSimulateLowResolutionTorchd``: PyTorch on the patch's device; MONAI ``RandScaleIntensityd``,
+  ``RandScaleIntensityFixedMeand``; ``RandAdjustContrastTorchd``: MONAI's ``RandAdjustContrastd`` without its
+  host synchronisation).
 
 Nothing else changes the map. Labels keep the ignore value 255 (nearest neighbour only).
 """
@@ -39,7 +44,8 @@ from monai.transforms import (
 from monai.transforms.utils import create_rotate
 from torch.nn import functional as F
 
-__all__ = ["JointAffined", "RandAdjustContrastTorchd", "RandGaussianNoiseTorchd", "build_augmentation", "sampled_extent", "untracked"]
+__all__ = ["JointAffined", "RandAdjustContrastTorchd", "RandGaussianBlurTorchd", "RandGaussianNoiseTorchd", "RandSimulateLowResolutionTorchd",
+           "build_augmentation", "sampled_extent", "untracked"]
 
 
 def _matrix(angles: Sequence[float], zoom: float) -> np.ndarray:
@@ -174,6 +180,99 @@ class RandGaussianNoiseTorchd(Randomizable, MapTransform):
         return d
 
 
+def _gaussian_weights(sigma: float) -> list[float]:
+    """A normalised Gaussian kernel, as Python floats (on a GPU, weights read from a tensor would each be a
+    host synchronisation); radius as SciPy's ``truncate=4``."""
+    radius = max(1, int(4.0 * sigma + 0.5))
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return [float(v) for v in k / k.sum()]
+
+
+def gaussian_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of a (X, Y, Z) volume, ``sigma`` in voxels, edges mirrored as SciPy's
+    ``gaussian_filter`` does (``reflect``, ``truncate=4``; tested against it). A weighted sum of shifted
+    views per axis: 3x faster on a CPU than ``conv3d`` with a one-axis kernel, as fast as SciPy."""
+    weights = _gaussian_weights(sigma)
+    r = (len(weights) - 1) // 2
+    out = volume.float()
+    for axis in range(3):
+        n = out.shape[axis]
+        # SciPy's "reflect" repeats the edge voxel (d c b a | a b c d); PyTorch's "reflect" padding does not
+        idx = torch.cat([torch.arange(r - 1, -1, -1, device=out.device), torch.arange(n, device=out.device),
+                         torch.arange(n - 1, n - 1 - r, -1, device=out.device)]).clamp(0, n - 1)
+        padded = torch.index_select(out, axis, idx)
+        acc = padded.narrow(axis, 0, n) * weights[0]
+        for i, w in enumerate(weights[1:], start=1):
+            acc.add_(padded.narrow(axis, i, n), alpha=w)
+        out = acc
+    return out.to(volume.dtype)
+
+
+class RandGaussianBlurTorchd(Randomizable, MapTransform):
+    """Gaussian blur with probability ``prob`` per patch and ``prob_per_channel`` per channel, each blurred
+    channel with its own sigma drawn from ``sigma`` (voxels): nnU-Net's ``GaussianBlurTransform`` defaults."""
+
+    def __init__(self, keys: Sequence[str], prob: float = 0.2, sigma: tuple[float, float] = (0.5, 1.0), prob_per_channel: float = 0.5) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        self.prob, self.sigma, self.prob_per_channel = prob, sigma, prob_per_channel
+        self._do = False
+        self._draws: list[tuple[bool, float]] = []
+
+    def randomize(self, channels: int) -> None:
+        self._do = self.R.random_sample() < self.prob
+        self._draws = [(self.R.random_sample() < self.prob_per_channel, float(self.R.uniform(*self.sigma))) for _ in range(channels)]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        key = next(iter(self.key_iterator(d)), None)
+        self.randomize(int(torch.as_tensor(d[key]).shape[0]) if key is not None else 0)
+        if not self._do:
+            return d
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            img = img.as_tensor() if hasattr(img, "as_tensor") else img
+            d[key] = torch.stack([gaussian_blur(ch, sigma) if on else ch for ch, (on, sigma) in zip(img, self._draws)])
+        return d
+
+
+class RandSimulateLowResolutionTorchd(Randomizable, MapTransform):
+    """Simulated low resolution with probability ``prob`` per patch and ``prob_per_channel`` per channel: the
+    channel is taken down to ``zoom`` (drawn once per channel from ``zoom_range``) of its size by nearest
+    neighbour and back up to its size by linear interpolation (nnU-Net's ``SimulateLowResolutionTransform``,
+    which interpolates cubically on the way up; PyTorch has no cubic 3D interpolation)."""
+
+    def __init__(self, keys: Sequence[str], prob: float = 0.25, zoom_range: tuple[float, float] = (0.5, 1.0),
+                 prob_per_channel: float = 0.5) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        self.prob, self.zoom_range, self.prob_per_channel = prob, zoom_range, prob_per_channel
+        self._do = False
+        self._draws: list[tuple[bool, float]] = []
+
+    def randomize(self, channels: int) -> None:
+        self._do = self.R.random_sample() < self.prob
+        self._draws = [(self.R.random_sample() < self.prob_per_channel, float(self.R.uniform(*self.zoom_range))) for _ in range(channels)]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        key = next(iter(self.key_iterator(d)), None)
+        self.randomize(int(torch.as_tensor(d[key]).shape[0]) if key is not None else 0)
+        if not self._do:
+            return d
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            img = img.as_tensor() if hasattr(img, "as_tensor") else img
+            size = tuple(img.shape[1:])
+            out = []
+            for ch, (on, zoom) in zip(img, self._draws):
+                if on:
+                    small = [max(1, int(round(s * zoom))) for s in size]
+                    low = F.interpolate(ch[None, None].float(), size=small, mode="nearest")
+                    ch = F.interpolate(low, size=size, mode="trilinear", align_corners=False)[0, 0].to(img.dtype)
+                out.append(ch)
+            d[key] = torch.stack(out)
+        return d
+
+
 class RandAdjustContrastTorchd(RandAdjustContrastd):
     """MONAI's ``RandAdjustContrastd`` (gamma on the intensity range of the whole image, optionally keeping its
     mean and standard deviation), same random draws and the same values bit for bit, but without the
@@ -196,12 +295,14 @@ class RandAdjustContrastTorchd(RandAdjustContrastd):
                 mean, std = img.mean(), img.std()
             low = img.min()
             span = img.max() - low
-            # MONAI divides by float(span + 1e-7): the same float32 value, kept on the device
-            out = ((img - low) / (span + 1e-7)) ** gamma * span + low
+            # MONAI divides by float(span + 1e-7): the same float32 value, kept on the device; MONAI's operations
+            # in MONAI's order, in place (one buffer instead of six: 2.5x faster on a 128^3 patch, same bits)
+            out = img - low
+            out.div_(span + 1e-7).pow_(gamma).mul_(span).add_(low)
             if self.adjuster.retain_stats:
-                out = out - out.mean()
-                out = std * (out / (out.std() + 1e-8)) + mean
-            d[key] = -out if self.invert_image else out
+                out.sub_(out.mean())
+                out.div_(out.std() + 1e-8).mul_(std).add_(mean)
+            d[key] = out.neg_() if self.invert_image else out
         return d
 
 
@@ -253,8 +354,11 @@ def build_augmentation(patch_size: Sequence[int], *, enabled: bool = True) -> Co
         [
             RandJointFlipd(keys, prob=0.5),
             RandGaussianNoiseTorchd(["image"], prob=0.1, std=0.1),
+            RandGaussianBlurTorchd(["image"], prob=0.2, sigma=(0.5, 1.0), prob_per_channel=0.5),
             RandScaleIntensityd("image", factors=0.25, prob=0.15),
             RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True),
+            RandSimulateLowResolutionTorchd(["image"], prob=0.25, zoom_range=(0.5, 1.0), prob_per_channel=0.5),
+            RandAdjustContrastTorchd("image", prob=0.1, gamma=(0.7, 1.5), retain_stats=True, invert_image=True),
             RandAdjustContrastTorchd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
         ],
         map_items=False,

@@ -122,3 +122,47 @@ def test_gamma_without_host_sync_equals_monai(retain_stats, invert):
         assert torch.equal(a, b.as_tensor() if hasattr(b, "as_tensor") else b)
         applied += not torch.equal(a, image)
     assert 2 <= applied <= 10  # both branches taken, the draws in step
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.73, 1.0])
+def test_gaussian_blur_equals_scipy(sigma):
+    from scipy import ndimage
+
+    from segpipe.transforms.augmentation import gaussian_blur
+
+    x = np.random.default_rng(3).normal(size=(17, 12, 10)).astype(np.float32)
+    expected = ndimage.gaussian_filter(x, sigma, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(gaussian_blur(torch.from_numpy(x), sigma).numpy(), expected, atol=2e-6)
+
+
+def test_blur_and_low_resolution_draws():
+    from segpipe.transforms.augmentation import RandGaussianBlurTorchd, RandSimulateLowResolutionTorchd, gaussian_blur
+
+    img = torch.from_numpy(np.random.default_rng(4).normal(size=(2, 16, 16, 12)).astype(np.float32))
+    label = torch.zeros(1, 16, 16, 12, dtype=torch.uint8)
+    blur = RandGaussianBlurTorchd(["image"], prob=1.0, prob_per_channel=1.0)
+    blur.set_random_state(5)
+    out = blur({"image": img, "label": label})
+    for c, (on, sigma) in enumerate(blur._draws):  # each channel with its own sigma
+        assert on and 0.5 <= sigma <= 1.0
+        assert torch.equal(out["image"][c], gaussian_blur(img[c], sigma))
+    assert out["label"] is label and blur._draws[0][1] != blur._draws[1][1]
+    assert torch.equal(RandGaussianBlurTorchd(["image"], prob=0.0)({"image": img})["image"], img)
+    same = RandSimulateLowResolutionTorchd(["image"], prob=1.0, zoom_range=(1.0, 1.0), prob_per_channel=1.0)
+    assert torch.allclose(same({"image": img})["image"], img, atol=1e-6)  # full resolution: nothing changes
+    low = RandSimulateLowResolutionTorchd(["image"], prob=1.0, zoom_range=(0.5, 0.5), prob_per_channel=1.0)
+    got = low({"image": img})["image"]
+    assert got.shape == img.shape and not torch.allclose(got, img, atol=1e-3)
+    assert got.std() < img.std()  # half the resolution, interpolated back: smoother
+    assert torch.equal(RandSimulateLowResolutionTorchd(["image"], prob=0.0)({"image": img})["image"], img)
+
+
+def test_the_augmentation_is_nnunets_set():
+    from segpipe.transforms.augmentation import build_augmentation
+
+    names = [type(t).__name__ for t in build_augmentation((16, 16, 16)).transforms]
+    assert names == ["RandJointFlipd", "RandGaussianNoiseTorchd", "RandGaussianBlurTorchd", "RandScaleIntensityd",
+                     "RandScaleIntensityFixedMeand", "RandSimulateLowResolutionTorchd", "RandAdjustContrastTorchd",
+                     "RandAdjustContrastTorchd"]
+    gammas = build_augmentation((16, 16, 16)).transforms[-2:]
+    assert [(g.prob, g.invert_image) for g in gammas] == [(0.1, True), (0.3, False)]
