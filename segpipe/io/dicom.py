@@ -74,6 +74,7 @@ class SeriesInfo:
     multiframe: bool = False  # an enhanced multi-frame image: one file, geometry in per-frame functional groups
     frame_b_values: list[float | None] = field(default_factory=list)  # multi-frame: each frame's b-value
     directionality: dict[str, str] = field(default_factory=dict)  # file -> "isotropic" or "directional", where known
+    frame_directionality: list[str | None] = field(default_factory=list)  # multi-frame: each frame's, where known
 
     @property
     def all_b_values(self) -> list[float]:
@@ -188,8 +189,9 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
                     multiframe=multiframe,
                 )
                 if multiframe:
-                    info.frame_b_values = [_b_value(_frame_item(first, k, "MRDiffusionSequence") or first)
-                                           for k in range(int(first.NumberOfFrames))]
+                    items = [_frame_item(first, k, "MRDiffusionSequence") or first for k in range(int(first.NumberOfFrames))]
+                    info.frame_b_values = [_b_value(item) for item in items]
+                    info.frame_directionality = [_directionality(item) for item in items]
             for name in names:
                 if name in info.files:
                     continue
@@ -351,14 +353,11 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
         raise SegpipeError(f"{what} {series.label}: {len(missing)} files have no slice position, orientation or pixel spacing "
                            f"(e.g. '{missing[0]}'); not a volume")
     thickness = float(dss[0][0].get("SliceThickness", 1.0) or 1.0)
-    groups = _diffusion_directions(series, dss, planes, what)
+    groups = _diffusion_directions(series, planes, what) if series.b_values else None
     if groups is not None:  # n directional images per position: their geometric mean (the trace)
         first = [g[0] for g in groups]
         order, spacing_z, uneven = _slice_order(series, [planes[i][1] for i in first], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
-        n = len(groups[0])
-        stack = _pixels_sitk(series, [dss[i][1] for k in order for i in groups[k]], what)
-        stack = np.clip(stack.reshape(stack.shape[0], stack.shape[1], len(order), n).astype(np.float64), 1e-6, None)
-        arr = np.exp(np.log(stack).mean(axis=3)).astype(np.float32)
+        arr = _trace(_pixels_sitk(series, [dss[i][1] for k in order for i in groups[k]], what), len(groups[0]))
         sorted_files = [dss[first[k]][1] for k in order]
         return _assemble(arr, [planes[first[k]] for k in order], spacing_z, uneven, Path(sorted_files[0]).parent, sorted_files)  # type: ignore[misc]
     order, spacing_z, uneven = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
@@ -367,12 +366,16 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
     return _assemble(arr, [planes[i] for i in order], spacing_z, uneven, Path(sorted_files[0]).parent, sorted_files)  # type: ignore[misc]
 
 
-def _diffusion_directions(series: SeriesInfo, dss: Sequence[tuple[Any, str]], planes: Sequence[Any], what: str) -> list[list[int]] | None:
-    """A diffusion series (b-values known) with the same number (2 or more) of images at every slice position
-    (the directions of one b-value, without the trace image): the images of each position, in instance order;
-    None otherwise (one image per position, or not a diffusion series: the usual checks then apply)."""
-    if not series.b_values:
-        return None
+def _trace(stack: np.ndarray, n: int) -> np.ndarray:
+    """(x, y, z * n) images, the n of each slice together, -> (x, y, z): their geometric mean per voxel."""
+    stack = np.clip(stack.reshape(stack.shape[0], stack.shape[1], -1, n).astype(np.float64), 1e-6, None)
+    return np.exp(np.log(stack).mean(axis=3)).astype(np.float32)
+
+
+def _diffusion_directions(series: SeriesInfo, planes: Sequence[Any], what: str) -> list[list[int]] | None:
+    """Images of a diffusion series with the same number (2 or more) at every slice position (the directions
+    of one b-value, without the trace image): the indices of each position's images; None otherwise (one
+    image per position: the usual checks then apply)."""
     normal = np.cross(planes[0][0][:3], planes[0][0][3:])
     by_pos: dict[float, list[int]] = {}
     for i, p in enumerate(planes):
@@ -383,7 +386,7 @@ def _diffusion_directions(series: SeriesInfo, dss: Sequence[tuple[Any, str]], pl
     n = counts.pop()
     log.info("%s %s: %d diffusion images at each of %d slice positions (directions without their trace image); using their "
              "geometric mean, the trace", what, series.label, n, len(by_pos))
-    return [sorted(v, key=lambda i: int(dss[i][0].get("InstanceNumber", 0) or 0)) for v in by_pos.values()]
+    return list(by_pos.values())
 
 
 def _slice_order(series: SeriesInfo, positions: Sequence[np.ndarray], iop: np.ndarray, thickness: float, allow_uneven: bool,
@@ -479,6 +482,11 @@ def _read_multiframe(series: SeriesInfo, path: str, *, allow_uneven: bool, what:
         top = max(known)
         frames = [k for k in frames if bs[k] == top]
         log.info("%s %s holds b-values %s; using b=%g (%d frames)", what, series.label, sorted(set(known)), top, len(frames))
+    dirs = series.frame_directionality if len(series.frame_directionality) == n else [None] * n
+    iso = [k for k in frames if dirs[k] == "isotropic"]
+    if iso and len(iso) < len(frames):
+        frames = iso
+        log.info("%s %s holds directional and isotropic (trace) frames; using the %d isotropic ones", what, series.label, len(frames))
     planes = [_plane(ds, k) for k in frames]
     if any(p is None for p in planes):
         raise SegpipeError(f"{what} {series.label}: frames without position, orientation or pixel spacing in their functional "
@@ -488,10 +496,17 @@ def _read_multiframe(series: SeriesInfo, path: str, *, allow_uneven: bool, what:
                            "choose a series with one stack")
     meas = _frame_item(ds, frames[0], "PixelMeasuresSequence")
     thickness = float(meas.get("SliceThickness", 1.0) or 1.0) if meas is not None else 1.0
-    order, spacing_z, uneven = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
     arr = _pixels_sitk(series, [path], what)
     if arr.shape[2] != n:
         raise SegpipeError(f"{what} {series.label}: {arr.shape[2]} frames of pixel data for {n} frames in the header")
+    groups = _diffusion_directions(series, planes, what) if known else None
+    if groups is not None:  # n directional frames per position: their geometric mean (the trace)
+        first = [g[0] for g in groups]
+        order, spacing_z, uneven = _slice_order(series, [planes[i][1] for i in first], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
+        traced = _trace(arr[:, :, [frames[i] for k in order for i in groups[k]]], len(groups[0]))
+        chosen = [frames[first[k]] for k in order]
+        return _assemble(traced, [planes[first[k]] for k in order], spacing_z, uneven, Path(path).parent, [path], chosen, n)  # type: ignore[misc]
+    order, spacing_z, uneven = _slice_order(series, [p[1] for p in planes], planes[0][0], thickness, allow_uneven, what)  # type: ignore[index]
     chosen = [frames[i] for i in order]
     return _assemble(arr[:, :, chosen], [planes[i] for i in order], spacing_z, uneven, Path(path).parent, [path], chosen, n)  # type: ignore[misc]
 
@@ -604,11 +619,13 @@ def write_enhanced_dicom(
     frame_uid: str,
     patient: tuple[str, str] = ("Synthetic^Patient", "SYN0001"),
     frame_order: Sequence[int] | None = None,
+    directionality: Sequence[str] | None = None,
 ) -> Path:
     """Write (x, y, z) volumes on one grid (RAS ``affine``), each with its b-value (or None), as one enhanced
     multi-frame MR file, as newer scanners export: every frame's position in its functional groups, the
     orientation, spacing and rescale shared, the b-value per frame. ``frame_order`` permutes the frames
-    (stack-major order by default): readers must sort by position, not trust the file order."""
+    (stack-major order by default): readers must sort by position, not trust the file order. ``directionality``
+    (per stack: ISOTROPIC, DIRECTIONAL, NONE) replaces the default: ISOTROPIC for b > 0, else NONE."""
     import pydicom
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
@@ -646,7 +663,7 @@ def write_enhanced_dicom(
         if stacks[s][1] is not None:
             diffusion = Dataset()
             diffusion.DiffusionBValue = float(stacks[s][1])
-            diffusion.DiffusionDirectionality = "ISOTROPIC" if stacks[s][1] else "NONE"
+            diffusion.DiffusionDirectionality = directionality[s] if directionality else "ISOTROPIC" if stacks[s][1] else "NONE"
             item.MRDiffusionSequence = DicomSequence([diffusion])
         per.append(item)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per)

@@ -215,6 +215,31 @@ def test_directional_dwi_is_read_as_its_trace(tmp_path, caplog):
     np.testing.assert_allclose(iso.array, expected.array * 0.5, rtol=0.01, atol=0.01 * float(expected.array.max()))
 
 
+def test_directional_frames_of_an_enhanced_file_are_read_as_the_trace(tmp_path):
+    case = _case(4)
+    vol, aff = case.images["dwi"]
+    gains = np.random.default_rng(2).uniform(0.8, 1.25, size=(3,) + vol.shape)
+    gains[2] = 1.0 / (gains[0] * gains[1])
+    stacks = [(vol * 3 + 10, 0.0), *((vol * g, 1000.0) for g in gains)]
+    kinds = ["NONE", "DIRECTIONAL", "DIRECTIONAL", "DIRECTIONAL"]
+    order = list(np.random.default_rng(0).permutation(4 * vol.shape[2]))  # frames in no particular order
+    write_enhanced_dicom([(vol, 1000.0)], aff, tmp_path / "ref" / "dwi.dcm", description="DWI", series_number=5,
+                         study_uid=generate_uid(), frame_uid=generate_uid())
+    ref = find_series(tmp_path / "ref")[0]
+    reference = read_series(ref, ref.files)[0].array  # the trace as the reader gives a file holding just it
+    for name, extra, extra_kind in (("raw", [], []), ("with_trace", [(vol * 0.5, 1000.0)], ["ISOTROPIC"])):
+        n = len(stacks) + len(extra)
+        write_enhanced_dicom([*stacks, *extra], aff, tmp_path / name / "dwi.dcm", description="DWI", series_number=5,
+                             study_uid=generate_uid(), frame_uid=generate_uid(), directionality=[*kinds, *extra_kind],
+                             frame_order=order if not extra else list(np.random.default_rng(1).permutation(n * vol.shape[2])))
+        info, files = select_series(find_series(tmp_path / name), ["dwi"])["dwi"]
+        got, sources, index = read_series(info, files)
+        expected = reference if not extra else reference * 0.5
+        assert got.shape == reference.shape and len(sources) == 1 and len(index) == n * vol.shape[2]
+        assert sorted(i for i in index if i >= 0) == list(range(vol.shape[2]))  # one referenced frame per slice
+        np.testing.assert_allclose(got.array, expected, rtol=0.01, atol=0.01 * float(np.abs(reference).max()))
+
+
 def test_missing_slice_is_named_or_resampled(tiny_model, tmp_path, caplog):
     export, _ = _dicom_export(tmp_path / "study", uneven=True)
     out = tmp_path / "out"
