@@ -55,14 +55,16 @@ def preprocess(
 
 @handle_errors
 def inspect(
-    cache: Annotated[Path, typer.Argument(help="Cache folder made by `segpipe preprocess`.", show_default=False)],
+    cache: Annotated[Path, typer.Argument(help="Cache folder made by `segpipe preprocess`, or a run folder of `segpipe train`.",
+                                          show_default=False)],
     case: Annotated[str | None, typer.Argument(help="A case id: show it, and export it with the options below.")] = None,
     export_nifti: Annotated[
         Path | None, typer.Option("--export-nifti", help="Write the case's channels, label and distance maps as NIfTI here.")
     ] = None,
     png: Annotated[Path | None, typer.Option("--png", help="Write a PNG panel of a lesion slice of the case.")] = None,
 ) -> None:
-    """Summarise a preprocessed cache (cases, shapes, spacing, lesions), or look at one case.
+    """Summarise a preprocessed cache (cases, shapes, spacing, lesions), or look at one case; or summarise a
+    training run (fold, loss, progress, best validation score, the last epochs).
 
     For a case, --export-nifti writes image_<channel>.nii.gz, label.nii.gz and sdm_<class>.nii.gz with the
     preprocessed affine (open them in ITK-SNAP or 3D Slicer), and --png draws the channels, the label and the
@@ -75,7 +77,13 @@ def inspect(
         summarize_cache,
     )
     from segpipe.errors import UsageError
+    from segpipe.training.runlog import is_run_folder, summarize_run
 
+    if is_run_folder(cache):
+        if case is not None or export_nifti or png:
+            raise UsageError(f"'{cache}' is a run folder: CASE, --export-nifti and --png are for a cache")
+        typer.echo(summarize_run(cache))
+        return
     if case is None:
         if export_nifti or png:
             raise UsageError("--export-nifti and --png need a CASE (see `segpipe inspect CACHE` for the ids)")

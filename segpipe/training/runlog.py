@@ -12,7 +12,7 @@ from typing import Any
 
 from segpipe.io.atomic import atomic_path, atomic_write_text
 
-__all__ = ["MetricsLog", "attach_log_file", "plot_progress"]
+__all__ = ["MetricsLog", "attach_log_file", "is_run_folder", "plot_progress", "summarize_run"]
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +105,63 @@ def attach_log_file(path: Path) -> logging.Handler:
     if logging.getLogger("segpipe").level > logging.INFO or logging.getLogger("segpipe").level == logging.NOTSET:
         logging.getLogger("segpipe").setLevel(logging.INFO)
     return handler
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and (folder / "metrics.csv").is_file() and (folder / "config.yaml").is_file()
+
+
+def summarize_run(folder: str | Path, last: int = 10) -> str:
+    """A run folder in a few lines, for a terminal (where ``progress.png`` cannot be looked at): the fold and
+    its cases, loss and schedule, progress, the best validation score, and the last epochs of ``metrics.csv``."""
+    import yaml
+
+    from segpipe.errors import SegpipeError
+    from segpipe.training.checkpoint import load_checkpoint
+
+    folder = Path(folder)
+    if not is_run_folder(folder):
+        raise SegpipeError(f"run folder '{folder}': no metrics.csv and config.yaml; give the --out folder of `segpipe train`")
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SegpipeError(f"run folder '{folder}': config.yaml cannot be read ({exc})") from None
+    train, loss = config.get("train", {}), config.get("loss", {})
+    rows = MetricsLog(folder / "metrics.csv", []).rows()
+    lines = []
+    ckpt = load_checkpoint(folder / "checkpoint_latest.pt") if (folder / "checkpoint_latest.pt").is_file() else {}
+    fold = ckpt.get("fold", "?")
+    held = ckpt.get("validation_cases")
+    cases = (f" ({len(ckpt['training_cases'])} training, {len(held)} validation cases)"
+             if isinstance(held, list) and isinstance(ckpt.get("training_cases"), list) else "")
+    done = len(rows)
+    total = train.get("epochs", "?")
+    state = "finished" if isinstance(total, int) and done >= total else "running or stopped: --resume continues it"
+    lines.append(f"run {folder}: fold {fold}{cases}, {loss.get('spec', '?')} under {loss.get('schedule', '?')}; "
+                 f"{done} of {total} epochs ({state})")
+    plan = ckpt.get("plan") or {}
+    network = plan.get("network") or {}
+    if plan:
+        lines.append(f"network: features {network.get('filters')}, patch {'x'.join(map(str, plan.get('patch_size', [])))}, "
+                     f"batch {plan.get('batch_size')}, {train.get('optimizer', '?')} lr {train.get('learning_rate', '?')}"
+                     + (f"; fine-tuned from {train['init_from']}" if train.get("init_from") else ""))
+    if ckpt.get("best_metric") is not None:
+        lines.append(f"best validation {ckpt.get('best_metric_name', 'score')} {ckpt['best_metric']:.4f} at epoch {ckpt.get('best_epoch')} "
+                     "(checkpoint_best.pt)")
+    if rows:
+        cols = [c for c in ("epoch", "lr", "loss", "regional_weight", "boundary_weight", "val_dice", "val_hd95", "val_lesion_f1",
+                            "epoch_seconds") if c in rows[0]]
+        widths = [max(8, len(c)) for c in cols]
+        lines += ["", "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+        for r in rows[-last:]:
+            lines.append("  ".join(_short(r.get(c, "")).rjust(w) for c, w in zip(cols, widths)))
+    return "\n".join(lines)
+
+
+def _short(v: str) -> str:
+    try:
+        f = float(v)
+    except ValueError:
+        return v or "-"
+    return "-" if math.isnan(f) else f"{f:.4g}"

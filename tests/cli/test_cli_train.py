@@ -35,3 +35,14 @@ def test_bad_input_is_one_line(cli, tiny_cache, tmp_path, args, code, needle):
 def test_missing_cache(cli, tmp_path):
     r = cli("train", "--cache", tmp_path / "none", "--out", tmp_path / "run")
     assert r.exit_code == 1 and "segpipe preprocess" in r.output
+
+
+def test_inspect_a_run_folder(cli, tiny_model, tmp_path):
+    r = cli("inspect", tiny_model)
+    assert r.exit_code == 0, r.output
+    assert "fold 0 (2 training, 1 validation cases), dice+boundary under rebalance" in r.output
+    assert "1 of 1 epochs (finished)" in r.output and "best validation dice" in r.output
+    header = next(line for line in r.output.splitlines() if line.strip().startswith("epoch"))
+    assert "val_dice" in header and "boundary_weight" in header
+    r = cli("inspect", tiny_model, "some_case")
+    assert r.exit_code == 2 and "is a run folder" in r.output
