@@ -328,6 +328,16 @@ def _assign_held_out(cases: list[CaseInput], held_out: Sequence[tuple[str, ...] 
     return left
 
 
+def worker_devices(device: str, n: int) -> list[str]:
+    """The device of each of ``n`` worker processes: with ``auto`` or ``cuda`` (no index) and several GPUs, the
+    workers take them in turn (one process per GPU, nnU-Net's way of using several), else all the same."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(n)]
+    return [device] * n
+
+
 def default_preprocess_workers(device: Any) -> int:
     """nnU-Net's 3 on a GPU (fewer on a small machine); none on the CPU, where the network needs every core."""
     dev = str(device)
@@ -444,7 +454,11 @@ def infer(
 
         level = logging.getLogger("segpipe").getEffectiveLevel()
         with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_worker, sources, device, chunk, str(out), opt, threads, level, infer_config) for chunk in chunks]
+            devices = worker_devices(device, n)
+            if len(set(devices)) > 1:
+                log.info("--workers %d over %d GPUs: %s", n, len(set(devices)), ", ".join(devices))
+            futures = [pool.submit(_worker, sources, dev, chunk, str(out), opt, threads, level, infer_config)
+                       for dev, chunk in zip(devices, chunks)]
             for fut in cf.as_completed(futures):
                 results.update(fut.result())
         results = {c.id: results[c.id] for c in todo}

@@ -993,3 +993,15 @@ def test_overlap_option(cli, tiny_model, tmp_path):
     r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "bad", "--overlap", "1")
     assert r.exit_code == 2 and "--overlap: expected a fraction of the window in [0, 1)" in r.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_workers_take_the_gpus_in_turn(monkeypatch):
+    from segpipe.inference.run import worker_devices
+
+    assert worker_devices("auto", 3) == ["auto"] * 3  # no GPU here (or one): all alike
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert worker_devices("auto", 3) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices("cuda", 2) == ["cuda:0", "cuda:1"]
+    assert worker_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]  # an explicit GPU stays
+    assert worker_devices("cpu", 2) == ["cpu", "cpu"]
