@@ -84,6 +84,10 @@ def inspect(
             raise UsageError(f"'{cache}' is a run folder: CASE, --export-nifti and --png are for a cache")
         typer.echo(summarize_run(cache))
         return
+    if cache.is_dir() and not (cache / "cache.json").is_file():
+        runs = sorted(d.name for d in cache.iterdir() if is_run_folder(d))
+        hint = f"; it holds the runs {', '.join(runs)}: inspect one of them" if runs else ""
+        raise UsageError(f"'{cache}': neither a cache (no cache.json) nor a run folder (no metrics.csv and config.yaml){hint}")
     if case is None:
         if export_nifti or png:
             raise UsageError("--export-nifti and --png need a CASE (see `segpipe inspect CACHE` for the ids)")

@@ -46,3 +46,5 @@ def test_inspect_a_run_folder(cli, tiny_model, tmp_path):
     assert "val_dice" in header and "boundary_weight" in header
     r = cli("inspect", tiny_model, "some_case")
     assert r.exit_code == 2 and "is a run folder" in r.output
+    r = cli("inspect", tiny_model.parent)  # the folder above the run
+    assert r.exit_code == 2 and "neither a cache" in r.output and f"it holds the runs {tiny_model.name}" in r.output
