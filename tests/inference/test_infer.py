@@ -463,7 +463,7 @@ def _mixed_inputs(tmp_path):
 
 def _outputs(folder):
     return {p.name: (np.asanyarray(nib.load(str(p)).dataobj) if p.name.endswith(".nii.gz") else pydicom.dcmread(str(p)).pixel_array)
-            for p in sorted(folder.iterdir()) if p.name != "summary.json"}
+            for p in sorted(folder.iterdir()) if not p.name.startswith("summary.")}
 
 
 def test_preprocessing_processes_give_the_same_outputs(tiny_model, tmp_path):
