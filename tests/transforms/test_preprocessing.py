@@ -245,3 +245,41 @@ def test_fill_holes_matches_scipy(seed):
     assert ours[10, 8, 7] and not np.array_equal(ours, mask)
     for edge in (np.zeros((4, 5, 6), bool), np.ones((4, 5, 6), bool)):
         assert np.array_equal(fill_holes(edge), ndimage.binary_fill_holes(edge))
+
+
+def _tidy_on_the_whole_volume(fg):
+    from scipy import ndimage
+
+    lab, n = ndimage.label(fg)
+    if n > 1:
+        fg = lab == int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
+    return ndimage.binary_fill_holes(ndimage.binary_closing(fg, iterations=2, border_value=0) | fg)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_head_mask_in_its_box_equals_the_whole_volume_computation(seed):
+    """The closing and hole filling run in the head's box (with a margin); the result must be what they
+    give on the whole volume (SciPy's closing and binary_fill_holes), also for heads touching the border."""
+    from scipy import ndimage
+
+    from segpipe.transforms.preprocessing import tidy_mask
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(10, 28, 3))
+    img = ndimage.gaussian_filter(rng.normal(size=shape), 2)
+    img[:, :, int(rng.integers(0, shape[2]))] += 3 * rng.normal()  # a bright slab, often at an edge
+    fg = img > np.percentile(img, 40)
+    assert np.array_equal(tidy_mask(fg), _tidy_on_the_whole_volume(fg))
+
+
+def test_head_mask_box_keeps_the_closing_at_the_heads_faces():
+    """A groove in the top face of the head: the closing fills its lower part only when the box leaves room
+    above the face for the dilation (cut at the face, the erosion eats into the groove)."""
+    from segpipe.transforms.preprocessing import tidy_mask
+
+    fg = np.zeros((16, 16, 16), dtype=bool)
+    fg[2:12, 2:12, 2:10] = True
+    fg[6, 2:12, 8:10] = False  # a groove, 1 voxel wide and 2 deep, along the top face
+    expected = _tidy_on_the_whole_volume(fg)
+    assert expected[6, 5, 8] and not fg[6, 5, 8]  # the whole-volume closing fills the groove's lower voxel
+    assert np.array_equal(tidy_mask(fg), expected)
