@@ -208,19 +208,24 @@ def gaussian_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.to(volume.dtype)
 
 
-class RandGaussianBlurTorchd(Randomizable, MapTransform):
-    """Gaussian blur with probability ``prob`` per patch and ``prob_per_channel`` per channel, each blurred
-    channel with its own sigma drawn from ``sigma`` (voxels): nnU-Net's ``GaussianBlurTransform`` defaults."""
+class _RandPerChannel(Randomizable, MapTransform):
+    """nnU-Net's per-channel image transforms: with probability ``prob`` per patch, each channel with
+    probability ``prob_per_channel``, each with its own value drawn from ``value_range``; subclasses say what
+    a value does to a channel (:meth:`channel`)."""
 
-    def __init__(self, keys: Sequence[str], prob: float = 0.2, sigma: tuple[float, float] = (0.5, 1.0), prob_per_channel: float = 0.5) -> None:
+    def __init__(self, keys: Sequence[str], prob: float, value_range: tuple[float, float], prob_per_channel: float) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys=True)
-        self.prob, self.sigma, self.prob_per_channel = prob, sigma, prob_per_channel
+        self.prob, self.value_range, self.prob_per_channel = prob, value_range, prob_per_channel
         self._do = False
         self._draws: list[tuple[bool, float]] = []
 
     def randomize(self, channels: int) -> None:
         self._do = self.R.random_sample() < self.prob
-        self._draws = [(self.R.random_sample() < self.prob_per_channel, float(self.R.uniform(*self.sigma))) for _ in range(channels)]
+        self._draws = [(self.R.random_sample() < self.prob_per_channel, float(self.R.uniform(*self.value_range)))
+                       for _ in range(channels)]
+
+    def channel(self, ch: torch.Tensor, value: float) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -231,46 +236,36 @@ class RandGaussianBlurTorchd(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key])
             img = img.as_tensor() if hasattr(img, "as_tensor") else img
-            d[key] = torch.stack([gaussian_blur(ch, sigma) if on else ch for ch, (on, sigma) in zip(img, self._draws)])
+            d[key] = torch.stack([self.channel(ch, value) if on else ch for ch, (on, value) in zip(img, self._draws)])
         return d
 
 
-class RandSimulateLowResolutionTorchd(Randomizable, MapTransform):
-    """Simulated low resolution with probability ``prob`` per patch and ``prob_per_channel`` per channel: the
-    channel is taken down to ``zoom`` (drawn once per channel from ``zoom_range``) of its size by nearest
-    neighbour and back up to its size by linear interpolation (nnU-Net's ``SimulateLowResolutionTransform``,
-    which interpolates cubically on the way up; PyTorch has no cubic 3D interpolation)."""
+class RandGaussianBlurTorchd(_RandPerChannel):
+    """Gaussian blur, each blurred channel with its own sigma (voxels) drawn from ``sigma``: nnU-Net's
+    ``GaussianBlurTransform`` defaults."""
+
+    def __init__(self, keys: Sequence[str], prob: float = 0.2, sigma: tuple[float, float] = (0.5, 1.0), prob_per_channel: float = 0.5) -> None:
+        super().__init__(keys, prob, sigma, prob_per_channel)
+
+    def channel(self, ch: torch.Tensor, value: float) -> torch.Tensor:
+        return gaussian_blur(ch, value)
+
+
+class RandSimulateLowResolutionTorchd(_RandPerChannel):
+    """Simulated low resolution: a channel is taken down to ``zoom`` (drawn from ``zoom_range``) of its size by
+    nearest neighbour and back up to its size by linear interpolation (nnU-Net's
+    ``SimulateLowResolutionTransform``, which interpolates cubically on the way up; PyTorch has no cubic 3D
+    interpolation)."""
 
     def __init__(self, keys: Sequence[str], prob: float = 0.25, zoom_range: tuple[float, float] = (0.5, 1.0),
                  prob_per_channel: float = 0.5) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys=True)
-        self.prob, self.zoom_range, self.prob_per_channel = prob, zoom_range, prob_per_channel
-        self._do = False
-        self._draws: list[tuple[bool, float]] = []
+        super().__init__(keys, prob, zoom_range, prob_per_channel)
 
-    def randomize(self, channels: int) -> None:
-        self._do = self.R.random_sample() < self.prob
-        self._draws = [(self.R.random_sample() < self.prob_per_channel, float(self.R.uniform(*self.zoom_range))) for _ in range(channels)]
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        key = next(iter(self.key_iterator(d)), None)
-        self.randomize(int(torch.as_tensor(d[key]).shape[0]) if key is not None else 0)
-        if not self._do:
-            return d
-        for key in self.key_iterator(d):
-            img = torch.as_tensor(d[key])
-            img = img.as_tensor() if hasattr(img, "as_tensor") else img
-            size = tuple(img.shape[1:])
-            out = []
-            for ch, (on, zoom) in zip(img, self._draws):
-                if on:
-                    small = [max(1, int(round(s * zoom))) for s in size]
-                    low = F.interpolate(ch[None, None].float(), size=small, mode="nearest")
-                    ch = F.interpolate(low, size=size, mode="trilinear", align_corners=False)[0, 0].to(img.dtype)
-                out.append(ch)
-            d[key] = torch.stack(out)
-        return d
+    def channel(self, ch: torch.Tensor, value: float) -> torch.Tensor:
+        size = tuple(ch.shape)
+        small = [max(1, int(round(s * value))) for s in size]
+        low = F.interpolate(ch[None, None].float(), size=small, mode="nearest")
+        return F.interpolate(low, size=size, mode="trilinear", align_corners=False)[0, 0].to(ch.dtype)
 
 
 class RandAdjustContrastTorchd(RandAdjustContrastd):
