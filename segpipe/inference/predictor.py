@@ -107,7 +107,7 @@ def resolve_model_paths(models: Sequence[str | Path]) -> list[Path]:
             paths.append(resolve_model_path(p))
             continue
         found = [resolve_model_path(r) for r in runs]
-        held = [held_out_cases(load_checkpoint(f)) for f in found]
+        held = [held_out_cases(load_checkpoint(f, mmap=True)) for f in found]  # the metadata only: no weights read
         names = ", ".join(r.name for r in runs)
         problem = ""
         if any(h is None for h in held):

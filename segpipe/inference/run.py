@@ -419,7 +419,7 @@ def infer(
     else:
         paths = resolve_model_paths([model] if isinstance(model, (str, Path)) else list(model))
         sources = [str(p) for p in paths]
-        ckpts = [load_checkpoint(p) for p in (paths if cross_validation else paths[:1])]
+        ckpts = [load_checkpoint(p, mmap=True) for p in (paths if cross_validation else paths[:1])]  # metadata only
         plan, held_out = Plan.from_json(ckpts[0]["plan"]), [held_out_cases(c) for c in ckpts]
         del ckpts
     cases = resolve_inputs(inputs, plan.channels, channel_map, dicom_case=dicom_case)

@@ -73,15 +73,16 @@ def resolve_checkpoint(model: str | Path, option: str = "--model") -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a segpipe checkpoint safely (``weights_only=True``: no pickled code is ever run)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
+    """Load a segpipe checkpoint safely (``weights_only=True``: no pickled code is ever run). ``mmap``: the
+    tensors are mapped, not read (for a look at the metadata only)."""
     path = Path(path)
     if not path.is_file():
         raise SegpipeError(f"checkpoint '{path}': file not found; give a run folder or a checkpoint_*.pt file")
     if not zipfile.is_zipfile(path):  # every torch.save since PyTorch 1.6 writes a zip archive
         raise SegpipeError(f"checkpoint '{path}': not a readable PyTorch checkpoint (not a torch.save archive); give a segpipe checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise SegpipeError(
             f"checkpoint '{path}': refused, loading it would run pickled code ({str(exc).splitlines()[0][:120]}); "
