@@ -73,7 +73,7 @@ def infer(
                            "with the fold model(s) that held it out, for a cross-validation score (`segpipe evaluate`).")
     ] = False,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="A config whose 'infer' section (overlap, TTA, DICOM rules...) replaces the model's.")
+        Path | None, typer.Option("--config", "-c", help="A config (YAML file or built-in name) whose 'infer' section (overlap, TTA, DICOM rules...) replaces the model's.")
     ] = None,
 ) -> None:
     """Segment scans with a trained model; masks come out in each input's own geometry.

@@ -14,7 +14,7 @@ from cli._common import handle_errors, state
 def preprocess(
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Dataset manifest (see `segpipe manifest`).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder to fill.", show_default=False)],
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment config (YAML); defaults when omitted.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment config: a YAML file or a built-in name (isles22, wmh17, demo); defaults when omitted.")] = None,
     workers: Annotated[int, typer.Option(help="Cases preprocessed in parallel (processes).")] = 1,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Report a failing case and continue with the others.")] = False,
     overrides: Annotated[

@@ -16,7 +16,7 @@ def train(
     cache: Annotated[Path, typer.Option("--cache", help="Cache folder made by `segpipe preprocess`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write (checkpoints, metrics, plots).", show_default=False)],
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="Experiment config (YAML); default: the one the cache was made with.")
+        Path | None, typer.Option("--config", "-c", help="Experiment config (YAML file or built-in name); default: the one the cache was made with.")
     ] = None,
     fold: Annotated[str, typer.Option(help="Cross-validation fold to train (0..k-1), or 'all' for every case.")] = "0",
     loss: Annotated[
