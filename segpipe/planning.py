@@ -131,7 +131,7 @@ def _jsonable(v: Any) -> Any:
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     try:
-        return Plan.from_json(json.loads(path.read_text()))
+        return Plan.from_json(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise SegpipeError(f"plan '{path}': not found; run `segpipe preprocess` first") from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:

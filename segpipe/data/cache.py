@@ -91,7 +91,7 @@ class CaseCache:
     def read_json(self, name: str) -> dict[str, Any]:
         path = self.root / name
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SegpipeError(
                 f"cache '{self.root}': no {name}; run `segpipe preprocess --manifest M --config C --out {self.root}` first"
@@ -110,7 +110,7 @@ class CaseCache:
         """The entry's meta data, or None when it is missing or incomplete."""
         path = self.entry(case_id) / "meta.json"
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return None
 
@@ -140,7 +140,7 @@ class CaseCache:
             for name, arr in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
             # meta.json last: an entry is complete when it has one
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default), encoding="utf-8")
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())

@@ -66,7 +66,7 @@ def _previous_run(out: Path) -> tuple[dict[str, Any], list[str] | None]:
     """The per-case entries (done or skipped) and the model(s) of an earlier run's summary.json in ``out``
     (nothing when absent or unreadable)."""
     try:
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         cases = {**summary.get("skipped", {}), **summary.get("cases", {})}
         model = summary.get("model")
     except (OSError, ValueError, AttributeError, TypeError):

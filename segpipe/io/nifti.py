@@ -166,7 +166,7 @@ def bval_sidecar(path: Path) -> Path | None:
 def _highest_b_trace(arr: np.ndarray, bval: Path, path: Path, what: str) -> np.ndarray:
     """The volumes of a 4D diffusion file at its highest b-value, combined as their geometric mean."""
     try:
-        bvals = [float(v) for v in bval.read_text().split()]
+        bvals = [float(v) for v in bval.read_text(encoding="utf-8").split()]
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise SegpipeError(f"{what} '{path}': its b-values '{bval}' cannot be read ({type(exc).__name__}); expected numbers "
                            "separated by spaces, one per volume (as dcm2niix writes them)") from None

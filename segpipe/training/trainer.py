@@ -143,7 +143,7 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def _cache_config(cache: CaseCache) -> Config | None:
     path = cache.root / "config.yaml"
-    return config_from_dict(yaml.safe_load(path.read_text()), str(path)) if path.is_file() else None
+    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path)) if path.is_file() else None
 
 
 def resolve_train_config(cache_root: str | Path, config_path: str | Path | None, overrides: list[str]) -> Config:
@@ -320,8 +320,8 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
     log_handler = attach_log_file(out / "train.log") if dist.is_main else None
     try:
         if dist.is_main:
-            (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-            (out / "plan.json").write_text(json.dumps(plan.to_json(), indent=2))
+            (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+            (out / "plan.json").write_text(json.dumps(plan.to_json(), indent=2), encoding="utf-8")
         net: torch.nn.Module = build_network(plan)
         if init is not None:
             net.load_state_dict(init, strict=False)
