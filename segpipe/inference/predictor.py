@@ -33,7 +33,7 @@ from segpipe.inference.sliding import class_argmax, predict_volume
 from segpipe.io.nifti import Geometry, read_geometry
 from segpipe.models import build_network
 from segpipe.planning import Plan
-from segpipe.training.checkpoint import load_checkpoint, resolve_checkpoint
+from segpipe.training.checkpoint import CHECKPOINT_NAMES, load_checkpoint, resolve_checkpoint, run_subfolders
 from segpipe.transforms.preprocessing import build_preprocessing, channel_key, run_chain
 
 __all__ = ["Prediction", "PreparedCase", "Predictor", "prepare_case", "remove_small_components", "resample_to_grid", "resolve_model_path"]
@@ -90,9 +90,6 @@ def resolve_model_path(model: str | Path) -> Path:
     return resolve_checkpoint(model, option="--model")
 
 
-_CHECKPOINTS = ("checkpoint_best.pt", "checkpoint_latest.pt")
-
-
 def resolve_model_paths(models: Sequence[str | Path]) -> list[Path]:
     """The checkpoints of ``--model`` arguments: a run folder or checkpoint each, or a folder holding the runs
     of the folds of one cross-validation (each fold once, as ``segpipe train --fold F`` records it), which
@@ -102,8 +99,8 @@ def resolve_model_paths(models: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for m in models:
         p = Path(m)
-        runs = sorted(d for d in p.iterdir() if d.is_dir() and any((d / n).is_file() for n in _CHECKPOINTS)) if p.is_dir() else []
-        if not p.is_dir() or any((p / n).is_file() for n in _CHECKPOINTS) or len(runs) < 2:
+        runs = run_subfolders(p) if p.is_dir() else []
+        if not p.is_dir() or any((p / n).is_file() for n in CHECKPOINT_NAMES) or len(runs) < 2:
             paths.append(resolve_model_path(p))
             continue
         found = [resolve_model_path(r) for r in runs]

@@ -406,9 +406,9 @@ def infer(
                          "cases: give one of the two")
     if cross_validation and channel_map:
         raise UsageError("--cross-validation: give the manifest (or the dataset folder) the models were trained from, not --channel")
-    start = time.perf_counter()
     if overlap is not None and not 0 <= overlap < 1:
         raise UsageError(f"--overlap: expected a fraction of the window in [0, 1) (nnU-Net and the default: 0.5), got {overlap:g}")
+    start = time.perf_counter()
     opt = _Options(tta, float(min_lesion_mm3) if min_lesion_mm3 is not None else None, save_probabilities,
                    dict(series or {}), allow_uneven, dicom_seg, float(overlap) if overlap is not None else None)
     report = InferReport()

@@ -19,7 +19,8 @@ import torch
 from segpipe.errors import SegpipeError
 from segpipe.io.atomic import atomic_path
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "resolve_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAMES", "load_checkpoint", "resolve_checkpoint", "rng_state", "run_subfolders", "save_checkpoint",
+           "set_rng_state"]
 
 CHECKPOINT_FORMAT = "segpipe-checkpoint-v1"
 
@@ -56,15 +57,24 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+#: what a run folder holds, in the order a model is taken from it
+CHECKPOINT_NAMES = ("checkpoint_best.pt", "checkpoint_latest.pt")
+
+
+def run_subfolders(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` that hold a checkpoint (runs), sorted."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and any((d / n).is_file() for n in CHECKPOINT_NAMES))
+
+
 def resolve_checkpoint(model: str | Path, option: str = "--model") -> Path:
     """A run folder (its ``checkpoint_best.pt``, else ``checkpoint_latest.pt``) or a checkpoint file; ``option``
     names the command-line option in the errors."""
     p = Path(model)
     if p.is_dir():
-        for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
+        for name in CHECKPOINT_NAMES:
             if (p / name).is_file():
                 return p / name
-        runs = sorted(d.name for d in p.iterdir() if d.is_dir() and any((d / n).is_file() for n in ("checkpoint_best.pt", "checkpoint_latest.pt")))
+        runs = [d.name for d in run_subfolders(p)]
         which = "give each with its own --model (an ensemble), or one of them" if option == "--model" else "give one of them"
         hint = f"; it holds the runs {', '.join(runs)}: {which}" if runs else "; give a run folder of `segpipe train`"
         raise SegpipeError(f"{option} '{p}': no checkpoint_best.pt or checkpoint_latest.pt in this folder{hint}")

@@ -130,7 +130,8 @@ def summarize_run(folder: str | Path, last: int = 10) -> str:
     train, loss = config.get("train", {}), config.get("loss", {})
     rows = MetricsLog(folder / "metrics.csv", []).rows()
     lines = []
-    ckpt = load_checkpoint(folder / "checkpoint_latest.pt") if (folder / "checkpoint_latest.pt").is_file() else {}
+    latest = folder / "checkpoint_latest.pt"
+    ckpt = load_checkpoint(latest, mmap=True) if latest.is_file() else {}  # its metadata: the weights stay on disk
     fold = ckpt.get("fold", "?")
     held = ckpt.get("validation_cases")
     cases = (f" ({len(ckpt['training_cases'])} training, {len(held)} validation cases)"

@@ -37,6 +37,7 @@ from segpipe.evaluation.metrics import (
     hausdorff95,
     lesion_f1,
 )
+from segpipe.evaluation.protocols import HIGHER_IS_BETTER
 from segpipe.inference.sliding import class_argmax, predict_volume
 from segpipe.io.atomic import ensure_writable_dir
 from segpipe.losses import CompositeLoss, parse_loss_spec, parse_schedule
@@ -63,7 +64,8 @@ log = logging.getLogger(__name__)
 RESUMABLE = ("name", "train.epochs", "train.num_workers", "train.augment_on", "train.log_every", "train.validate_every",
              "train.max_validation_cases", "train.compile", "train.amp", "train.amp_dtype", "train.deterministic", "infer.",
              "train.init_from")  # init_from: a resumed run's weights come from its own checkpoint
-HIGHER_IS_BETTER = {"dice": True, "lesion_f1": True, "hd95": False, "avd_ml": False}
+#: the validation metrics a best checkpoint can be chosen by (their direction: the evaluation's HIGHER_IS_BETTER)
+BEST_METRICS = ("dice", "lesion_f1", "hd95", "avd_ml")
 RUN_MARKERS = ("config.yaml", "checkpoint_latest.pt", "metrics.csv", "plan.json")
 
 
@@ -280,14 +282,13 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         train_ids = [c for c in cases if c not in set(val_ids)]
     if not train_ids:
         raise SegpipeError(f"fold {fold}: no training cases left (the cache has {len(cases)} cases); use --fold all to train on every case")
-    if config.train.best_metric not in HIGHER_IS_BETTER:
-        raise UsageError(f"config 'train.best_metric': expected one of {', '.join(HIGHER_IS_BETTER)}, got '{config.train.best_metric}'"
-                         f"{did_you_mean(config.train.best_metric, HIGHER_IS_BETTER)}")
+    if config.train.best_metric not in BEST_METRICS:
+        raise UsageError(f"config 'train.best_metric': expected one of {', '.join(BEST_METRICS)}, got '{config.train.best_metric}'"
+                         f"{did_you_mean(config.train.best_metric, BEST_METRICS)}")
     workers = loader_workers(config.train.num_workers, dev, dist.world)  # checked before anything is written
     init = None
-    if config.train.init_from and not resume:
-        state, _, plan = initial_weights(config.train.init_from, plan)
-        init = state
+    if config.train.init_from and not resume:  # a resumed run's weights come from its own checkpoint
+        init, _, plan = initial_weights(config.train.init_from, plan)
 
     _prepare_run_folder(out, resume, overwrite, dist.is_main)
     dist.barrier()
@@ -440,7 +441,8 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
                 metrics.append(record)
                 payload = {
                     "model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                    "epoch": epoch, "fold": str(fold), "training_cases": train_ids, "validation_cases": val_ids, "config": resolved, "plan": plan.to_json(), "schedule": schedule.to_json(),
+                    "epoch": epoch, "fold": str(fold), "training_cases": train_ids, "validation_cases": val_ids,
+                    "config": resolved, "plan": plan.to_json(), "schedule": schedule.to_json(),
                     "loss_spec": str(spec), "best_metric": best, "best_epoch": best_epoch, "best_metric_name": t.best_metric,
                     "rng": rng_state(), "world_size": dist.world,
                 }
