@@ -138,8 +138,8 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", dtype: np.dtype
         ) from exc
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
-    if arr.ndim == 4 and bval_sidecar(path) is not None:
-        arr = _highest_b_trace(np.asarray(arr), bval_sidecar(path), path, what)
+    if arr.ndim == 4 and (bval := bval_sidecar(path)) is not None:
+        arr = _highest_b_trace(np.asarray(arr), bval, path, what)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:
