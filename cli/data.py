@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +20,8 @@ def manifest(
     root: Annotated[Path, typer.Argument(help="Folder the dataset was unpacked into.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest JSON file to write.", show_default=False)],
     layout: Annotated[
-        str, typer.Option(help="Dataset layout: auto, isles22, isles15, isles18 or wmh17. 'auto' detects it.")
+        str, typer.Option(help="Dataset layout: auto, isles22, isles15, isles18, wmh17 or nnunet (an nnU-Net raw dataset: "
+                          "dataset.json, imagesTr, labelsTr). 'auto' detects it.")
     ] = "auto",
     channels: Annotated[
         str | None, typer.Option(help="Channels to use, in order, comma-separated (default: all of the layout's).")
@@ -26,22 +29,38 @@ def manifest(
     name: Annotated[str | None, typer.Option(help="Dataset name stored in the manifest (default: the layout).")] = None,
     folds: Annotated[int, typer.Option(help="Number of cross-validation folds.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the fold split (stored in the manifest).")] = 0,
+    splits: Annotated[Path | None, typer.Option(
+        "--splits", help="nnU-Net's splits_final.json: take its folds (instead of --folds/--seed), so that segpipe's and "
+        "nnU-Net's cross-validations hold out the same cases.", show_default=False)] = None,
+    write_splits: Annotated[Path | None, typer.Option(
+        "--write-splits", help="Also write the folds as nnU-Net's splits_final.json (to run nnU-Net on the same folds).",
+        show_default=False)] = None,
     skip_incomplete: Annotated[bool, typer.Option("--skip-incomplete", help="Leave out cases that miss a channel instead of failing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing manifest (its folds may change).")] = False,
 ) -> None:
-    """Discover the cases of a dataset as distributed (ISLES 2015/2018/2022, WMH 2017) and write a manifest.
+    """Discover the cases of a dataset as distributed (ISLES 2015/2018/2022, WMH 2017, or nnU-Net's raw format) and write a manifest.
 
     The manifest lists each case's channel files and label, the label semantics, and seeded k-fold splits
     stored in the file so they never change.
     """
     from segpipe.data.layouts import discover
     from segpipe.data.manifest import write_manifest
+    from segpipe.data.nnunet import read_splits, splits_json
     from segpipe.errors import SegpipeError
+    from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
 
     if out.exists() and not overwrite:
         raise SegpipeError(f"--out '{out}': already exists; pass --overwrite to replace it (its folds may change)")
     m = discover(root, layout, parse_names(channels, "--channels"), name=name, folds=folds, seed=seed, skip_incomplete=skip_incomplete)
+    if splits is not None:
+        m = dataclasses.replace(m, folds=read_splits(splits, m))
+    if write_splits is not None:
+        if write_splits.exists() and not overwrite:
+            raise SegpipeError(f"--write-splits '{write_splits}': already exists; pass --overwrite to replace it")
+        ensure_writable_dir(write_splits.parent, what=f"folder of --write-splits '{write_splits}'")
     write_manifest(m, out)
+    if write_splits is not None:
+        atomic_write_text(write_splits, json.dumps(splits_json(m), indent=2) + "\n")
     n_lab = len(m.labelled)
     typer.echo(
         f"wrote {out}: {len(m.cases)} cases ({n_lab} labelled), layout {m.layout}, channels {','.join(m.channels)}, "

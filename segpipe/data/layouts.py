@@ -10,6 +10,8 @@ never on numeric ids, so renumbered or re-nested copies of a dataset are still f
 - ``isles18``: ISLES 2018, ``<case>/SMIR.Brain.XX.O.CT_<CBF|CBV|MTT|Tmax>.<id>/*.nii``, ``...O.CT.<id>`` (NCCT),
   label ``...O.OT.<id>``.
 - ``wmh17``: WMH 2017, ``<site>/<id>/pre/{FLAIR,T1}.nii.gz``, label ``<site>/<id>/wmh.nii.gz`` (2 = other pathology).
+- ``nnunet``: a dataset already in nnU-Net's raw format (``dataset.json``, ``imagesTr/CASE_XXXX``, ``labelsTr``,
+  ``imagesTs``); its channels and classes come from ``dataset.json`` (:mod:`segpipe.data.nnunet`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from segpipe.data.manifest import DEFAULT_FOLDS, Case, LabelSpec, Manifest, make_folds
+from segpipe.data.nnunet import discover_nnunet, find_nnunet_dataset
 from segpipe.errors import SegpipeError, UsageError, did_you_mean, problems_error
 
-__all__ = ["LAYOUTS", "Found", "Layout", "discover", "image_files"]
+__all__ = ["LAYOUTS", "LAYOUT_NAMES", "Found", "Layout", "discover", "image_files"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +183,10 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+#: what --layout takes besides "auto": the challenges' layouts and nnU-Net's raw format
+LAYOUT_NAMES = (*LAYOUTS, "nnunet")
+
+
 def _case_ids(found: dict[tuple[str, ...], Found], layout: str) -> dict[tuple[str, ...], str]:
     """Readable, unique ids: the subject (ISLES 2022) or the case folder's name; qualified by the session
     or the parent folders only where that name alone would repeat."""
@@ -206,22 +213,30 @@ def discover(
 ) -> Manifest:
     """Find the cases of a dataset under ``root`` and return a manifest (folds included).
 
-    ``layout="auto"`` tries every known layout and takes the one that finds cases (the one that finds the
-    most, should several). ``channels`` picks and orders the channels (default: all of the layout's).
+    ``layout="auto"`` takes an nnU-Net raw dataset (``dataset.json``) as such, else tries every known layout
+    and takes the one that finds cases (the one that finds the most, should several). ``channels`` picks and orders the channels (default: all of the layout's).
     Every problem (a case missing a channel, two files for one channel, two labels) is reported at once;
     ``skip_incomplete`` leaves out cases that miss a channel instead.
     """
     root = Path(root)
     if not root.is_dir():
         raise SegpipeError(f"ROOT '{root}': folder not found; give the folder the dataset was unpacked into")
-    if layout != "auto" and layout not in LAYOUTS:
-        raise UsageError(f"--layout: unknown layout '{layout}'{did_you_mean(layout, LAYOUTS)}; choose from auto, {', '.join(LAYOUTS)}")
+    if layout != "auto" and layout not in LAYOUT_NAMES:
+        raise UsageError(f"--layout: unknown layout '{layout}'{did_you_mean(layout, LAYOUT_NAMES)}; choose from auto, {', '.join(LAYOUT_NAMES)}")
+    if layout in ("auto", "nnunet"):
+        dataset = find_nnunet_dataset(root)
+        if dataset is not None:
+            return discover_nnunet(dataset, channels, name=name, folds=folds, seed=seed, skip_incomplete=skip_incomplete)
+        if layout == "nnunet":
+            raise SegpipeError(f"ROOT '{root}': not an nnU-Net raw dataset; expected dataset.json next to imagesTr/ (and labelsTr/), "
+                               "as in nnUNet_raw/DatasetXXX_Name")
     files = image_files(root)
     if layout == "auto":
         results = {n: L.find(files) for n, L in LAYOUTS.items()}
         hits = {n: r for n, r in results.items() if r}
         if not hits:
             tried = [f"{L.name} ({L.title}): {L.expects}" for L in LAYOUTS.values()]
+            tried.append("nnunet (nnU-Net raw dataset): dataset.json, imagesTr/CASE_XXXX.nii.gz, labelsTr/CASE.nii.gz")
             raise SegpipeError(
                 f"ROOT '{root}': no known dataset layout found among {len(files)} image files; "
                 "point ROOT at the unpacked dataset or write a manifest by hand (README: Manifest format); layouts tried",

@@ -10,8 +10,8 @@ Inputs, each argument one of:
 - a folder holding several cases: files named as nnU-Net names them (``CASE_0000.nii.gz``, ``CASE_0001...``:
   the channel's index in the model's order, e.g. an ``imagesTs`` folder), or channel-named files of several
   cases (``sub-01_dwi.nii.gz``, ``sub-01_adc.nii.gz``, ``sub-02_dwi.nii.gz``, ...), or one subfolder per case;
-- a dataset folder in a known layout (ISLES 2022's BIDS tree, WMH 2017, ...; see :mod:`segpipe.data.layouts`):
-  every case in it.
+- a dataset folder in a known layout (ISLES 2022's BIDS tree, WMH 2017, an nnU-Net raw dataset with its
+  ``dataset.json``, ...; see :mod:`segpipe.data.layouts`): every case in it.
 """
 
 from __future__ import annotations
@@ -138,10 +138,37 @@ def _folder_cases(folder: Path, files: Sequence[Path], channels: Sequence[str]) 
     return [CaseInput(folder.resolve().name, _match_channels(files, channels, source), source=source)]
 
 
+def _nnunet_cases(folder: Path, channels: Sequence[str]) -> list[CaseInput] | None:
+    """The cases of an nnU-Net raw dataset folder (None: it is not one). Its channels are taken by name where
+    dataset.json names the model's channels, else by index, as nnU-Net itself does."""
+    from segpipe.data.nnunet import discover_nnunet, find_nnunet_dataset
+
+    dataset = find_nnunet_dataset(folder)
+    if dataset is None:
+        return None
+    m = discover_nnunet(dataset)
+    if set(channels) <= set(m.channels):
+        pick = {ch: ch for ch in channels}
+    elif len(m.channels) == len(channels):
+        log.warning("input '%s': dataset.json names the channels %s, the model %s; taken in order", dataset,
+                    ", ".join(m.channels), ", ".join(channels))
+        pick = dict(zip(channels, m.channels))
+    else:
+        raise SegpipeError(
+            f"input '{dataset}': an nnU-Net dataset with {len(m.channels)} channel(s) ({', '.join(m.channels)}), but the model "
+            f"takes {len(channels)} ({', '.join(channels)}); give a dataset with the model's channels"
+        )
+    log.info("input '%s': an nnU-Net dataset, %d cases", dataset, len(m.cases))
+    return [CaseInput(c.id, {ch: m.image_path(c, src) for ch, src in pick.items()}, source=str(dataset)) for c in m.cases]
+
+
 def _dataset_cases(folder: Path, channels: Sequence[str]) -> list[CaseInput]:
     """A folder with no NIfTI files of its own: a dataset in a known layout, else one subfolder per case."""
     from segpipe.data.layouts import discover
 
+    nnunet = _nnunet_cases(folder, channels)
+    if nnunet is not None:
+        return nnunet
     try:
         m = discover(folder, channels=list(channels))
     except SegpipeError as exc:
