@@ -47,7 +47,8 @@ def preprocess(
         fmt = "x".join
         typer.echo(
             f"plan: spacing {fmt(f'{v:g}' for v in plan.target_spacing)} mm, patch {fmt(str(v) for v in plan.patch_size)}, "
-            f"batch {plan.batch_size}, {len(plan.network.strides)} stages, ~{plan.memory_estimate_gb:g} GiB"
+            f"batch {plan.batch_size}, {len(plan.network.strides)} stages"
+            f"{' (residual encoder)' if plan.network.encoder_blocks else ''}, ~{plan.memory_estimate_gb:g} GiB"
         )
     if report.failed:
         raise SegpipeError(f"{len(report.failed)} case(s) failed: {', '.join(report.failed)} (messages above)")

@@ -80,6 +80,10 @@ class PlanConfig:
     min_feature_map: int = 4
     max_stages: int = 6
     deep_supervision: bool = True
+    #: "plain": one block of two convolutions per encoder stage (nnU-Net's default U-Net); "resenc": residual
+    #: blocks, 1, 3, 4, 6, 6, ... per stage (nnU-Net's residual encoder presets, its recommended configuration
+    #: since v2.5; raise gpu_memory_gb to 24 for the size of its ResEnc L)
+    architecture: Literal["plain", "resenc"] = "plain"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ __all__ = [
     "Plan",
     "estimate_memory_gb",
     "load_plan",
+    "encoder_blocks_for",
     "make_plan",
     "plan_topology",
     "target_spacing_from",
@@ -46,12 +47,26 @@ PLAN_VERSION = 1
 ANISOTROPY = 3.0
 
 
+#: residual blocks per encoder stage of nnU-Net's residual encoder U-Net (ResEnc M/L/XL, 3D): stages beyond the
+#: sixth repeat the last value
+RESENC_BLOCKS = (1, 3, 4, 6, 6, 6)
+
+
+def encoder_blocks_for(architecture: str, stages: int) -> tuple[int, ...]:
+    """Residual blocks per encoder stage for ``architecture`` ("plain": none, the empty tuple)."""
+    if architecture == "plain":
+        return ()
+    return tuple(RESENC_BLOCKS[min(i, len(RESENC_BLOCKS) - 1)] for i in range(stages))
+
+
 @dataclass(frozen=True)
 class NetworkPlan:
     kernel_sizes: tuple[tuple[int, ...], ...]
     strides: tuple[tuple[int, ...], ...]
     filters: tuple[int, ...]
     deep_supervision: bool = True
+    #: residual blocks per encoder stage (the residual encoder); empty: one plain block of two convolutions
+    encoder_blocks: tuple[int, ...] = ()
 
     @property
     def divisor(self) -> tuple[int, ...]:
@@ -108,6 +123,7 @@ class Plan:
             strides=tuple(tuple(int(v) for v in s) for s in net["strides"]),
             filters=tuple(int(f) for f in net["filters"]),
             deep_supervision=bool(net.get("deep_supervision", True)),
+            encoder_blocks=tuple(int(b) for b in net.get("encoder_blocks", ())),  # absent in plans before the residual encoder
         )
         tuples = ("channels", "classes", "target_spacing", "patch_size", "median_shape", "notes")
         for k in tuples:
@@ -160,7 +176,7 @@ def target_spacing_from(spacings: Sequence[Sequence[float]], shapes: Sequence[Se
 
 def plan_topology(
     spacing: Sequence[float], patch_size: Sequence[int], *, min_feature_map: int = 4, max_stages: int = 6,
-    base_features: int = 32, max_features: int = 320,
+    base_features: int = 32, max_features: int = 320, architecture: str = "plain",
 ) -> NetworkPlan:
     """Kernel sizes and strides per stage (first stage stride 1), as described in the module docstring."""
     ndim = len(spacing)
@@ -180,21 +196,23 @@ def plan_topology(
         strides.append(stride)
         kernels.append(tuple(3 if current[a] <= 2 * current.min() else 1 for a in range(ndim)))
     filters = tuple(min(base_features * 2**i, max_features) for i in range(len(strides)))
-    return NetworkPlan(tuple(kernels), tuple(strides), filters)
+    return NetworkPlan(tuple(kernels), tuple(strides), filters, encoder_blocks=encoder_blocks_for(architecture, len(strides)))
 
 
 def estimate_memory_gb(patch_size: Sequence[int], network: NetworkPlan, batch_size: int, channels: int) -> float:
     """Rough training memory (GiB) of a U-Net at ``patch_size``: activations kept for the backward pass,
     about 20 tensors of the stage's features per voxel and stage (two convolutions with norm and nonlinearity,
-    encoder and decoder, mixed precision), plus the parameters and the optimiser state."""
+    encoder and decoder, mixed precision), 7 more per further residual block of the encoder (two convolutions,
+    norms, nonlinearities and the sum), plus the parameters and the optimiser state."""
     vox = float(np.prod(patch_size))
     total = vox * channels
     scale = 1.0
-    for stride, feats in zip(network.strides, network.filters):
+    blocks = network.encoder_blocks or (1,) * len(network.filters)
+    for stride, feats, n in zip(network.strides, network.filters, blocks):
         scale *= float(np.prod(stride))
-        total += 20 * feats * vox / scale
+        total += (20 + 7 * (n - 1)) * feats * vox / scale
     activations = total * batch_size * 2  # bytes (16-bit)
-    params = sum(27 * f * f * 2 for f in network.filters) * 4 * 4  # weights, grads, momentum, fp32
+    params = sum(27 * f * f * (n + 1) for f, n in zip(network.filters, blocks)) * 4 * 4  # weights, grads, momentum, fp32
     return (activations + params) / 2**30 + 0.5  # + CUDA context and workspace
 
 
@@ -206,7 +224,7 @@ def _fit_patch(median: np.ndarray, spacing: Sequence[float], channels: int, pc: 
     patch = np.maximum(patch, 8)
     while True:
         net = plan_topology(sp, patch, min_feature_map=pc.min_feature_map, max_stages=pc.max_stages,
-                            base_features=pc.base_features, max_features=pc.max_features)
+                            base_features=pc.base_features, max_features=pc.max_features, architecture=pc.architecture)
         div = np.asarray(net.divisor)
         rounded = np.maximum((patch // div) * div, div)
         if estimate_memory_gb(rounded, net, 2, channels) <= pc.gpu_memory_gb or rounded.prod() <= 16**3:
@@ -248,7 +266,7 @@ def make_plan(
     if pc.patch_size is not None:
         patch = tuple(int(v) for v in pc.patch_size)
         net = plan_topology(target, patch, min_feature_map=pc.min_feature_map, max_stages=pc.max_stages,
-                            base_features=pc.base_features, max_features=pc.max_features)
+                            base_features=pc.base_features, max_features=pc.max_features, architecture=pc.architecture)
         notes.append("patch size from the config")
     else:
         patch, net = _fit_patch(median, target, len(channels), pc)
@@ -256,7 +274,8 @@ def make_plan(
         if pc.kernel_sizes is None or pc.strides is None or len(pc.kernel_sizes) != len(pc.strides):
             raise UsageError("config 'plan.kernel_sizes' and 'plan.strides': give both, with one entry per stage")
         filters = tuple(min(pc.base_features * 2**i, pc.max_features) for i in range(len(pc.strides)))
-        net = NetworkPlan(tuple(pc.kernel_sizes), tuple(pc.strides), filters)
+        net = NetworkPlan(tuple(pc.kernel_sizes), tuple(pc.strides), filters,
+                          encoder_blocks=encoder_blocks_for(pc.architecture, len(pc.strides)))
         notes.append("topology from the config")
     net = dataclasses.replace(net, deep_supervision=pc.deep_supervision)
     div = net.divisor

@@ -77,3 +77,57 @@ def test_reference_channel_must_exist():
 
 def test_default_config_is_valid():
     assert Config().plan.gpu_memory_gb > 0
+
+
+def test_residual_encoder_blocks_memory_and_round_trip():
+    shapes, spacings = [(180, 200, 170)] * 4, [(1, 1, 1)] * 4
+    plain = make_plan(load_config(None, []), ("t1",), ("bg", "les"), None, 0.5, spacings, shapes)
+    res = make_plan(load_config(None, ["plan.architecture=resenc"]), ("t1",), ("bg", "les"), None, 0.5, spacings, shapes)
+    assert plain.network.encoder_blocks == ()
+    stages = len(res.network.strides)
+    assert res.network.encoder_blocks == (1, 3, 4, 6, 6, 6, 6)[:stages]  # nnU-Net's ResEnc, the last value repeated
+    # more activations per voxel: the same budget gives a smaller patch (or batch)
+    assert estimate_memory_gb(res.patch_size, res.network, res.batch_size, 1) <= 10.0
+    assert np.prod(res.patch_size) * res.batch_size < np.prod(plain.patch_size) * plain.batch_size
+    assert estimate_memory_gb(plain.patch_size, res.network, plain.batch_size, 1) > estimate_memory_gb(
+        plain.patch_size, plain.network, plain.batch_size, 1)
+    assert Plan.from_json(res.to_json()) == res
+    # plans written before the residual encoder existed read as plain
+    old = plain.to_json()
+    del old["network"]["encoder_blocks"]
+    assert Plan.from_json(old) == plain
+    topo = make_plan(load_config(None, ["plan.architecture=resenc", "plan.kernel_sizes=[[3,3,3],[3,3,3],[3,3,3]]",
+                                        "plan.strides=[[1,1,1],[2,2,2],[2,2,2]]", "plan.patch_size=[32,32,32]"]),
+                     ("t1",), ("bg", "les"), None, 0.5, spacings, shapes)
+    assert topo.network.encoder_blocks == (1, 3, 4)
+
+
+def test_residual_encoder_network():
+    import torch
+    from monai.networks.blocks.dynunet_block import UnetResBlock
+
+    from segpipe.models import build_network
+
+    cfg = ["plan.patch_size=[32,32,32]", "plan.base_features=4", "plan.max_features=16"]
+    plans = {a: make_plan(load_config(None, [*cfg, f"plan.architecture={a}"]), ("a", "b"), ("bg", "x"), None, 0.5,
+                          [(1, 1, 1)], [(64, 64, 64)]) for a in ("plain", "resenc")}
+    nets = {a: build_network(p) for a, p in plans.items()}
+    blocks = plans["resenc"].network.encoder_blocks
+    assert sum(isinstance(m, UnetResBlock) for m in nets["resenc"].modules()) == sum(blocks)
+    assert not any(isinstance(m, UnetResBlock) for m in nets["plain"].modules())
+    x = torch.randn(1, 2, 32, 32, 32)
+    for a, net in nets.items():
+        net.train()
+        heads = net(x)
+        assert [tuple(h.shape) for h in heads] == [(1, 2, 32, 32, 32), (1, 2, 16, 16, 16), (1, 2, 8, 8, 8)][: len(heads)], a
+        net.eval()
+        assert net(x).shape == (1, 2, 32, 32, 32)
+    # every block learns: a step changes the weights of the last residual block of the deepest encoder stage
+    net = nets["resenc"]
+    net.train()
+    deepest = net.bottleneck[-1]
+    before = deepest.conv2.conv.weight.detach().clone()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sum(h.mean() for h in net(x)).backward()
+    opt.step()
+    assert not torch.equal(before, deepest.conv2.conv.weight)

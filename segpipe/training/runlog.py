@@ -144,7 +144,8 @@ def summarize_run(folder: str | Path, last: int = 10) -> str:
     plan = ckpt.get("plan") or {}
     network = plan.get("network") or {}
     if plan:
-        lines.append(f"network: features {network.get('filters')}, patch {'x'.join(map(str, plan.get('patch_size', [])))}, "
+        residual = f", residual encoder {network['encoder_blocks']}" if network.get("encoder_blocks") else ""
+        lines.append(f"network: features {network.get('filters')}{residual}, patch {'x'.join(map(str, plan.get('patch_size', [])))}, "
                      f"batch {plan.get('batch_size')}, {train.get('optimizer', '?')} lr {train.get('learning_rate', '?')}"
                      + (f"; fine-tuned from {train['init_from']}" if train.get("init_from") else ""))
     if ckpt.get("best_metric") is not None:

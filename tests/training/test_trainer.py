@@ -226,3 +226,29 @@ def test_loader_bound_hint():
     hint = loader_bound_hint(4.0, 10.0, 6)
     assert hint is not None and "40 %" in hint and "train.num_workers (now 6)" in hint
     assert loader_bound_hint(0.0, 0.0, 2) is None
+
+
+def test_residual_encoder_trains_resumes_and_segments(tiny_cache, tmp_path):
+    """plan.architecture=resenc: a real run, its checkpoint rebuilds the same network for inference, and a resume
+    that would change the architecture is refused."""
+    from segpipe.inference.predictor import Predictor
+    from segpipe.training.runlog import summarize_run
+    from tests.inference.test_infer import _nifti_case
+
+    run = tmp_path / "run"
+    result = train(_cfg(tiny_cache, "train.epochs=2", "plan.architecture=resenc"), tiny_cache, run)
+    assert result.epochs_run == 2
+    ckpt = load_checkpoint(run / "checkpoint_latest.pt")
+    blocks = ckpt["plan"]["network"]["encoder_blocks"]
+    assert blocks[:3] == [1, 3, 4]
+    assert any(k.startswith("input_block.") for k in ckpt["model"]) and any(".1.conv1.conv.weight" in k for k in ckpt["model"])
+    losses = [float(r["loss"]) for r in _rows(run)]
+    assert all(np.isfinite(losses))
+    assert "residual encoder [1, 3, 4" in summarize_run(run)
+    with pytest.raises(SegpipeError, match=r"differs from the run's.*plan\.architecture"):
+        train(_cfg(tiny_cache, "train.epochs=3"), tiny_cache, run, resume=True)
+    predictor = Predictor.load(run, device="cpu")
+    assert predictor.net.state_dict().keys() == ckpt["model"].keys()
+    src = _nifti_case(tmp_path / "in")
+    pred = predictor.predict({ch: src / f"subj_{ch}.nii.gz" for ch in ("dwi", "adc", "flair")}, tta=False)
+    assert pred.mask.shape == (40, 40, 24)
