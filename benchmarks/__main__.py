@@ -20,6 +20,7 @@ BENCHMARKS = {
     "infer_dataset": (["--cases", "4", "--shape", "128", "128", "96"], ["--cases", "2", "--shape", "64", "64", "48"]),
     # needs nnU-Net (pip install -e ".[compare]"); says so and skips without it
     "nnunet_preprocess": (["--data", "isles", "--cases", "8", "24"], ["--cases", "2", "4"]),
+    "nnunet_network": ([], ["--patch", "32", "--repeat", "1"]),
 }
 
 

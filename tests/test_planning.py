@@ -104,7 +104,7 @@ def test_residual_encoder_blocks_memory_and_round_trip():
 
 def test_residual_encoder_network():
     import torch
-    from monai.networks.blocks.dynunet_block import UnetResBlock
+    from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 
     from segpipe.models import build_network
 
@@ -115,6 +115,11 @@ def test_residual_encoder_network():
     blocks = plans["resenc"].network.encoder_blocks
     assert sum(isinstance(m, UnetResBlock) for m in nets["resenc"].modules()) == sum(blocks)
     assert not any(isinstance(m, UnetResBlock) for m in nets["plain"].modules())
+    # the decoder: one convolution per stage (nnU-Net's ResEnc), two in the plain network
+    assert not any(isinstance(m, UnetBasicBlock) for m in nets["resenc"].modules())
+    assert all(isinstance(up.conv_block, UnetBasicBlock) for up in nets["plain"].upsamples)
+    convs = {a: sum(isinstance(m, torch.nn.Conv3d) for m in net.upsamples.modules()) for a, net in nets.items()}
+    assert convs["plain"] - convs["resenc"] == len(nets["plain"].upsamples)
     x = torch.randn(1, 2, 32, 32, 32)
     for a, net in nets.items():
         net.train()

@@ -13,18 +13,29 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from monai.networks.blocks.dynunet_block import UnetResBlock
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from monai.networks.nets import DynUNet
 
 __all__ = ["SegUNet", "build_network"]
 
 
+class _OneConv(torch.nn.Module):
+    """The first half of MONAI's ``UnetBasicBlock``: convolution, instance norm, leaky ReLU."""
+
+    def __init__(self, block: UnetBasicBlock) -> None:
+        super().__init__()
+        self.conv1, self.norm1, self.lrelu = block.conv1, block.norm1, block.lrelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lrelu(self.norm1(self.conv1(x)))
+
+
 class SegUNet(DynUNet):
-    """``DynUNet`` returning the supervision heads at their own resolutions, and optionally with a residual
-    encoder: ``encoder_blocks[i]`` residual blocks (MONAI's ``UnetResBlock``: two convolutions, instance norm,
-    leaky ReLU, a 1x1 projection where the stride or width changes) at encoder stage ``i``, the first one
-    strided, as in nnU-Net's residual encoder U-Net. The decoder stays DynUNet's (a transposed convolution
-    and one block of two convolutions per stage; nnU-Net's ResEnc decoder has one convolution)."""
+    """``DynUNet`` returning the supervision heads at their own resolutions, and optionally nnU-Net's residual
+    encoder U-Net: ``encoder_blocks[i]`` residual blocks (MONAI's ``UnetResBlock``: two convolutions, instance
+    norm, leaky ReLU, a 1x1 projection where the stride or width changes) at encoder stage ``i``, the first one
+    strided, and one convolution per decoder stage after the transposed convolution and the skip concatenation
+    (the plain network has two)."""
 
     def __init__(self, *args: Any, encoder_blocks: tuple[int, ...] = (), **kwargs: Any) -> None:
         # read by the get_* builders below, which DynUNet.__init__ calls; set before nn.Module's own __init__
@@ -51,6 +62,13 @@ class SegUNet(DynUNet):
 
     def get_bottleneck(self) -> torch.nn.Module:
         return self._stage(len(self.strides) - 1, super().get_bottleneck())
+
+    def get_upsamples(self) -> torch.nn.ModuleList:
+        ups = super().get_upsamples()
+        if self._encoder_blocks:
+            for up in ups:
+                up.conv_block = _OneConv(up.conv_block)
+        return ups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
         out = self.output_block(self.skip_layers(x))
