@@ -2,7 +2,8 @@
 # Every GPU check in one call of the device tool (about 7 minutes on an H200), from the repository root:
 #   here:  benchmarks/gpu_wheels.sh            (MONAI, nibabel, SimpleITK as wheels in .whl/)
 #   there: bash benchmarks/gpu_all.sh 2>&1 | tee $OUT/gpu_all.log   (device tool: carry [".whl"], timeout_s 600)
-# Writes $OUT/gpu_all.json (training pipeline vs bare step, loss overhead, inference end to end, the demo).
+# Writes $OUT/gpu_all.json (training pipeline vs bare step, loss overhead, the networks against nnU-Net's,
+# inference end to end, the demo).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=benchmarks/_gpu_env.sh
@@ -14,11 +15,13 @@ step "the demo on the GPU" 120 python3 -c "from segpipe.demo import run_demo, su
 step "boundary-loss overhead in a step, 2x2x96^3" 60 python3 -m benchmarks.loss_overhead --device cuda
 step "inference end to end, 192x224x192, vs the network alone" 110 python3 -m benchmarks.infer_e2e --case synthetic --device cuda --repeat 2
 step "inference of 6 cases: preprocessing processes vs one after the other" 90 python3 -m benchmarks.infer_dataset --device cuda --cases 6
+# last: the least needed, so that the 600 s of a device call cannot cut the measurements above
+step "segpipe's networks vs nnU-Net's own (plain, residual encoder), 2x2x128^3, bf16" 60 python3 -m benchmarks.nnunet_network --device cuda --patch 128 --stages 6 --repeat 10
 python3 - "$dest" <<'PY'
 import json, pathlib, sys
 dest = pathlib.Path(sys.argv[1]); res = pathlib.Path("benchmarks/results")
 out = {}
-for name in ("gpu_train", "loss_overhead_cuda", "infer_e2e_synthetic_cuda", "infer_dataset_cuda"):
+for name in ("gpu_train", "loss_overhead_cuda", "nnunet_network_cuda", "infer_e2e_synthetic_cuda", "infer_dataset_cuda"):
     for folder in (dest, res):
         p = folder / f"{name}.json"
         if p.is_file():

@@ -4,8 +4,8 @@ time of a training step, in the same process.
 The plain network against nnU-Net's ``PlainConvUNet`` (two convolutions per stage, encoder and decoder), the
 residual one (``plan.architecture=resenc``) against its ``ResidualEncoderUNet`` (1, 3, 4, 6, 6, ... residual
 blocks per encoder stage, one convolution per decoder stage), both with deep supervision, instance norm and
-leaky ReLU. Parameters for the 6-stage, 32-320-feature network of 128^3 patches; the step (forward, backward,
-float32) at ``--patch`` with at most ``--stages`` stages (a bottleneck of at least 4 voxels), batch 2,
+leaky ReLU. Parameters for the 6-stage, 32-320-feature network of 128^3 patches; the step (forward, backward;
+float32 on the CPU, bfloat16 autocast on CUDA, as segpipe trains) at ``--patch`` with at most ``--stages`` stages (a bottleneck of at least 4 voxels), batch 2,
 2 channels, on the CPU or ``--device cuda``.
 
 Needs nnU-Net's network library (``pip install -e ".[compare]"``); without it says so and exits 0.
@@ -16,6 +16,7 @@ Needs nnU-Net's network library (``pip install -e ".[compare]"``); without it sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -51,10 +52,13 @@ def _segpipe_net(kind: str, stages: int, patch: int):
 
 def _step_seconds(net: torch.nn.Module, x: torch.Tensor, repeat: int) -> list[float]:
     net.train()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
 
     def step():
         net.zero_grad(set_to_none=True)
-        sum(o.float().mean() for o in net(x)).backward()
+        with amp:
+            outputs = net(x)
+        sum(o.float().mean() for o in outputs).backward()
         if x.is_cuda:
             torch.cuda.synchronize()
 
