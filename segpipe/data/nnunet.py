@@ -41,7 +41,15 @@ _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 
 
 def _is_dataset(folder: Path) -> bool:
-    return (folder / "dataset.json").is_file() and ((folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir())
+    """A dataset.json of nnU-Net (v2: channel_names, v1 and the Decathlon: modality) with its labels."""
+    path = folder / "dataset.json"
+    if not path.is_file():
+        return False
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return (folder / "imagesTr").is_dir()  # broken, but meant as one: read it to say what is wrong
+    return isinstance(meta, dict) and "labels" in meta and ("channel_names" in meta or "modality" in meta)
 
 
 def find_nnunet_dataset(root: Path) -> Path | None:
@@ -125,11 +133,6 @@ def _label_spec(raw: Any, where: str) -> LabelSpec:
     return LabelSpec(classes, ignore, 0.5 if len(classes) == 2 else None)
 
 
-def _relative(root: Path, path: str) -> str:
-    """A 'dataset' entry's path relative to the dataset folder (nnU-Net takes them relative to it, or absolute)."""
-    return os.path.relpath(root / path, root).replace(os.sep, "/")
-
-
 def _scan(folder: Path, ending: str) -> list[str]:
     if not folder.is_dir():
         return []
@@ -172,6 +175,7 @@ def discover_nnunet(
     problems: list[str] = []
     found: dict[str, dict[int, str]] = defaultdict(dict)
     labels: dict[str, str] = {}
+    base = root  # the manifest's root
     unlabelled_tr: set[str] = set()  # training cases whose label is missing
     if isinstance(meta.get("dataset"), dict):
         # nnU-Net v2's explicit file list: {case: {"images": [...], "label": ...}}, paths relative to the dataset folder
@@ -185,9 +189,15 @@ def discover_nnunet(
             if absent:
                 problems.append(f"case '{cid}': file(s) of its 'dataset' entry not found: {', '.join(absent[:3])}")
                 continue
-            found[cid] = {i: _relative(root, p) for i, p in enumerate(imgs)}
+            found[cid] = {i: os.path.abspath(root / str(p)) for i, p in enumerate(imgs)}
             if entry.get("label"):
-                labels[cid] = _relative(root, entry["label"])
+                labels[cid] = os.path.abspath(root / str(entry["label"]))
+        # paths relative to the dataset folder or absolute (nnU-Net takes both): the manifest's root is the folder
+        # that holds them all, so that every path stays inside it
+        everything = [os.path.abspath(root), *(f for files in found.values() for f in files.values()), *labels.values()]
+        base = Path(os.path.commonpath(everything))
+        found = defaultdict(dict, {cid: {i: Path(f).relative_to(base).as_posix() for i, f in files.items()} for cid, files in found.items()})
+        labels = {cid: Path(f).relative_to(base).as_posix() for cid, f in labels.items()}
     else:
         twice: set[str] = set()
         for split in ("imagesTr", "imagesTs"):
@@ -254,7 +264,7 @@ def discover_nnunet(
     default_name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name") else root.name
     return Manifest(
         name=name or default_name,
-        root=root.resolve(),
+        root=base.resolve(),
         channels=chosen,
         cases=tuple(cases),
         label=label,

@@ -157,8 +157,7 @@ def test_dataset_key_lists_files_anywhere_in_the_folder(tmp_path):
     write_nifti(ds / "masks" / "p1.nii.gz", np.zeros((4, 4, 4), np.uint8))
     meta = dict(V2, dataset={"p1": {"images": ["scans/p1_dwi.nii.gz", "scans/p1_adc.nii.gz"], "label": "masks/p1.nii.gz"},
                              "p2": {"images": ["scans/p2_dwi.nii.gz", "scans/p2_adc.nii.gz"]}})
-    (ds / "dataset.json").write_text(json.dumps(meta))
-    (ds / "imagesTr").mkdir()
+    (ds / "dataset.json").write_text(json.dumps(meta))  # no imagesTr: the files are where 'dataset' says
     with pytest.raises(SegpipeError) as err:
         discover(ds)
     assert "case 'p2': file(s) of its 'dataset' entry not found" in str(err.value)
@@ -166,6 +165,15 @@ def test_dataset_key_lists_files_anywhere_in_the_folder(tmp_path):
     (ds / "dataset.json").write_text(json.dumps(meta))
     m = discover(ds)
     assert m.case("p1").images == {"dwi": "scans/p1_dwi.nii.gz", "adc": "scans/p1_adc.nii.gz"} and m.case("p1").label == "masks/p1.nii.gz"
+    # absolute paths, and files outside the dataset folder: the manifest's root is the folder above them all
+    write_nifti(tmp_path / "elsewhere" / "p3_dwi.nii.gz", np.zeros((4, 4, 4)))
+    meta["dataset"]["p3"] = {"images": [str(tmp_path / "elsewhere" / "p3_dwi.nii.gz"), "scans/p1_adc.nii.gz"]}
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    m = discover(ds)
+    assert m.root == tmp_path.resolve() and m.case("p3").images["dwi"] == "elsewhere/p3_dwi.nii.gz"
+    assert m.case("p1").images["dwi"] == "D/scans/p1_dwi.nii.gz"
+    back = load_manifest(write_manifest(m, tmp_path / "m.json"))
+    assert back.image_path(back.case("p3"), "dwi").is_file() and back.label_path(back.case("p1")).is_file()
 
 
 def test_broken_dataset_json(tmp_path):
@@ -272,3 +280,10 @@ def test_infer_and_evaluate_take_the_dataset_folder(tmp_path, caplog):
         shutil.copy(ds / "labelsTr" / f"{cid}.nii.gz", pred / f"{cid}.nii.gz")
     pairs = pair_cases(pred, ds, ignore_missing=True)
     assert [(c, g) for c, _, g in pairs] == [("a", ds / "labelsTr" / "a.nii.gz"), ("b", ds / "labelsTr" / "b.nii.gz")]
+
+
+def test_a_dataset_json_of_something_else_is_not_taken_for_nnunet(tmp_path, synth_isles):
+    root = tmp_path / "copy"
+    shutil.copytree(synth_isles, root)
+    (root / "dataset.json").write_text(json.dumps({"description": "our own notes", "cases": 3}))
+    assert discover(root).layout == "isles22"
