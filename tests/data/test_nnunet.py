@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -287,3 +288,20 @@ def test_a_dataset_json_of_something_else_is_not_taken_for_nnunet(tmp_path, synt
     shutil.copytree(synth_isles, root)
     (root / "dataset.json").write_text(json.dumps({"description": "our own notes", "cases": 3}))
     assert discover(root).layout == "isles22"
+
+
+def test_splits_made_by_nnunet_itself(tmp_path, monkeypatch):
+    """nnU-Net's own split function (what its trainer writes as splits_final.json) is read as the folds."""
+    pytest.importorskip("nnunetv2", reason="nnU-Net is not installed (pip install -e '.[compare]')")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path))
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    m = discover(make_dataset(tmp_path / "D", V2, train=tuple("abcdefghijk")))
+    splits = generate_crossval_split([c.id for c in m.labelled], seed=12345, n_splits=5)
+    (tmp_path / "splits_final.json").write_text(json.dumps(splits))
+    folds = read_splits(tmp_path / "splits_final.json", m)
+    assert folds == tuple(tuple(sorted(s["val"])) for s in splits) and len(folds) == 5
+    # and back: what --write-splits writes has the same structure as nnU-Net's own
+    mine = splits_json(dataclasses.replace(m, folds=folds))
+    assert [{k: sorted(v) for k, v in s.items()} for s in splits] == mine
