@@ -6,10 +6,13 @@ The rules follow nnU-Net's (Isensee et al., Nature Methods 2021), re-derived her
   3x the others in spacing, and fewer than a third as many voxels along it), that axis gets the 10th
   percentile of its spacings instead (no finer than the other axes), so thick-slice cases are not
   interpolated into many fake slices.
-- **Topology**: stage by stage, an axis is downsampled (stride 2) while its current spacing is at most twice
-  the finest current spacing and its feature map stays at least ``min_feature_map`` voxels; the kernel is 3
-  along an axis once its spacing is within twice the finest, 1 before that. So thick-slice data is not
-  pooled along z until the in-plane resolution has caught up.
+- **Topology** (nnU-Net's ``get_pool_and_conv_props``, decision for decision; a test compares them where nnU-Net
+  is installed): stage by stage, among the axes whose feature map is at least ``2 * min_feature_map`` voxels,
+  those whose current spacing is less than twice the finest of them are downsampled (stride 2; a lone axis only
+  while at least ``3 * min_feature_map`` voxels); the kernel is 3 along an axis from the first stage at which
+  its spacing is less than twice the finest current spacing, 1 before that; the bottleneck's kernel is 3. So
+  thick-slice data is not pooled along z until the in-plane resolution has caught up. segpipe stops at
+  ``plan.max_stages`` stages (nnU-Net: when the feature map is exhausted).
 - **Patch and batch**: the patch starts near the median shape (at most 256^3-voxel-equivalent in mm), is
   shrunk along the axis with the largest patch/median ratio until a batch of 2 fits the GPU memory budget,
   then the batch grows while it fits, but never beyond 5 % of the dataset's voxels per step.
@@ -180,21 +183,26 @@ def plan_topology(
 ) -> NetworkPlan:
     """Kernel sizes and strides per stage (first stage stride 1), as described in the module docstring."""
     ndim = len(spacing)
-    current = np.asarray(spacing, dtype=float)
-    size = np.asarray(patch_size, dtype=float)
+    current = [float(v) for v in spacing]
+    size = [float(v) for v in patch_size]
+    kernel = [1] * ndim  # once 3 along an axis, 3 in every deeper stage
     kernels: list[tuple[int, ...]] = []
     strides: list[tuple[int, ...]] = [(1,) * ndim]
-    kernels.append(tuple(3 if current[a] <= 2 * current.min() else 1 for a in range(ndim)))
-    for _ in range(max_stages - 1):
-        finest = current.min()
-        pool = [bool(current[a] <= 2 * finest and size[a] / 2 >= min_feature_map) for a in range(ndim)]
-        if not any(pool):
+    while len(strides) < max_stages:
+        room = [a for a in range(ndim) if size[a] >= 2 * min_feature_map]
+        if not room:
             break
-        stride = tuple(2 if p else 1 for p in pool)
-        current = current * np.asarray(stride)
-        size = size / np.asarray(stride)
-        strides.append(stride)
-        kernels.append(tuple(3 if current[a] <= 2 * current.min() else 1 for a in range(ndim)))
+        finest = min(current[a] for a in room)
+        pool = [a for a in room if current[a] / finest < 2]
+        if not pool or (len(pool) == 1 and size[pool[0]] < 3 * min_feature_map):
+            break
+        kernel = [3 if k == 3 or current[a] / min(current) < 2 else 1 for a, k in enumerate(kernel)]
+        kernels.append(tuple(kernel))
+        for a in pool:
+            current[a] *= 2
+            size[a] = float(np.ceil(size[a] / 2))
+        strides.append(tuple(2 if a in pool else 1 for a in range(ndim)))
+    kernels.append((3,) * ndim)  # the bottleneck
     filters = tuple(min(base_features * 2**i, max_features) for i in range(len(strides)))
     return NetworkPlan(tuple(kernels), tuple(strides), filters, encoder_blocks=encoder_blocks_for(architecture, len(strides)))
 
