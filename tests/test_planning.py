@@ -157,3 +157,30 @@ def test_topology_equals_nnunets(spacing, patch, tmp_path, monkeypatch):
     assert (list(ours.strides), list(ours.kernel_sizes)) == theirs
     default = plan_topology(spacing, patch)
     assert list(default.strides) == theirs[0][: len(default.strides)]
+
+
+def test_target_spacing_equals_nnunets(tmp_path, monkeypatch):
+    """The target spacing as nnU-Net's planner chooses it, on random fingerprints with and without thick slices
+    (skipped without nnU-Net: the 'compare' extra)."""
+    pytest.importorskip("nnunetv2", reason="nnU-Net is not installed (pip install -e '.[compare]')")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path))
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    rng = np.random.default_rng(0)
+    aniso_seen = 0
+    for trial in range(40):
+        n = int(rng.integers(3, 30))
+        thick = trial % 2 == 0
+        spacings = np.column_stack([rng.uniform(0.4, 1.2, n), rng.uniform(0.4, 1.2, n),
+                                    rng.uniform(3.0, 7.0, n) if thick else rng.uniform(0.8, 1.6, n)])
+        shapes = np.column_stack([rng.integers(180, 520, n), rng.integers(180, 520, n),
+                                  rng.integers(16, 60, n) if thick else rng.integers(120, 200, n)])
+        planner = ExperimentPlanner.__new__(ExperimentPlanner)  # the method needs only these attributes
+        planner.overwrite_target_spacing, planner.anisotropy_threshold = None, 3
+        planner.dataset_fingerprint = {"spacings": [list(s) for s in spacings], "shapes_after_crop": [list(s) for s in shapes]}
+        theirs = planner.determine_fullres_target_spacing()
+        ours = target_spacing_from(spacings.tolist(), shapes.tolist())
+        np.testing.assert_allclose(ours, theirs, atol=2e-6)
+        aniso_seen += bool(abs(theirs[2] - np.median(spacings[:, 2])) > 1e-6)
+    assert aniso_seen >= 5  # the thick-slice rule was exercised
