@@ -57,7 +57,7 @@ def manifest(
     if write_splits is not None:
         if write_splits.exists() and not overwrite:
             raise SegpipeError(f"--write-splits '{write_splits}': already exists; pass --overwrite to replace it")
-        ensure_writable_dir(write_splits.parent, what=f"folder of --write-splits '{write_splits}'")
+        ensure_writable_dir(write_splits.parent, what="--write-splits folder")
     write_manifest(m, out)
     if write_splits is not None:
         atomic_write_text(write_splits, json.dumps(splits_json(m), indent=2) + "\n")
