@@ -1,0 +1,145 @@
+"""Inference end to end, segpipe against nnU-Net v2's own predictor, in the same process on the same files and
+with the same network.
+
+The dataset of ``nnunet_preprocess`` (the real ISLES 2022 case's DWI and ADC, in nnU-Net's raw format) is planned
+and preprocessed by nnU-Net; its trainer builds its network (5 stages of 32-320 features for this case) and
+saves it untrained, and segpipe trains one iteration of the same topology with nnU-Net's patch size: the
+weights do not matter for the time, the number and size of the windows do. Timed: nnU-Net's
+``nnUNetPredictor.predict_from_files`` (1 preprocessing and 1 export process, as few as it allows) against
+``segpipe.inference.run.infer``, on 1 case and on 3, no mirroring, step 0.5, float32 on the CPU (``--device
+cuda``: the GPU). The difference of the two sizes separates the cost of a call from the cost of a case.
+
+Needs nnU-Net (``pip install -e ".[compare]"``); without it says so and exits 0.
+
+    python -m benchmarks.nnunet_infer [--repeat 2] [--device cpu] [--preprocess-workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._common import save
+from benchmarks.nnunet_preprocess import LARGE_ID, SMALL_ID, _write_raw
+
+
+def _nnunet_model(work: Path) -> tuple[Path, list[int]]:
+    """nnU-Net's plan for the small dataset and its network saved untrained, as a model folder its predictor loads."""
+    import shutil
+
+    import torch
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        extract_fingerprints([SMALL_ID], num_processes=2, check_dataset_integrity=False, verbose=False, show_progress_bar=False)
+        plan_experiments([SMALL_ID])
+        preprocess([SMALL_ID], configurations=("3d_fullres",), num_processes=(2,), verbose=False, show_progress_bar=False)
+        trainer = get_trainer_from_args(str(SMALL_ID), "3d_fullres", 0, device=torch.device("cpu"))
+        trainer.initialize()
+    folder = Path(trainer.output_folder_base)
+    Path(trainer.output_folder).mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    pre = work / "nnunet_pre" / f"Dataset{SMALL_ID}_Bench"
+    shutil.copy(pre / "dataset.json", folder / "dataset.json")  # what its training would have copied there
+    shutil.copy(pre / "nnUNetPlans.json", folder / "plans.json")
+    return folder, [int(v) for v in trainer.configuration_manager.patch_size]
+
+
+def _segpipe_model(work: Path, patch_zyx: list[int]) -> Path:
+    """A segpipe run with nnU-Net's patch (its axes are z, y, x: reversed) and topology, after one iteration."""
+    from segpipe.config import load_config
+    from segpipe.data.layouts import discover
+    from segpipe.data.preprocess import preprocess_dataset
+    from segpipe.training.trainer import resolve_train_config, train
+
+    m = discover(work / "raw" / f"Dataset{SMALL_ID}_Bench")
+    preprocess_dataset(m, load_config("isles22", ["data.reference_channel=dwi"]), work / "segpipe_cache")
+    patch = list(reversed(patch_zyx))
+    cfg = resolve_train_config(work / "segpipe_cache", None, [f"plan.patch_size={patch}", "plan.batch_size=2", "plan.max_stages=5",
+                                                              "train.epochs=1", "train.iterations_per_epoch=1", "train.num_workers=0"])
+    train(cfg, work / "segpipe_cache", work / "segpipe_run", fold="all")
+    return work / "segpipe_run"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preprocess-workers", type=int, default=None,
+                    help="segpipe infer's --preprocess-workers (default: its own choice, 0 on the CPU)")
+    args = ap.parse_args(argv)
+    try:
+        import nnunetv2  # noqa: F401
+    except ImportError:
+        print("nnunetv2 is not installed: `pip install -e \".[compare]\"` to compare with it; skipped")
+        return
+    from importlib.metadata import version
+
+    import torch
+
+    from segpipe.inference.run import infer
+    from segpipe.training.checkpoint import load_checkpoint
+
+    dev = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        what, _ = _write_raw(work / "raw", "isles", (2, 3))
+        os.environ["nnUNet_raw"] = str(work / "raw")
+        os.environ["nnUNet_preprocessed"] = str(work / "nnunet_pre")
+        os.environ["nnUNet_results"] = str(work / "nnunet_results")
+        folder, patch = _nnunet_model(work)
+        run = _segpipe_model(work, patch)
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=dev.type == "cuda",
+                                    device=dev, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+        count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+        ours_net = load_checkpoint(run / "checkpoint_latest.pt")["plan"]["network"]
+        images = work / "raw" / f"Dataset{LARGE_ID}_Bench" / "imagesTr"
+        cases = [[str(images / f"case{k:03d}_{i:04d}.nii.gz") for i in range(2)] for k in range(3)]
+        folders = []  # segpipe takes a folder per case (channel-named files)
+        for k, (dwi, adc) in enumerate(cases):
+            f = work / "segpipe_in" / f"case{k:03d}"
+            f.mkdir(parents=True)
+            os.symlink(dwi, f / f"case{k:03d}_dwi.nii.gz")
+            os.symlink(adc, f / f"case{k:03d}_adc.nii.gz")
+            folders.append(f)
+        times: dict[str, dict[int, list[float]]] = {"nnunet": {1: [], 3: []}, "segpipe": {1: [], 3: []}}
+        for _ in range(args.repeat):  # alternated, so that a busy moment does not hit one tool only
+            for n in (1, 3):
+                out = Path(tempfile.mkdtemp(dir=work))
+                t = time.perf_counter()
+                with contextlib.redirect_stdout(io.StringIO()):
+                    predictor.predict_from_files(cases[:n], [str(out / f"nn{k}") for k in range(n)], save_probabilities=False, overwrite=True,
+                                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+                times["nnunet"][n].append(time.perf_counter() - t)
+                assert len(list(out.glob("nn*.nii.gz"))) == n, "nnU-Net wrote fewer masks than cases"
+                t = time.perf_counter()
+                report = infer(run, folders[:n], out / "segpipe", tta=False, device=args.device,
+                               preprocess_workers=args.preprocess_workers)
+                times["segpipe"][n].append(time.perf_counter() - t)
+                assert len(report.done) == n and not report.failed, report
+    med = {tool: {n: statistics.median(v) for n, v in d.items()} for tool, d in times.items()}
+    per_case = {tool: (m[3] - m[1]) / 2 for tool, m in med.items()}
+    nn_params = count(predictor.network)
+    print(f"{what}, no TTA, step 0.5, {dev}: same topology (segpipe {ours_net['filters']}, nnU-Net {nn_params / 1e6:.1f} M parameters), "
+          f"patch {'x'.join(map(str, patch))} (nnU-Net's axes)")
+    for n in (1, 3):
+        print(f"   {n} case(s): nnU-Net {version('nnunetv2')} predictor {med['nnunet'][n]:.1f} s, segpipe infer {med['segpipe'][n]:.1f} s: "
+              f"{med['nnunet'][n] / med['segpipe'][n]:.1f}x")
+    print(f"   per case beyond the fixed costs: nnU-Net {per_case['nnunet']:.2f} s, segpipe {per_case['segpipe']:.2f} s")
+    save(f"nnunet_infer_{dev.type}", {"data": what, "segpipe_preprocess_workers": args.preprocess_workers, "patch_nnunet_axes": patch, "nnunet_version": version("nnunetv2"),
+                                      "seconds": {t: {str(n): v for n, v in d.items()} for t, d in times.items()},
+                                      "seconds_per_case": per_case})
+
+
+if __name__ == "__main__":
+    main()
