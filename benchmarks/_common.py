@@ -41,3 +41,26 @@ def save(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def have_compare(module: str) -> bool:
+    """Whether ``module`` of nnU-Net is importable, for the benchmarks that run it as their baseline; says how
+    to get it when not (the caller then skips)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return True
+    print(f"{module} is not installed: `pip install -e \".[compare]\"` (nnU-Net, with segpipe's torch) to compare with it; skipped")
+    return False
+
+
+def nnunet_paths(work: Path) -> None:
+    """Point nnU-Net's raw, preprocessed and results folders into ``work`` (it reads them from the environment)."""
+    os.environ["nnUNet_raw"] = str(work / "raw")
+    os.environ["nnUNet_preprocessed"] = str(work / "nnunet_pre")
+    os.environ["nnUNet_results"] = str(work / "nnunet_results")
+
+
+def parameters(net: Any) -> int:
+    """The number of parameters of a torch module."""
+    return sum(p.numel() for p in net.parameters())

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import save
+from benchmarks._common import have_compare, nnunet_paths, parameters, save
 from benchmarks.nnunet_preprocess import LARGE_ID, SMALL_ID, _write_raw
 
 
@@ -75,10 +75,7 @@ def main(argv=None) -> None:
     ap.add_argument("--preprocess-workers", type=int, default=None,
                     help="segpipe infer's --preprocess-workers (default: its own choice, 0 on the CPU)")
     args = ap.parse_args(argv)
-    try:
-        import nnunetv2  # noqa: F401
-    except ImportError:
-        print("nnunetv2 is not installed: `pip install -e \".[compare]\"` to compare with it; skipped")
+    if not have_compare("nnunetv2"):
         return
     from importlib.metadata import version
 
@@ -91,9 +88,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         what, _ = _write_raw(work / "raw", "isles", (2, 3))
-        os.environ["nnUNet_raw"] = str(work / "raw")
-        os.environ["nnUNet_preprocessed"] = str(work / "nnunet_pre")
-        os.environ["nnUNet_results"] = str(work / "nnunet_results")
+        nnunet_paths(work)
         folder, patch = _nnunet_model(work)
         run = _segpipe_model(work, patch)
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -101,7 +96,6 @@ def main(argv=None) -> None:
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=dev.type == "cuda",
                                     device=dev, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
-        count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
         ours_net = load_checkpoint(run / "checkpoint_latest.pt")["plan"]["network"]
         images = work / "raw" / f"Dataset{LARGE_ID}_Bench" / "imagesTr"
         cases = [[str(images / f"case{k:03d}_{i:04d}.nii.gz") for i in range(2)] for k in range(3)]
@@ -129,7 +123,7 @@ def main(argv=None) -> None:
                 assert len(report.done) == n and not report.failed, report
     med = {tool: {n: statistics.median(v) for n, v in d.items()} for tool, d in times.items()}
     per_case = {tool: (m[3] - m[1]) / 2 for tool, m in med.items()}
-    nn_params = count(predictor.network)
+    nn_params = parameters(predictor.network)
     print(f"{what}, no TTA, step 0.5, {dev}: same topology (segpipe {ours_net['filters']}, nnU-Net {nn_params / 1e6:.1f} M parameters), "
           f"patch {'x'.join(map(str, patch))} (nnU-Net's axes)")
     for n in (1, 3):

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks._common import save
+from benchmarks._common import have_compare, parameters, save
 
 
 def _nnunet_net(kind: str, stages: int, features: list[int]):
@@ -78,15 +78,11 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    try:
-        import dynamic_network_architectures  # noqa: F401
-    except ImportError:
-        print("nnU-Net's network library is not installed: `pip install -e \".[compare]\"` to compare with it; skipped")
+    if not have_compare("dynamic_network_architectures"):
         return
     from importlib.metadata import version
 
     dev = torch.device(args.device)
-    count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
     result: dict = {"library": f"dynamic_network_architectures {version('dynamic_network_architectures')}", "patch": args.patch,
                     "stages": args.stages, "device": str(dev)}
     x = torch.randn(2, 2, args.patch, args.patch, args.patch, device=dev)
@@ -101,9 +97,9 @@ def main(argv=None) -> None:
             t_theirs += _step_seconds(theirs.to(dev), x, args.repeat)
             t_ours += _step_seconds(ours.to(dev), x, args.repeat)
         a, b = statistics.median(t_ours), statistics.median(t_theirs)
-        print(f"{kind}: parameters (6 stages, 32-320) segpipe {count(ours_big) / 1e6:.2f} M, nnU-Net {count(theirs_big) / 1e6:.2f} M; "
+        print(f"{kind}: parameters (6 stages, 32-320) segpipe {parameters(ours_big) / 1e6:.2f} M, nnU-Net {parameters(theirs_big) / 1e6:.2f} M; "
               f"training step 2x2x{args.patch}^3 on {dev}: segpipe {a:.3f} s, nnU-Net {b:.3f} s ({b / a:.2f}x)")
-        result[kind] = {"params_segpipe": count(ours_big), "params_nnunet": count(theirs_big), "step_seconds_segpipe": t_ours,
+        result[kind] = {"params_segpipe": parameters(ours_big), "params_nnunet": parameters(theirs_big), "step_seconds_segpipe": t_ours,
                         "step_seconds_nnunet": t_theirs, "ratio": b / a}
     save(f"nnunet_network_{dev.type}", result)
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import save
+from benchmarks._common import have_compare, nnunet_paths, save
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "isles22_sample"
 SMALL_ID, LARGE_ID = 990, 991
@@ -73,9 +73,7 @@ def _write_raw(raw: Path, data: str, sizes: tuple[int, int]) -> tuple[str, list[
 
 
 def _nnunet(work: Path, dataset_id: int, workers: int) -> float:
-    os.environ["nnUNet_raw"] = str(work / "raw")
-    os.environ["nnUNet_preprocessed"] = str(work / "nnunet_pre")
-    os.environ["nnUNet_results"] = str(work / "nnunet_results")
+    nnunet_paths(work)
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
 
     shutil.rmtree(work / "nnunet_pre", ignore_errors=True)
@@ -114,10 +112,7 @@ def main(argv=None) -> None:
     small, large = sorted(args.cases)
     if small >= large:
         ap.error("--cases: two different sizes, e.g. 8 24")
-    try:
-        import nnunetv2  # noqa: F401
-    except ImportError:
-        print("nnunetv2 is not installed: `pip install nnunetv2` (with the torch already installed) to compare with it; skipped")
+    if not have_compare("nnunetv2"):
         return
     from importlib.metadata import version
 

@@ -190,3 +190,12 @@ def write_dicom_series_sitk(volume: np.ndarray, affine: np.ndarray, folder: Path
         writer.Execute(sl)
         paths.append(path)
     return paths
+
+
+@pytest.fixture
+def nnunet(tmp_path, monkeypatch):
+    """nnU-Net itself, for the tests that check segpipe against it: skipped without it (the 'compare' extra);
+    its three folders point at ``tmp_path`` (nnU-Net warns, or fails, without them)."""
+    pytest.importorskip("nnunetv2", reason="nnU-Net is not installed (pip install -e '.[compare]')")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path))

@@ -143,12 +143,9 @@ def test_residual_encoder_network():
     ((0.96, 0.96, 3.0), (192, 192, 48)), ((1, 1, 3), (160, 160, 32)), ((0.45, 0.45, 5.0), (320, 320, 16)),
     ((2, 2, 2), (112, 112, 80)), ((1.2, 1.2, 1.0), (96, 128, 160)), ((0.8, 1.0, 1.6), (160, 128, 80)),
 ])
-def test_topology_equals_nnunets(spacing, patch, tmp_path, monkeypatch):
+def test_topology_equals_nnunets(spacing, patch, nnunet):
     """Kernels and strides as nnU-Net's own planner makes them (skipped without nnU-Net: the 'compare' extra).
     nnU-Net adds stages as long as the feature map allows; segpipe stops at plan.max_stages (6 by default)."""
-    pytest.importorskip("nnunetv2", reason="nnU-Net is not installed (pip install -e '.[compare]')")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(var, str(tmp_path))
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
     _, pools, convs, _, _ = get_pool_and_conv_props(list(spacing), list(patch), 4, 999999)
@@ -159,12 +156,9 @@ def test_topology_equals_nnunets(spacing, patch, tmp_path, monkeypatch):
     assert list(default.strides) == theirs[0][: len(default.strides)]
 
 
-def test_target_spacing_equals_nnunets(tmp_path, monkeypatch):
+def test_target_spacing_equals_nnunets(nnunet):
     """The target spacing as nnU-Net's planner chooses it, on random fingerprints with and without thick slices
     (skipped without nnU-Net: the 'compare' extra)."""
-    pytest.importorskip("nnunetv2", reason="nnU-Net is not installed (pip install -e '.[compare]')")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(var, str(tmp_path))
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
     rng = np.random.default_rng(0)

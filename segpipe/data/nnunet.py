@@ -202,7 +202,8 @@ def discover_nnunet(
         twice: set[str] = set()
         for split in ("imagesTr", "imagesTs"):
             stray: list[str] = []
-            for fname in _scan(root / split, ending):
+            scanned = _scan(root / split, ending)
+            for fname in scanned:
                 m = _CHANNEL_FILE.match(fname[: -len(ending)])
                 if not m:
                     stray.append(fname)
@@ -217,7 +218,7 @@ def discover_nnunet(
                 found[cid][i] = f"{split}/{fname}"
             if stray:
                 hint = ("a multi-channel 4D file of the Medical Segmentation Decathlon: split it into one file per channel "
-                        "(nnUNetv2_convert_MSD_dataset does)") if len(stray) == len(_scan(root / split, ending)) else \
+                        "(nnUNetv2_convert_MSD_dataset does)") if len(stray) == len(scanned) else \
                        "nnU-Net names images CASE_XXXX (XXXX: the channel index)"
                 problems.append(f"'{split}': {len(stray)} file(s) without a channel index ({', '.join(stray[:3])}"
                                 f"{' ...' if len(stray) > 3 else ''}); {hint}")

@@ -290,11 +290,8 @@ def test_a_dataset_json_of_something_else_is_not_taken_for_nnunet(tmp_path, synt
     assert discover(root).layout == "isles22"
 
 
-def test_splits_made_by_nnunet_itself(tmp_path, monkeypatch):
+def test_splits_made_by_nnunet_itself(tmp_path, nnunet):
     """nnU-Net's own split function (what its trainer writes as splits_final.json) is read as the folds."""
-    pytest.importorskip("nnunetv2", reason="nnU-Net is not installed (pip install -e '.[compare]')")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(var, str(tmp_path))
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     m = discover(make_dataset(tmp_path / "D", V2, train=tuple("abcdefghijk")))

@@ -23,10 +23,7 @@ def _perturbed(fg: np.ndarray, k: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["isles22", "wmh17"])
-def test_dice_equals_nnunets(kind, synth_isles, synth_wmh, tmp_path, cli, monkeypatch):
-    pytest.importorskip("nnunetv2", reason="nnU-Net is not installed (pip install -e '.[compare]')")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net warns without them
-        monkeypatch.setenv(var, str(tmp_path))
+def test_dice_equals_nnunets(kind, synth_isles, synth_wmh, tmp_path, cli, nnunet):
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
