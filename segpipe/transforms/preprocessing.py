@@ -14,7 +14,8 @@ Steps (MONAI dictionary transforms; segpipe writes only what MONAI has no transf
    neighbour: on the real ISLES case the lesion volume stays within 3 % at 1, 2 or 3 mm, where linear
    interpolation of the one-hot label and a 0.5 threshold loses up to 20 % by shaving the tiny lesions).
 5. ``HeadMaskd`` (segpipe): head foreground (any smoothed channel above a fraction of its intensity range;
-   largest component, closed, holes filled).
+   largest component, closed, holes filled). The channels are smoothed and normalised (7.) side by side in
+   threads, with SciPy's results bit for bit.
 6. MONAI ``CropForegroundd`` on the head mask with a margin in mm.
 7. ``ZScored`` (segpipe): per-channel z-score over the head; 0 outside it.
 8. ``SignedDistanced`` (segpipe): one signed distance map per foreground class on the whole preprocessed
@@ -27,7 +28,8 @@ The output dictionary holds ``image`` (C, X, Y, Z) float32, ``label`` (1, X, Y, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,18 @@ def _meta(t: MetaTensor) -> dict[str, Any]:
     return {k: v for k, v in t.meta.items() if k != "affine"}
 
 
+def thread_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` in up to ``torch.get_num_threads()`` threads: SciPy's filters and NumPy's
+    arithmetic and sorting release the GIL, so a case's channels are filtered and normalised side by side. One thread (DataLoader workers, preprocessing processes of a pool) runs them in turn, as before. In
+    order; the first item's error is raised first."""
+    items = list(items)
+    n = min(len(items), torch.get_num_threads())
+    if n <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(n, thread_name_prefix="segpipe-prep") as pool:
+        return list(pool.map(fn, items))
+
+
 def _like(t: MetaTensor, data: torch.Tensor | np.ndarray, affine: Any = None) -> MetaTensor:
     """A new MetaTensor holding ``data`` with the geometry and meta data of ``t`` (or ``affine``)."""
     if isinstance(data, np.ndarray):
@@ -104,35 +118,40 @@ class LoadVolumed(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        for key in self.key_iterator(d):
-            path = Path(d[key])
-            what = self.what.get(key, str(key))
-            is_label = key in self.label_keys
-            vol = read_volume(path, what=what, dtype=np.float64 if is_label else np.float32)
-            arr = vol.array
-            if not is_label:
-                finite = np.isfinite(arr)
-                if not finite.all():
-                    bad = int((~finite).sum())
-                    raise SegpipeError(
-                        f"{what} '{path}': {bad} voxels are NaN or infinite; repair or re-export the image "
-                        "(e.g. replace them by 0 with a viewer or nibabel)"
-                    )
-                lo, hi = float(arr.min()), float(arr.max())
-                if lo == hi:
-                    raise SegpipeError(
-                        f"{what} '{path}': every voxel is {lo:g}, an empty image; check the export (wrong series or file)"
-                    )
-            else:
-                if not np.isfinite(arr).all():
-                    raise SegpipeError(f"{what} '{path}': NaN or infinite values in the label; repair the mask")
-            meta = {"filename_or_obj": str(path)}
-            if vol.header is not None:
-                meta["qform_code"] = int(vol.header["qform_code"])
-                meta["sform_code"] = int(vol.header["sform_code"])
-            t = torch.from_numpy(np.ascontiguousarray(arr if not is_label else arr.astype(np.float32)))[None]
-            d[key] = MetaTensor(t, affine=torch.as_tensor(vol.affine, dtype=torch.float64), meta=meta)
+        # one file after the other: read side by side (zlib releases the GIL), two gzipped 1 mm volumes took 0.55
+        # instead of 0.94 s, but each reading thread's malloc arena kept its freed buffers: +120 MB peak on the
+        # real ISLES case, whose small files read no faster
+        for key in list(self.key_iterator(d)):
+            d[key] = self._load(key, Path(d[key]))
         return d
+
+    def _load(self, key: Hashable, path: Path) -> MetaTensor:
+        what = self.what.get(key, str(key))
+        is_label = key in self.label_keys
+        vol = read_volume(path, what=what, dtype=np.float64 if is_label else np.float32)
+        arr = vol.array
+        if not is_label:
+            finite = np.isfinite(arr)
+            if not finite.all():
+                bad = int((~finite).sum())
+                raise SegpipeError(
+                    f"{what} '{path}': {bad} voxels are NaN or infinite; repair or re-export the image "
+                    "(e.g. replace them by 0 with a viewer or nibabel)"
+                )
+            lo, hi = float(arr.min()), float(arr.max())
+            if lo == hi:
+                raise SegpipeError(
+                    f"{what} '{path}': every voxel is {lo:g}, an empty image; check the export (wrong series or file)"
+                )
+        else:
+            if not np.isfinite(arr).all():
+                raise SegpipeError(f"{what} '{path}': NaN or infinite values in the label; repair the mask")
+        meta = {"filename_or_obj": str(path)}
+        if vol.header is not None:
+            meta["qform_code"] = int(vol.header["qform_code"])
+            meta["sform_code"] = int(vol.header["sform_code"])
+        t = torch.from_numpy(np.ascontiguousarray(arr if not is_label else arr.astype(np.float32)))[None]
+        return MetaTensor(t, affine=torch.as_tensor(vol.affine, dtype=torch.float64), meta=meta)
 
 
 class CleanLabeld(MapTransform):
@@ -238,16 +257,41 @@ class MatchReferenceGridd(MapTransform):
 def head_mask(image: np.ndarray, threshold: float = 0.08) -> np.ndarray:
     """Head foreground of a (C, X, Y, Z) image: after a light smoothing (so that noise in the air does not
     count), a voxel is head when some channel exceeds ``threshold`` of its 1st-99th percentile range; then
-    the largest component, closed and with its holes filled."""
+    the largest component, closed and with its holes filled. The channels are smoothed side by side, in
+    slabs (:func:`smooth`), and their percentiles taken side by side (:func:`thread_map`)."""
+    channels = [np.asarray(ch, dtype=np.float32) for ch in image]
+    smooth_channels = smooth(channels, sigma=1.0)
+    ranges = thread_map(lambda sm: [float(v) for v in np.percentile(sm, [1, 99])], smooth_channels)
     fg = np.zeros(image.shape[1:], dtype=bool)
-    for ch in image:
-        smooth = ndimage.gaussian_filter(np.asarray(ch, dtype=np.float32), sigma=1.0)
-        lo, hi = (float(v) for v in np.percentile(smooth, [1, 99]))
+    for sm, (lo, hi) in zip(smooth_channels, ranges):
         if hi > lo:
-            fg |= smooth > lo + threshold * (hi - lo)
+            fg |= sm > lo + threshold * (hi - lo)
     if not fg.any():
         return np.ones(image.shape[1:], dtype=bool)
     return tidy_mask(fg)
+
+
+def smooth(volumes: Sequence[np.ndarray], sigma: float) -> list[np.ndarray]:
+    """``scipy.ndimage.gaussian_filter(v, sigma)`` of each float32 volume, bit for bit, computed in slabs along
+    the first axis by :func:`thread_map` (one slab per thread and volume): a slab carries SciPy's kernel radius
+    (``truncate=4``) of its neighbours' rows, so each of its own voxels sees exactly the rows it would on the
+    whole volume (later axes are filtered within a row; the volume's own edges are the slabs' edges there)."""
+    radius = int(4.0 * sigma + 0.5)
+    out = [np.empty_like(v) for v in volumes]
+    jobs = []
+    for i, v in enumerate(volumes):
+        n = v.shape[0]
+        parts = max(1, min(torch.get_num_threads(), n // (4 * radius + 1)))
+        bounds = np.linspace(0, n, parts + 1).round().astype(int)
+        jobs += [(i, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def one(job: tuple[int, int, int]) -> None:
+        i, a, b = job
+        lo, hi = max(a - radius, 0), min(b + radius, volumes[i].shape[0])
+        out[i][a:b] = ndimage.gaussian_filter(volumes[i][lo:hi], sigma)[a - lo:a - lo + b - a]
+
+    thread_map(one, jobs)
+    return out
 
 
 def tidy_mask(fg: np.ndarray) -> np.ndarray:
@@ -258,11 +302,36 @@ def tidy_mask(fg: np.ndarray) -> np.ndarray:
         fg = lab == (int(np.argmax(sizes)) + 1)
     # closing and hole filling in the head's box with a margin (4 voxels; the closing's dilation reaches 2 beyond
     # the head): the same result as on the whole volume (tested), since nothing beyond the margin can change and
-    # the margin is background connected to the outside; 17 % less time for a 1 mm head (1.38 -> 1.15 s)
+    # the margin is background connected to the outside (17 % less time for a 1 mm head when it came in)
     box = tuple(slice(max(sl.start - 4, 0), min(sl.stop + 4, size)) for sl, size in zip(ndimage.find_objects(fg.astype(np.uint8))[0], fg.shape))
     sub = fg[box]
     out = np.zeros_like(fg)
-    out[box] = fill_holes(ndimage.binary_closing(sub, iterations=2, border_value=0) | sub)
+    out[box] = fill_holes(binary_closing(sub, iterations=2) | sub)
+    return out
+
+
+def _faces(ndim: int, axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """The index tuples of all but the first and all but the last position along ``axis``."""
+    later = tuple(slice(1, None) if a == axis else slice(None) for a in range(ndim))
+    earlier = tuple(slice(None, -1) if a == axis else slice(None) for a in range(ndim))
+    return later, earlier
+
+
+def binary_closing(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """``scipy.ndimage.binary_closing(mask, iterations=iterations, border_value=0)`` with its default cross
+    structure (the same result, tested), as shifted in-place ORs and ANDs of whole arrays: 5x faster on a head
+    (0.07 instead of 0.36 s at 1 mm), where SciPy visits each voxel's neighbours one by one. Beyond the border
+    is background, for the dilation and for the erosion (which so removes the border voxels)."""
+    out = np.array(mask, dtype=bool)
+    for combine in [np.bitwise_or] * iterations + [np.bitwise_and] * iterations:
+        src = out.copy()
+        for axis in range(out.ndim):
+            later, earlier = _faces(out.ndim, axis)
+            combine(out[later], src[earlier], out=out[later])
+            combine(out[earlier], src[later], out=out[earlier])
+            if combine is np.bitwise_and:
+                out[tuple(0 if a == axis else slice(None) for a in range(out.ndim))] = False
+                out[tuple(-1 if a == axis else slice(None) for a in range(out.ndim))] = False
     return out
 
 
@@ -308,15 +377,19 @@ class ZScored(MapTransform):
         arr = np.asarray(img, dtype=np.float32).copy()
         mask = np.asarray(d[self.mask_key][0], dtype=bool)
         stats = d.setdefault("stats", {}).setdefault("intensity", {})
-        for c in range(arr.shape[0]):
+        outside = ~mask
+
+        def one(c: int) -> dict[str, float]:  # the channels side by side (thread_map)
             values = arr[c][mask]
             mean, std = float(values.mean()), float(values.std())
             p = np.percentile(values, [0.5, 50, 99.5])
-            name = self.channels[c] if c < len(self.channels) else str(c)
-            stats[name] = {"mean": mean, "std": std, "p00_5": float(p[0]), "median": float(p[1]), "p99_5": float(p[2])}
             if self.enabled:
                 arr[c] = (arr[c] - mean) / max(std, 1e-8)
-                arr[c][~mask] = 0.0
+                arr[c][outside] = 0.0
+            return {"mean": mean, "std": std, "p00_5": float(p[0]), "median": float(p[1]), "p99_5": float(p[2])}
+
+        for c, entry in enumerate(thread_map(one, range(arr.shape[0]))):
+            stats[self.channels[c] if c < len(self.channels) else str(c)] = entry
         d[self.keys[0]] = _like(img, arr)
         return d
 

@@ -283,3 +283,71 @@ def test_head_mask_box_keeps_the_closing_at_the_heads_faces():
     expected = _tidy_on_the_whole_volume(fg)
     assert expected[6, 5, 8] and not fg[6, 5, 8]  # the whole-volume closing fills the groove's lower voxel
     assert np.array_equal(tidy_mask(fg), expected)
+
+
+# -- the same results, side by side ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def threads():
+    """Run with ``n`` torch threads (the budget of segpipe's preprocessing threads), restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_binary_closing_matches_scipy(seed):
+    from scipy import ndimage
+
+    from segpipe.transforms.preprocessing import binary_closing
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(1, 14, 3))  # axes of length 1 and 2 included
+    mask = rng.random(shape) < rng.uniform(0.2, 0.9)
+    for iterations in (1, 2, 3):
+        assert np.array_equal(binary_closing(mask, iterations), ndimage.binary_closing(mask, iterations=iterations, border_value=0))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 5])
+def test_smooth_in_slabs_is_scipys_gaussian_bit_for_bit(threads, n_threads):
+    from scipy import ndimage
+
+    from segpipe.transforms.preprocessing import smooth
+
+    threads(n_threads)
+    rng = np.random.default_rng(n_threads)
+    volumes = [rng.normal(size=(n, 11, 7)).astype(np.float32) for n in (3, 9, 40, 61)]  # shorter and longer than the slabs' halo
+    for sigma in (1.0, 0.6, 2.0):
+        for v, ours in zip(volumes, smooth(volumes, sigma)):
+            assert ours.tobytes() == ndimage.gaussian_filter(v, sigma).tobytes()
+
+
+def test_head_mask_and_zscore_are_the_same_with_threads(threads):
+    img, _ = toy_volume((40, 32, 20))
+    img = np.stack([img, img[::-1] * 2 + 5, np.sqrt(np.abs(img))]).astype(np.float32)
+    results = []
+    for n in (1, 3):
+        threads(n)
+        mask = head_mask(img)
+        out = ZScored("image", "head", ["a", "b", "c"])({"image": _mt(img[0]).new_tensor(img), "head": _mt(mask)})
+        results.append((mask, np.asarray(out["image"]), out["stats"]))
+    (m1, z1, s1), (m3, z3, s3) = results
+    assert m1.any() and np.array_equal(m1, m3)
+    assert z1.tobytes() == z3.tobytes() and s1 == s3
+
+
+def test_thread_map_keeps_the_order_and_raises_the_first_error(threads):
+    from segpipe.transforms.preprocessing import thread_map
+
+    threads(4)
+    assert thread_map(lambda x: x * x, range(9)) == [x * x for x in range(9)]
+
+    def fail_on_odd(x):
+        if x % 2:
+            raise SegpipeError(f"item {x}")
+        return x
+
+    with pytest.raises(SegpipeError, match="item 1"):
+        thread_map(fail_on_odd, range(6))
+
