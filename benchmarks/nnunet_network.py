@@ -10,7 +10,10 @@ float32 on the CPU, bfloat16 autocast on CUDA, as segpipe trains) at ``--patch``
 
 Needs nnU-Net's network library (``pip install -e ".[compare]"``); without it says so and exits 0.
 
-    python -m benchmarks.nnunet_network [--patch 64] [--stages 5] [--repeat 3] [--device cpu]
+``--forward`` times an inference forward pass instead (evaluation mode, ``torch.inference_mode``, batch 1: one
+sliding window), what ``segpipe infer`` and nnU-Net's predictor spend most of a case on.
+
+    python -m benchmarks.nnunet_network [--patch 64] [--stages 5] [--repeat 3] [--device cpu] [--forward]
 """
 
 from __future__ import annotations
@@ -50,15 +53,19 @@ def _segpipe_net(kind: str, stages: int, patch: int):
     return build_network(plan), list(plan.network.filters)  # fewer stages than asked where the patch is small
 
 
-def _step_seconds(net: torch.nn.Module, x: torch.Tensor, repeat: int) -> list[float]:
-    net.train()
+def _step_seconds(net: torch.nn.Module, x: torch.Tensor, repeat: int, forward_only: bool = False) -> list[float]:
+    net.train(not forward_only)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
 
     def step():
-        net.zero_grad(set_to_none=True)
-        with amp:
-            outputs = net(x)
-        sum(o.float().mean() for o in outputs).backward()
+        if forward_only:
+            with torch.inference_mode(), amp:
+                net(x)
+        else:
+            net.zero_grad(set_to_none=True)
+            with amp:
+                outputs = net(x)
+            sum(o.float().mean() for o in outputs).backward()
         if x.is_cuda:
             torch.cuda.synchronize()
 
@@ -77,6 +84,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stages", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--forward", action="store_true", help="time an inference forward pass (batch 1) instead of a training step")
     args = ap.parse_args(argv)
     if not have_compare("dynamic_network_architectures"):
         return
@@ -84,8 +92,9 @@ def main(argv=None) -> None:
 
     dev = torch.device(args.device)
     result: dict = {"library": f"dynamic_network_architectures {version('dynamic_network_architectures')}", "patch": args.patch,
-                    "stages": args.stages, "device": str(dev)}
-    x = torch.randn(2, 2, args.patch, args.patch, args.patch, device=dev)
+                    "stages": args.stages, "device": str(dev), "timed": "forward" if args.forward else "training step"}
+    batch = 1 if args.forward else 2
+    x = torch.randn(batch, 2, args.patch, args.patch, args.patch, device=dev)
     for kind in ("plain", "resenc"):
         ours_big, feats = _segpipe_net(kind, 6, 128)
         theirs_big = _nnunet_net(kind, len(feats), feats)
@@ -94,14 +103,14 @@ def main(argv=None) -> None:
         theirs = _nnunet_net(kind, len(feats), feats)
         t_ours, t_theirs = [], []
         for _ in range(2):  # alternated, so that a busy moment does not hit one network only
-            t_theirs += _step_seconds(theirs.to(dev), x, args.repeat)
-            t_ours += _step_seconds(ours.to(dev), x, args.repeat)
+            t_theirs += _step_seconds(theirs.to(dev), x, args.repeat, args.forward)
+            t_ours += _step_seconds(ours.to(dev), x, args.repeat, args.forward)
         a, b = statistics.median(t_ours), statistics.median(t_theirs)
         print(f"{kind}: parameters (6 stages, 32-320) segpipe {parameters(ours_big) / 1e6:.2f} M, nnU-Net {parameters(theirs_big) / 1e6:.2f} M; "
-              f"training step 2x2x{args.patch}^3 on {dev}: segpipe {a:.3f} s, nnU-Net {b:.3f} s ({b / a:.2f}x)")
+              f"{'forward' if args.forward else 'training step'} {batch}x2x{args.patch}^3 on {dev}: segpipe {a:.3f} s, nnU-Net {b:.3f} s ({b / a:.2f}x)")
         result[kind] = {"params_segpipe": parameters(ours_big), "params_nnunet": parameters(theirs_big), "step_seconds_segpipe": t_ours,
                         "step_seconds_nnunet": t_theirs, "ratio": b / a}
-    save(f"nnunet_network_{dev.type}", result)
+    save(f"nnunet_network_{'forward_' if args.forward else ''}{dev.type}", result)
 
 
 if __name__ == "__main__":
