@@ -257,15 +257,15 @@ class MatchReferenceGridd(MapTransform):
 def head_mask(image: np.ndarray, threshold: float = 0.08) -> np.ndarray:
     """Head foreground of a (C, X, Y, Z) image: after a light smoothing (so that noise in the air does not
     count), a voxel is head when some channel exceeds ``threshold`` of its 1st-99th percentile range; then
-    the largest component, closed and with its holes filled. The channels are smoothed side by side, in
-    slabs (:func:`smooth`), and their percentiles taken side by side (:func:`thread_map`)."""
-    channels = [np.asarray(ch, dtype=np.float32) for ch in image]
-    smooth_channels = smooth(channels, sigma=1.0)
-    ranges = thread_map(lambda sm: [float(v) for v in np.percentile(sm, [1, 99])], smooth_channels)
+    the largest component, closed and with its holes filled. Each channel is smoothed in slabs side by side
+    (:func:`smooth`), one channel after the other, so that one smoothed copy is alive at a time."""
     fg = np.zeros(image.shape[1:], dtype=bool)
-    for sm, (lo, hi) in zip(smooth_channels, ranges):
+    for ch in image:
+        sm = smooth([np.asarray(ch, dtype=np.float32)], sigma=1.0)[0]
+        lo, hi = (float(v) for v in np.percentile(sm, [1, 99]))
         if hi > lo:
             fg |= sm > lo + threshold * (hi - lo)
+        del sm
     if not fg.any():
         return np.ones(image.shape[1:], dtype=bool)
     return tidy_mask(fg)
@@ -382,7 +382,7 @@ class ZScored(MapTransform):
         def one(c: int) -> dict[str, float]:  # the channels side by side (thread_map)
             values = arr[c][mask]
             mean, std = float(values.mean()), float(values.std())
-            p = np.percentile(values, [0.5, 50, 99.5])
+            p = np.percentile(values, [0.5, 50, 99.5], overwrite_input=True)  # values is a copy of its own: no second one
             if self.enabled:
                 arr[c] = (arr[c] - mean) / max(std, 1e-8)
                 arr[c][outside] = 0.0
