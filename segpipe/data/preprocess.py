@@ -213,9 +213,9 @@ def preprocess_dataset(
             report.processed.append(case_id)
             return
         report.failed[case_id] = payload
-        log.error("case '%s': %s", case_id, payload)
         if not keep_going:
-            raise _Stop(case_id, payload)
+            raise _Stop(case_id, payload)  # its message is the command's one line: not logged as well
+        log.error("case '%s': %s", case_id, payload)
 
     try:
         if workers <= 1 or len(jobs) <= 1:

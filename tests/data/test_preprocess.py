@@ -188,6 +188,7 @@ def test_bad_input_one_line_and_others_continue(cli, toy_dataset, tmp_path, kind
     out = tmp_path / "cache"
     r = _cli_preprocess(cli, toy_dataset, out)
     assert r.exit_code == 1 and needle in r.output and "case0" in r.output and "Traceback" not in r.output
+    assert r.output.count(needle) == 1, r.output  # one line, not the logged error and then the command's error
     r = _cli_preprocess(cli, toy_dataset, out, "--keep-going")
     assert r.exit_code == 1 and "1 case(s) failed: case0" in r.output
     assert CaseCache(out).meta("case1") is not None and CaseCache(out).meta("case0") is None
