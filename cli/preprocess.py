@@ -15,7 +15,8 @@ def preprocess(
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Dataset manifest (see `segpipe manifest`).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder to fill.", show_default=False)],
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment config: a YAML file or a built-in name (isles22, wmh17, demo); defaults when omitted.")] = None,
-    workers: Annotated[int, typer.Option(help="Cases preprocessed in parallel (processes).")] = 1,
+    workers: Annotated[int | None, typer.Option(help="Cases preprocessed in parallel (processes); default: one per CPU core, "
+                                                "at most one per case, as many as the memory holds.", show_default=False)] = None,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Report a failing case and continue with the others.")] = False,
     overrides: Annotated[
         list[str] | None, typer.Argument(help="Config overrides, e.g. preprocess.target_spacing=[1,1,3].", show_default=False)
@@ -32,7 +33,7 @@ def preprocess(
     from segpipe.data.preprocess import preprocess_dataset
     from segpipe.errors import SegpipeError, UsageError
 
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise UsageError(f"--workers: expected at least 1, got {workers}")
     cfg = load_config(config, overrides or [])
     m = load_manifest(manifest)

@@ -32,7 +32,7 @@ from segpipe.transforms.preprocessing import (
     run_chain,
 )
 
-__all__ = ["PreprocessReport", "case_inputs", "header_geometry", "preprocess_dataset", "preprocess_case"]
+__all__ = ["PreprocessReport", "auto_workers", "case_inputs", "header_geometry", "preprocess_dataset", "preprocess_case"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class PreprocessReport:
     unlabelled: list[str] = field(default_factory=list)
     seconds: float = 0.0
     plan: Plan | None = None
+    workers: int = 1  # the processes used (the automatic choice resolved)
 
 
 def header_geometry(path: Path, what: str = "image") -> tuple[tuple[float, ...], tuple[int, ...]]:
@@ -80,6 +81,52 @@ def _label_stats(label: np.ndarray, num_classes: int, spacing: tuple[float, ...]
                           "volume_ml": float((label == k).sum()) * voxel_mm3 / 1000.0})
     out["classes"] = per_class
     return out
+
+
+#: a preprocessing process's peak per float32 value of its case (channels, label and distance maps on the larger
+#: of the input and the target grid): the chain's working copies; `preprocess_sample` measures 2.3-3.9x the
+#: input's float32 size, this leaves room. Plus what a forked process's own pages take.
+PEAK_PER_VALUE = 4 * 4
+PROCESS_BYTES = 300 * 2**20
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still take: the smaller of the system's available memory and what is left under
+    the container's (cgroup v2) limit; None when unknown."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    return max(0, min(found)) if found else None
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, as a container or ``taskset`` sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def auto_workers(jobs: int, values_per_case: float, memory: int | None = None, cores: int | None = None) -> tuple[int, str]:
+    """nnU-Net-like default for ``--workers``: a process per core, at most one per case, and no more than the
+    memory holds (``values_per_case``: float32 values of the largest case, see :data:`PEAK_PER_VALUE`).
+    Returns the number and the reason, for the log."""
+    cores = usable_cores() if cores is None else cores
+    memory = available_memory() if memory is None else memory
+    per_process = values_per_case * PEAK_PER_VALUE + PROCESS_BYTES
+    by_memory = max(1, int(memory // per_process)) if memory is not None else cores
+    n = max(1, min(cores, jobs, by_memory))
+    why = f"{cores} cores, {jobs} cases to make"
+    if memory is not None:
+        why += f", memory for {by_memory} ({memory / 2**30:.1f} GiB available, about {per_process / 2**30:.1f} GiB each)"
+    return n, why
 
 
 def preprocess_case(plan: Plan, inputs: dict[str, str]) -> dict[str, Any]:
@@ -146,12 +193,14 @@ def preprocess_dataset(
     config: Config,
     out: str | os.PathLike,
     *,
-    workers: int = 1,
+    workers: int | None = 1,
     keep_going: bool = False,
     debug: bool = False,
 ) -> PreprocessReport:
     """Fingerprint, plan and preprocess every labelled case of ``manifest`` into the cache at ``out``.
 
+    ``workers`` processes make the cases side by side (None: :func:`auto_workers`; 1: one after the other in
+    this process, each case's channels filtered side by side in threads).
     Cases already in the cache with the same key are kept; others are (re)made. With ``keep_going`` a failing
     case is reported and the others continue; otherwise the first failure stops the run (finished cases
     stay cached). Returns a report; the caller decides the exit code.
@@ -203,10 +252,17 @@ def preprocess_dataset(
         if cache.is_fresh(case.id, key):
             report.up_to_date.append(case.id)
             continue
-        jobs.append({"case": case.id, "inputs": inputs, "key": key, "plan": plan.to_json(), "cache": str(root),
-                     "single_thread": workers > 1})
+        jobs.append({"case": case.id, "inputs": inputs, "key": key, "plan": plan.to_json(), "cache": str(root)})
     if report.up_to_date:
         log.info("%d of %d cases are up to date in the cache", len(report.up_to_date), len(labelled))
+    if workers is None:
+        values = max(_values(plan, len(manifest.channels), geometry[job["case"]]) for job in jobs) if jobs else 0.0
+        workers, why = auto_workers(len(jobs), values)
+        if jobs:
+            log.info("%d preprocessing process%s (%s)", workers, "es" if workers > 1 else "", why)
+    report.workers = min(workers, max(len(jobs), 1))
+    for job in jobs:
+        job["single_thread"] = workers > 1
 
     def handle(status: str, case_id: str, payload: Any) -> None:
         if status == "ok":
@@ -242,6 +298,14 @@ def preprocess_dataset(
     report.seconds = time.perf_counter() - start
     _write_index(cache, manifest, plan, report)
     return report
+
+
+def _values(plan: Plan, channels: int, geometry: tuple[tuple[float, ...], tuple[int, ...]]) -> float:
+    """The float32 values a case's preprocessing holds: channels, label and distance maps, on the larger of its
+    own grid and the target grid."""
+    spacing, shape = geometry
+    voxels = float(np.prod(shape)) * max(1.0, float(np.prod(spacing) / np.prod(plan.target_spacing)))
+    return voxels * (channels + 1 + max(plan.num_classes - 1, 1))
 
 
 class _Stop(Exception):

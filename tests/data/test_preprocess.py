@@ -103,6 +103,40 @@ def test_parallel_workers_match_serial(tmp_path):
         assert np.array_equal(a.image, b.image) and np.array_equal(a.sdm, b.sdm) and np.array_equal(a.label, b.label)
 
 
+def test_auto_workers_takes_cores_cases_and_memory(monkeypatch):
+    from segpipe.data import preprocess as pp
+
+    per = 1e6 * pp.PEAK_PER_VALUE + pp.PROCESS_BYTES
+    assert pp.auto_workers(10, 1e6, memory=int(100 * per), cores=4)[0] == 4  # a process per core
+    assert pp.auto_workers(3, 1e6, memory=int(100 * per), cores=16)[0] == 3  # at most one per case
+    n, why = pp.auto_workers(10, 1e6, memory=int(2.5 * per), cores=16)
+    assert n == 2 and "memory for 2" in why  # what the memory holds
+    assert pp.auto_workers(10, 1e6, memory=0, cores=16)[0] == 1  # never fewer than one
+    monkeypatch.setattr(pp, "available_memory", lambda: None)
+    assert pp.auto_workers(5, 1e9, cores=3)[0] == 3  # memory unknown: cores and cases only
+
+
+def test_available_memory_and_cores_are_read():
+    from segpipe.data.preprocess import available_memory, usable_cores
+
+    mem = available_memory()
+    assert mem is None or 0 < mem < 2**50
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_automatic_workers_by_default_give_the_serial_cache(tmp_path):
+    from segpipe.data.preprocess import usable_cores
+
+    manifest = make_toy_dataset(tmp_path / "ds", n=3)
+    serial = _run(manifest, tmp_path / "serial")
+    auto = _run(manifest, tmp_path / "auto", workers=None)
+    assert serial.workers == 1 and auto.workers == min(usable_cores(), 3)
+    for cid in ("case0", "case1", "case2"):
+        a, b = CaseCache(tmp_path / "serial").load(cid), CaseCache(tmp_path / "auto").load(cid)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.sdm, b.sdm)
+    assert _run(manifest, tmp_path / "auto", workers=None).workers == 1  # all up to date: nothing to start
+
+
 def _preprocess_proc(manifest, out, workers=1):
     code = "from cli.main import main; main()"
     return subprocess.Popen(
