@@ -87,8 +87,9 @@ def _meta(t: MetaTensor) -> dict[str, Any]:
 
 def thread_map(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     """``[fn(x) for x in items]`` in up to ``torch.get_num_threads()`` threads: SciPy's filters and NumPy's
-    arithmetic and sorting release the GIL, so a case's channels are filtered and normalised side by side. One thread (DataLoader workers, preprocessing processes of a pool) runs them in turn, as before. In
-    order; the first item's error is raised first."""
+    arithmetic and sorting release the GIL, so a case's channels are filtered and normalised side by side.
+    With one thread (DataLoader workers, the processes of a preprocessing pool) they run in turn, as before.
+    In order; the first item's error is raised first."""
     items = list(items)
     n = min(len(items), torch.get_num_threads())
     if n <= 1:
@@ -261,7 +262,7 @@ def head_mask(image: np.ndarray, threshold: float = 0.08) -> np.ndarray:
     (:func:`smooth`), one channel after the other, so that one smoothed copy is alive at a time."""
     fg = np.zeros(image.shape[1:], dtype=bool)
     for ch in image:
-        sm = smooth([np.asarray(ch, dtype=np.float32)], sigma=1.0)[0]
+        sm = smooth(np.asarray(ch, dtype=np.float32), sigma=1.0)
         lo, hi = (float(v) for v in np.percentile(sm, [1, 99]))
         if hi > lo:
             fg |= sm > lo + threshold * (hi - lo)
@@ -271,26 +272,22 @@ def head_mask(image: np.ndarray, threshold: float = 0.08) -> np.ndarray:
     return tidy_mask(fg)
 
 
-def smooth(volumes: Sequence[np.ndarray], sigma: float) -> list[np.ndarray]:
-    """``scipy.ndimage.gaussian_filter(v, sigma)`` of each float32 volume, bit for bit, computed in slabs along
-    the first axis by :func:`thread_map` (one slab per thread and volume): a slab carries SciPy's kernel radius
-    (``truncate=4``) of its neighbours' rows, so each of its own voxels sees exactly the rows it would on the
-    whole volume (later axes are filtered within a row; the volume's own edges are the slabs' edges there)."""
+def smooth(volume: np.ndarray, sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(volume, sigma)`` bit for bit, computed in slabs along the first axis side
+    by side (:func:`thread_map`): a slab carries SciPy's kernel radius (``truncate=4``) of its neighbours' rows,
+    so each of its own voxels sees exactly the rows it would on the whole volume (the later axes are filtered
+    within a row; the volume's own edges are the slabs' edges there)."""
     radius = int(4.0 * sigma + 0.5)
-    out = [np.empty_like(v) for v in volumes]
-    jobs = []
-    for i, v in enumerate(volumes):
-        n = v.shape[0]
-        parts = max(1, min(torch.get_num_threads(), n // (4 * radius + 1)))
-        bounds = np.linspace(0, n, parts + 1).round().astype(int)
-        jobs += [(i, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    n = volume.shape[0]
+    parts = max(1, min(torch.get_num_threads(), n // (4 * radius + 1)))
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    out = np.empty_like(volume)
 
-    def one(job: tuple[int, int, int]) -> None:
-        i, a, b = job
-        lo, hi = max(a - radius, 0), min(b + radius, volumes[i].shape[0])
-        out[i][a:b] = ndimage.gaussian_filter(volumes[i][lo:hi], sigma)[a - lo:a - lo + b - a]
+    def one(a: int, b: int) -> None:
+        lo, hi = max(a - radius, 0), min(b + radius, n)
+        out[a:b] = ndimage.gaussian_filter(volume[lo:hi], sigma)[a - lo:b - lo]
 
-    thread_map(one, jobs)
+    thread_map(lambda ab: one(*ab), [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
     return out
 
 
