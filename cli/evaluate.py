@@ -23,6 +23,8 @@ def evaluate(
                                  "several, comma-separated (0,10,50), compare the means, to choose `infer --min-lesion-mm3` on "
                                  "cross-validation predictions.", show_default=False)
     ] = None,
+    workers: Annotated[int | None, typer.Option(help="Cases scored in parallel (processes); default: one per CPU core, at most one "
+                                                "per case.", show_default=False)] = None,
 ) -> None:
     """Score predictions against ground truth with a challenge's own metrics, number for number.
 
@@ -40,7 +42,7 @@ def evaluate(
             sizes = [float(v) for v in min_lesion_mm3.split(",")]
         except ValueError:
             raise UsageError(f"--min-lesion-mm3: expected sizes in mm^3, comma-separated (e.g. 0,10,50), got '{min_lesion_mm3}'") from None
-    report = run(pred, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes, progress=track)
+    report = run(pred, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes, progress=track, workers=workers)
     write_report(report, json_out, csv_out)
     typer.echo(format_table(report))
     for path in (json_out, csv_out):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 LIGHT = ["segpipe.data.inspect", "segpipe.data.cache", "segpipe.data.manifest", "segpipe.data.layouts",
-         "segpipe.evaluation.protocols", "segpipe.inference.postprocess", "segpipe.transforms.distance", "cli.main"]
+         "segpipe.evaluation.protocols", "segpipe.inference.postprocess", "segpipe.transforms.distance", "segpipe.resources", "cli.main"]
 
 
 def test_light_modules_do_not_import_monai_or_torch():

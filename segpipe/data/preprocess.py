@@ -25,6 +25,7 @@ from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
 from segpipe.io.nifti import read_geometry
 from segpipe.planning import Plan, make_plan
 from segpipe.progress import track
+from segpipe.resources import available_memory, usable_cores
 from segpipe.transforms.preprocessing import (
     IGNORE_INDEX,
     build_preprocessing,
@@ -88,30 +89,6 @@ def _label_stats(label: np.ndarray, num_classes: int, spacing: tuple[float, ...]
 #: input's float32 size, this leaves room. Plus what a forked process's own pages take.
 PEAK_PER_VALUE = 4 * 4
 PROCESS_BYTES = 300 * 2**20
-
-
-def available_memory() -> int | None:
-    """Bytes this process may still take: the smaller of the system's available memory and what is left under
-    the container's (cgroup v2) limit; None when unknown."""
-    found: list[int] = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip()))
-    except (OSError, ValueError):
-        pass
-    return max(0, min(found)) if found else None
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, as a container or ``taskset`` sets it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def auto_workers(jobs: int, values_per_case: float, memory: int | None = None, cores: int | None = None) -> tuple[int, str]:

@@ -211,10 +211,42 @@ def _means(cases: dict[str, dict[str, float]], protocol: str) -> dict[str, float
     return mean
 
 
-def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, ignore_missing: bool = False,
-             min_lesion_mm3: Sequence[float] = (0.0,), progress: Callable | None = None) -> dict[str, Any]:
+def _score_case(cid: str, p_path: Path, g_path: Path, protocol: str, sizes: Sequence[float],
+                single_thread: bool = False) -> list[tuple[dict[str, float], int]]:
+    """One case's metrics and removed lesions, per size of ``sizes``; runs in a worker process too."""
     from segpipe.inference.postprocess import remove_small_components
 
+    if single_thread:  # one process per core: SimpleITK's own threads would only compete
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    p, p_aff, p_zoom = _load(p_path, "prediction")
+    g, g_aff, g_zoom = _load(g_path, "ground truth")
+    if p.shape != g.shape or not np.allclose(p_zoom, g_zoom, rtol=1e-3):
+        raise SegpipeError(
+            f"case '{cid}': prediction '{p_path}' is {p.shape} at {tuple(round(z, 4) for z in p_zoom)} mm but the ground truth "
+            f"'{g_path}' is {g.shape} at {tuple(round(z, 4) for z in g_zoom)} mm; predict on the ground truth's grid "
+            "(`segpipe infer` writes masks in the input's own geometry)"
+        )
+    out = []
+    for size in sizes:
+        kept, removed = p, 0
+        if size > 0:  # the mask segpipe writes is integer; a probability map is taken from 0.5
+            labels = p if np.issubdtype(p.dtype, np.integer) else (p >= 0.5).astype(np.uint8)
+            kept, removed = remove_small_components(labels, p_zoom, size)
+        if protocol == "isles22":
+            out.append((evaluate_isles22(g, kept, float(np.prod(g_zoom)) / 1000.0), removed))
+        else:
+            out.append((evaluate_wmh17(g, kept, g_aff, cid), removed))
+    return out
+
+
+def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, ignore_missing: bool = False,
+             min_lesion_mm3: Sequence[float] = (0.0,), progress: Callable | None = None, workers: int | None = 1) -> dict[str, Any]:
+    """Score the predictions in ``pred`` against ``gt`` with ``protocol``'s metrics, per size of
+    ``min_lesion_mm3`` (predicted lesions smaller than it removed first). ``workers`` processes score the
+    cases side by side (None: one per CPU core, at most one per case, as nnU-Net's evaluation does with its
+    8 processes by default); the report is the same whatever their number."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got '{protocol}'{did_you_mean(protocol, PROTOCOLS)}")
     sizes = [float(v) for v in min_lesion_mm3] or [0.0]
@@ -223,29 +255,39 @@ def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, i
         raise UsageError(f"--min-lesion-mm3: expected sizes of 0 or more (mm^3), got {bad[0]:g}")
     if len(set(sizes)) < len(sizes):
         raise UsageError(f"--min-lesion-mm3: a size is given twice ({', '.join(f'{v:g}' for v in sizes)})")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers: expected at least 1, got {workers}")
     pairs = pair_cases(Path(pred), Path(gt), ignore_missing=ignore_missing)
+    if workers is None:
+        from segpipe.resources import usable_cores
+
+        workers = usable_cores()
+    workers = min(workers, len(pairs))
+    scored: dict[str, list[tuple[dict[str, float], int]]] = {}
+    if workers <= 1:
+        for cid, p_path, g_path in (progress(pairs, "evaluating") if progress else pairs):
+            scored[cid] = _score_case(cid, p_path, g_path, protocol, sizes)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_score_case, cid, p_path, g_path, protocol, sizes, True): cid for cid, p_path, g_path in pairs}
+            done = cf.as_completed(futures)
+            try:
+                for fut in (progress(done, "evaluating", total=len(futures)) if progress else done):
+                    scored[futures[fut]] = fut.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     swept: list[dict[str, dict[str, float]]] = [{} for _ in sizes]
     removed = [0] * len(sizes)
-    items = progress(pairs, "evaluating") if progress else pairs
-    for cid, p_path, g_path in items:
-        p, p_aff, p_zoom = _load(p_path, "prediction")
-        g, g_aff, g_zoom = _load(g_path, "ground truth")
-        if p.shape != g.shape or not np.allclose(p_zoom, g_zoom, rtol=1e-3):
-            raise SegpipeError(
-                f"case '{cid}': prediction '{p_path}' is {p.shape} at {tuple(round(z, 4) for z in p_zoom)} mm but the ground truth "
-                f"'{g_path}' is {g.shape} at {tuple(round(z, 4) for z in g_zoom)} mm; predict on the ground truth's grid "
-                "(`segpipe infer` writes masks in the input's own geometry)"
-            )
-        for i, size in enumerate(sizes):
-            kept = p
-            if size > 0:  # the mask segpipe writes is integer; a probability map is taken from 0.5
-                labels = p if np.issubdtype(p.dtype, np.integer) else (p >= 0.5).astype(np.uint8)
-                kept, removed_here = remove_small_components(labels, p_zoom, size)
-                removed[i] += removed_here
-            if protocol == "isles22":
-                swept[i][cid] = evaluate_isles22(g, kept, float(np.prod(g_zoom)) / 1000.0)
-            else:
-                swept[i][cid] = evaluate_wmh17(g, kept, g_aff, cid)
+    for cid, _, _ in pairs:  # in the cases' order, whatever order the processes finished in
+        for i, (metrics, n) in enumerate(scored[cid]):
+            swept[i][cid] = metrics
+            removed[i] += n
     report: dict[str, Any] = {"protocol": protocol, "min_lesion_mm3": sizes[0], "cases": swept[0], "mean": _means(swept[0], protocol)}
     if len(sizes) > 1:
         report["sweep"] = [{"min_lesion_mm3": size, "removed_lesions": n, "mean": _means(c, protocol)}

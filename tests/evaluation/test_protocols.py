@@ -145,6 +145,37 @@ def test_cli_bad_input(cli, tmp_path):
         evaluate(tmp_path / "nothing", gtd, "isles22")
 
 
+@pytest.mark.parametrize("protocol", ["isles22", "wmh17"])
+def test_cases_scored_in_processes_give_the_same_report(tmp_path, protocol):
+    rng = np.random.default_rng(3)
+    cases = {}
+    for k in range(5):
+        gt = (rng.random((14, 12, 10)) > 0.8).astype(np.uint8)
+        gt[2:6, 2:6, 2:5] = 1
+        pred = np.where(rng.random(gt.shape) > 0.15, gt, 1 - gt).astype(np.uint8)
+        cases[f"c{k}"] = (gt, pred, (1, 1, 2))
+    pred_dir, gt_dir = _folders(tmp_path, cases)
+    serial = evaluate(pred_dir, gt_dir, protocol, min_lesion_mm3=(0, 3), workers=1)
+    parallel = evaluate(pred_dir, gt_dir, protocol, min_lesion_mm3=(0, 3), workers=3)
+    assert json.dumps(serial, sort_keys=True) == json.dumps(parallel, sort_keys=True)
+    assert list(parallel["cases"]) == sorted(cases)  # the cases' order, not the order the processes finished in
+    assert parallel["sweep"][1]["removed_lesions"] > 0
+    with pytest.raises(SegpipeError, match="--workers: expected at least 1"):
+        evaluate(pred_dir, gt_dir, protocol, workers=0)
+
+
+def test_a_bad_case_in_a_scoring_process_is_the_commands_one_line(cli, tmp_path):
+    gt = _slab(2, 7)
+    pred, gtd = _folders(tmp_path, {"a": (gt, gt, (1, 1, 3)), "b": (gt, gt, (1, 1, 3)), "c": (gt, gt, (1, 1, 3))})
+    write_nifti(pred / "b.nii.gz", gt[:, :, :8], np.diag([1, 1, 3, 1.0]))
+    with pytest.raises(SegpipeError, match=r"case 'b': prediction .*\(12, 12, 8\)"):
+        evaluate(pred, gtd, "isles22", workers=3)
+    r = cli("evaluate", "--pred", pred, "--gt", gtd, "--workers", "2")
+    assert r.exit_code == 1 and "case 'b'" in r.output and "Traceback" not in r.output
+    r = cli("evaluate", "--pred", pred, "--gt", gtd, "--workers", "0")
+    assert r.exit_code == 2 and "--workers" in r.output
+
+
 def test_min_lesion_sweep_hand_computed(cli, tmp_path):
     gt = np.zeros((12, 12, 10), np.uint8)
     gt[2:4, 2:4, 2:4] = 1  # one lesion of 8 mm^3
