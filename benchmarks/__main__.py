@@ -21,7 +21,7 @@ BENCHMARKS = {
     # needs nnU-Net (pip install -e ".[compare]"); says so and skips without it
     "nnunet_preprocess": (["--data", "isles", "--cases", "8", "24"], ["--cases", "2", "4"]),
     "nnunet_network": ([], ["--patch", "32", "--repeat", "1"]),
-    "nnunet_infer": (["--repeat", "3"], ["--repeat", "1"]),
+    "nnunet_infer": (["--repeat", "3"], ["--repeat", "1", "--cases", "1", "2"]),
 }
 
 

@@ -32,6 +32,17 @@ from segpipe.config import load_config
 from segpipe.data.layouts import discover
 from segpipe.data.preprocess import preprocess_dataset
 root, out, repeat = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+def peak_rss():
+    # this process's own high-water mark: Linux keeps ru_maxrss across fork and exec, so a child started by a
+    # process that had grown larger (python -m benchmarks after another benchmark) would read its parent's;
+    # VmHWM belongs to the address space, which exec makes anew
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 m = discover(root)
 files = [m.image_path(m.cases[0], c) for c in m.channels] + [m.label_path(m.cases[0])]
 float32_bytes = sum(int(np.prod(nib.load(str(f)).shape)) * 4 for f in files)
@@ -41,14 +52,14 @@ cfg = load_config(None, [])
 from segpipe.data.synthetic import synthesize
 synthesize(out.parent / "warm", "isles22", cases=1, seed=0, shape=(24, 24, 16))
 preprocess_dataset(discover(out.parent / "warm"), cfg, out.parent / "warm_cache")
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = peak_rss()
 times = []
 for i in range(repeat):
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     preprocess_dataset(m, cfg, out)
     times.append(time.perf_counter() - t)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 print(json.dumps({"seconds": sorted(times)[len(times) // 2], "baseline_rss": base, "peak_rss": peak, "case_float32_bytes": float32_bytes}))
 """
 
@@ -65,7 +76,7 @@ def main(argv=None) -> dict | None:
         root = SAMPLE
         if args.synthetic is not None:
             root = Path(tmp) / "synthetic"
-            # in a process of its own: a child inherits its parent's peak RSS (Linux keeps it across fork and exec)
+            # in a process of its own, so that this one stays small (see peak_rss in the child)
             subprocess.run([sys.executable, "-c", "import sys; from segpipe.data.synthetic import synthesize; "
                             "synthesize(sys.argv[1], 'isles22', cases=1, seed=0, shape=[int(v) for v in sys.argv[2:]])",
                             str(root), *map(str, args.synthetic)], check=True)
