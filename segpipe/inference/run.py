@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from segpipe.errors import SegpipeError, UsageError
 from segpipe.inference.inputs import CaseInput, resolve_inputs
 from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
 from segpipe.io.nifti import save_nifti
+from segpipe.resources import usable_cores
 
 __all__ = ["CaseInput", "InferReport", "infer", "resolve_inputs"]
 
@@ -275,7 +275,7 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
                 else:
                     log.info("%d preprocessing processes prepare the next cases while the network works", processes)
                     pool = _preprocessing_pool(processes, logging.getLogger("segpipe").getEffectiveLevel(),
-                                               max(1, (os.cpu_count() or 1) // (processes + 1)))
+                                               max(1, usable_cores() // (processes + 1)))
                     with _children_ignore_interrupt():  # the pool starts its processes on these first submissions
                         for j in range(1, processes + 2):
                             submit(j)
@@ -343,7 +343,7 @@ def default_preprocess_workers(device: Any) -> int:
     dev = str(device)
     if not dev.startswith("cuda"):
         return 0
-    return max(0, min(3, (os.cpu_count() or 1) - 1))
+    return max(0, min(3, usable_cores() - 1))
 
 
 def _worker(model: list[str], device: str, cases: list[CaseInput], out: str, opt: _Options, threads: int, level: int,
@@ -398,8 +398,8 @@ def infer(
         raise UsageError(f"--workers: expected at least 1, got {workers}")
     if preprocess_workers is not None and preprocess_workers < 0:
         raise UsageError(f"--preprocess-workers: expected 0 or more, got {preprocess_workers}")
-    if preprocess_workers is not None and preprocess_workers > (os.cpu_count() or 1):
-        raise UsageError(f"--preprocess-workers: at most {os.cpu_count() or 1} (the CPU cores here; each process holds a "
+    if preprocess_workers is not None and preprocess_workers > usable_cores():
+        raise UsageError(f"--preprocess-workers: at most {usable_cores()} (the CPU cores this process may use; each process holds a "
                          f"case in memory), got {preprocess_workers}")
     if preprocess_workers and workers > 1:
         raise UsageError("--preprocess-workers works with one model process; with --workers N each process prepares its own "
@@ -448,7 +448,7 @@ def infer(
     elif todo:
         n = min(workers, len(todo))
         chunks = [todo[i::n] for i in range(n)]
-        threads = max(1, (os.cpu_count() or 1) // n)
+        threads = max(1, usable_cores() // n)
         import concurrent.futures as cf
         import multiprocessing
 

@@ -44,6 +44,7 @@ from segpipe.losses import CompositeLoss, parse_loss_spec, parse_schedule
 from segpipe.models import build_network
 from segpipe.planning import Plan, load_plan, make_plan
 from segpipe.progress import track
+from segpipe.resources import usable_cores
 from segpipe.training.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -92,10 +93,7 @@ def loader_workers(setting: int | None, dev: torch.device, world: int = 1) -> in
         return setting
     if dev.type != "cuda":
         return 2
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 4
+    cores = usable_cores()
     local = max(1, min(world, torch.cuda.device_count() or 1))
     return max(1, min(12, (cores - 2) // local))
 

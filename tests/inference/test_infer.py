@@ -512,10 +512,10 @@ def test_preprocess_workers_option_checks(cli, tiny_model, tmp_path):
 def test_default_preprocess_workers(monkeypatch):
     from segpipe.inference import run
 
-    monkeypatch.setattr(run.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(run, "usable_cores", lambda: 16)  # the cores this process may use (affinity), not the machine's
     assert run.default_preprocess_workers("cuda") == run.default_preprocess_workers("cuda:1") == 3
     assert run.default_preprocess_workers("cpu") == 0
-    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(run, "usable_cores", lambda: 2)
     assert run.default_preprocess_workers("cuda") == 1
 
 
