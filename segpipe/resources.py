@@ -3,10 +3,12 @@ such as ``segpipe evaluate`` can ask without importing the heavy libraries)."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import multiprocessing
 import os
 from pathlib import Path
 
-__all__ = ["available_memory", "usable_cores"]
+__all__ = ["available_memory", "process_pool", "usable_cores"]
 
 
 def available_memory() -> int | None:
@@ -31,3 +33,11 @@ def available_memory() -> int | None:
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity, as a container or ``taskset`` sets it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def process_pool(workers: int) -> cf.ProcessPoolExecutor:
+    """Worker processes for CPU work on files (``preprocess``, ``evaluate``): forked where the system can, so
+    they start at once with the parent's modules; spawned elsewhere. (Inference spawns its own: its parent may
+    hold a CUDA context, which a forked child must not inherit.)"""
+    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import multiprocessing
 import os
 import time
 import zlib
@@ -25,7 +24,7 @@ from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
 from segpipe.io.nifti import read_geometry
 from segpipe.planning import Plan, make_plan
 from segpipe.progress import track
-from segpipe.resources import available_memory, usable_cores
+from segpipe.resources import available_memory, process_pool, usable_cores
 from segpipe.transforms.preprocessing import (
     IGNORE_INDEX,
     build_preprocessing,
@@ -255,8 +254,7 @@ def preprocess_dataset(
             for job in track(jobs, "preprocessing"):
                 handle(*_work(job, raise_errors=debug))
         else:
-            ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with process_pool(workers) as pool:
                 futures = [pool.submit(_work, job) for job in jobs]
                 try:
                     for fut in track(cf.as_completed(futures), "preprocessing", total=len(futures)):

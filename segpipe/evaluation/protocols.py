@@ -42,6 +42,7 @@ from segpipe.evaluation.metrics import (
     lesion_f1,
 )
 from segpipe.io.atomic import atomic_write_text
+from segpipe.resources import process_pool, usable_cores
 
 __all__ = ["HIGHER_IS_BETTER", "PROTOCOLS", "best_in_sweep", "evaluate", "evaluate_isles22", "evaluate_wmh17", "pair_cases", "write_report"]
 
@@ -259,8 +260,6 @@ def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, i
         raise UsageError(f"--workers: expected at least 1, got {workers}")
     pairs = pair_cases(Path(pred), Path(gt), ignore_missing=ignore_missing)
     if workers is None:
-        from segpipe.resources import usable_cores
-
         workers = usable_cores()
     workers = min(workers, len(pairs))
     scored: dict[str, list[tuple[dict[str, float], int]]] = {}
@@ -269,10 +268,8 @@ def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, i
             scored[cid] = _score_case(cid, p_path, g_path, protocol, sizes)
     else:
         import concurrent.futures as cf
-        import multiprocessing
 
-        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with process_pool(workers) as pool:
             futures = {pool.submit(_score_case, cid, p_path, g_path, protocol, sizes, True): cid for cid, p_path, g_path in pairs}
             done = cf.as_completed(futures)
             try:
