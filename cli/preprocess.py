@@ -86,6 +86,8 @@ def inspect(
             raise UsageError(f"'{cache}' is a run folder: CASE, --export-nifti and --png are for a cache")
         typer.echo(summarize_run(cache))
         return
+    if cache.is_file():
+        raise UsageError(f"'{cache}': a file; give the cache folder `segpipe preprocess --out` made, or a run folder of `segpipe train`")
     if cache.is_dir() and not (cache / "cache.json").is_file():
         runs = sorted(d.name for d in cache.iterdir() if is_run_folder(d))
         hint = f"; it holds the runs {', '.join(runs)}: inspect one of them" if runs else ""

@@ -48,3 +48,5 @@ def test_inspect_a_run_folder(cli, tiny_model, tmp_path):
     assert r.exit_code == 2 and "is a run folder" in r.output
     r = cli("inspect", tiny_model.parent)  # the folder above the run
     assert r.exit_code == 2 and "neither a cache" in r.output and f"it holds the runs {tiny_model.name}" in r.output
+    r = cli("inspect", tiny_model / "config.yaml")  # a file of the run, not a folder
+    assert r.exit_code == 2 and "a file; give the cache folder" in r.output and "Traceback" not in r.output
