@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 
-from segpipe.errors import SegpipeError, UsageError
+from segpipe.errors import SegpipeError, UsageError, debugging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _State:
-    debug: bool = os.environ.get("SEGPIPE_DEBUG", "") not in ("", "0")
+    debug: bool = debugging()
 
 
 state = _State()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -38,6 +39,8 @@ def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
 ) -> None:
     state.debug = state.debug or debug
+    if debug:  # the library's per-case guards and worker processes read it there
+        os.environ["SEGPIPE_DEBUG"] = "1"
     setup_logging(verbose, quiet)
 
 

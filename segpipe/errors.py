@@ -10,9 +10,16 @@ traceback instead.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable, Sequence
 
-__all__ = ["SegpipeError", "UsageError", "did_you_mean", "problems_error"]
+__all__ = ["SegpipeError", "UsageError", "debugging", "did_you_mean", "problems_error"]
+
+
+def debugging() -> bool:
+    """Whether errors should surface with their traceback (``segpipe --debug``, or ``SEGPIPE_DEBUG=1``): an
+    environment variable, so that the worker processes of preprocess and infer see it too."""
+    return os.environ.get("SEGPIPE_DEBUG", "") not in ("", "0")
 
 
 class SegpipeError(Exception):

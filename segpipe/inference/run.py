@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.errors import SegpipeError, UsageError
+from segpipe.errors import SegpipeError, UsageError, debugging
 from segpipe.inference.inputs import CaseInput, resolve_inputs
 from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
 from segpipe.io.nifti import save_nifti
@@ -112,7 +112,7 @@ def _guarded(case: CaseInput, step: Any, *args: Any) -> tuple[str, Any]:
         log.error("case '%s' failed: %s", case.id, exc)
         return "error", str(exc)
     except Exception as exc:  # one case's bug must not stop the others; reported with its type
-        if logging.getLogger("segpipe").isEnabledFor(logging.DEBUG):
+        if debugging():
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
         log.error("case '%s' failed: unexpected %s: %s (rerun with --debug for the traceback)", case.id, type(exc).__name__, first)

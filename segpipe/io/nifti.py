@@ -69,19 +69,25 @@ def read_geometry(path: str | os.PathLike, *, what: str = "image") -> Geometry:
     try:
         if path.name.lower().endswith((".nii", ".nii.gz", ".img", ".hdr")):
             img = nib.load(str(path))
-            return Geometry(np.asarray(img.affine, dtype=np.float64), tuple(int(s) for s in img.shape[:3]), path, img.header)
+            return Geometry(np.asarray(img.affine, dtype=np.float64), _shape3(img.shape), path, img.header)
         import SimpleITK as sitk
 
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        return Geometry(_sitk_affine(reader), tuple(int(s) for s in reader.GetSize()[:3]), path)
+        return Geometry(_sitk_affine(reader), _shape3(reader.GetSize()), path)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise SegpipeError(
             f"{what} '{path}': cannot be read (its header: {type(exc).__name__}: {first}); the file is damaged or not an "
             "image: export or download it again"
         ) from None
+
+
+def _shape3(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The 3D grid of a header's shape: a single slice (2D file) is one voxel deep, as :func:`read_volume`
+    reads it; a 4D file's later axes are not part of the grid."""
+    return tuple(int(s) for s in (*shape[:3], 1, 1)[:3])
 
 
 def spacing_of(affine: np.ndarray) -> tuple[float, ...]:
@@ -136,6 +142,12 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", dtype: np.dtype
             f"{what} '{path}': cannot be read ({type(exc).__name__}: {reason}); the file is damaged or not an image: "
             "export or download it again"
         ) from exc
+    if arr.dtype.kind not in "biuf":
+        kind = {"c": "complex", "V": "RGB or structured"}.get(arr.dtype.kind, str(arr.dtype))
+        raise SegpipeError(
+            f"{what} '{path}': its voxels are {kind} ({arr.dtype}), expected one real number per voxel; export the "
+            "magnitude (or a grey-scale image) instead"
+        )
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
     if arr.ndim == 4 and (bval := bval_sidecar(path)) is not None:

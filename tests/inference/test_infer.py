@@ -1005,3 +1005,37 @@ def test_workers_take_the_gpus_in_turn(monkeypatch):
     assert worker_devices("cuda", 2) == ["cuda:0", "cuda:1"]
     assert worker_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]  # an explicit GPU stays
     assert worker_devices("cpu", 2) == ["cpu", "cpu"]
+
+
+def test_a_single_slice_reference_is_segmented(tiny_model, tmp_path):
+    """A 2D file (one slice) is a volume one voxel deep: its header's shape is 2D, the mask's grid is 3D."""
+    src = _nifti_case(tmp_path / "in")
+    img = nib.load(str(src / "subj_dwi.nii.gz"))
+    one = np.asanyarray(img.dataobj)[:, :, 12]
+    nib.save(nib.Nifti1Image(one, img.affine), str(src / "subj_dwi.nii.gz"))
+    report = infer(tiny_model, [src], tmp_path / "out", tta=False)
+    assert not report.failed, report.failed
+    mask = nib.load(str(tmp_path / "out" / "in.nii.gz"))
+    assert mask.shape == (*one.shape, 1) and np.allclose(mask.affine, img.affine, atol=1e-5)
+
+
+def test_debug_lets_an_unexpected_error_of_a_case_through(cli, tiny_model, tmp_path, monkeypatch):
+    """Without --debug a bug in one case is one line and the others go on; with it, the traceback comes out
+    (the per-case guard reads SEGPIPE_DEBUG, which --debug sets, so worker processes see it too)."""
+    import segpipe.inference.run as run
+    from cli._common import state
+
+    src = _nifti_case(tmp_path / "in")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(run, "_predict", boom)
+    monkeypatch.setattr(state, "debug", False)
+    monkeypatch.setenv("SEGPIPE_DEBUG", "0")
+    report = infer(tiny_model, [src], tmp_path / "o1", tta=False)
+    assert report.failed["in"].startswith("unexpected RuntimeError: boom")
+    r = cli("infer", "--model", tiny_model, src, "--out", tmp_path / "o2", "--no-tta")
+    assert r.exit_code == 1 and "unexpected RuntimeError: boom" in r.output
+    with pytest.raises(RuntimeError, match="boom"):
+        cli("--debug", "infer", "--model", tiny_model, src, "--out", tmp_path / "o3", "--no-tta")

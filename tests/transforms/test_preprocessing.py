@@ -58,6 +58,9 @@ def test_load_channel_first_with_affine(tmp_path):
         (lambda p: write_nifti(p, np.where(np.eye(4)[:, :, None] > 0, np.nan, 1.0).repeat(4, 2).astype(np.float32)), "16 voxels are NaN or infinite"),
         (lambda p: write_nifti(p, np.zeros((4, 4, 4), np.float32)), "every voxel is 0, an empty image"),
         (lambda p: p.write_bytes(b"not an image at all"), "cannot be read"),
+        (lambda p: write_nifti(p, (np.ones((4, 4, 4)) * (1 + 2j)).astype(np.complex64)), "its voxels are complex (complex64)"),
+        (lambda p: nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]), np.eye(4)), str(p)),
+         "its voxels are RGB"),
     ],
 )
 def test_load_bad_input(tmp_path, make, needle):
