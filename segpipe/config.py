@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,44 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class _Range:
+    """The values a numeric key may take (each element, for a tuple); checked when a config is read."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def describe(self) -> str:
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        lo = None if self.lo is None else num(self.lo)
+        hi = None if self.hi is None else num(self.hi)
+        if hi is None:
+            return f"more than {lo}" if self.lo_open else f"at least {lo}"
+        if lo is None:
+            return f"less than {hi}" if self.hi_open else f"at most {hi}"
+        return f"a value in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+    def check(self, value: Any, where: str) -> None:
+        if isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                self.check(v, f"{where}[{i}]")
+            return
+        if value is None:
+            return
+        bad = (self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)) or \
+              (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+        if bad:
+            raise UsageError(f"config '{where}': expected {self.describe()}, got {value!r}")
+
+
+def _ranged(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Any:
+    return field(default=default, metadata={"range": _Range(lo, hi, lo_open, hi_open)})
+
+
+@dataclass(frozen=True)
 class DataConfig:
     #: channel whose grid every other channel and the label are resampled onto (default: the first)
     reference_channel: str | None = None
@@ -48,37 +87,37 @@ class DataConfig:
 @dataclass(frozen=True)
 class PreprocessConfig:
     #: target voxel size in mm (x, y, z in RAS order); null: from the fingerprint (median, nnU-Net's anisotropy rule)
-    target_spacing: tuple[float, float, float] | None = None
+    target_spacing: tuple[float, float, float] | None = _ranged(None, 0, lo_open=True)
     orientation: str = "RAS"
     #: margin kept around the head when cropping to it (mm)
-    crop_margin_mm: float = 8.0
+    crop_margin_mm: float = _ranged(8.0, 0)
     #: a voxel is head when some channel exceeds this fraction of its 99th percentile (before smoothing)
-    head_threshold: float = 0.08
+    head_threshold: float = _ranged(0.08, 0, 1, hi_open=True)
     #: per-channel z-score over head voxels; voxels outside the head are set to 0
     normalization: Literal["zscore", "none"] = "zscore"
     #: interpolation of image channels when resampling (labels always use nearest neighbour)
     image_interpolation: Literal["bilinear", "nearest"] = "bilinear"
     #: relative tolerance when comparing affines of channels and label (real files differ by ~1e-7)
-    affine_tolerance: float = 1e-4
+    affine_tolerance: float = _ranged(1e-4, 0, lo_open=True)
 
 
 @dataclass(frozen=True)
 class PlanConfig:
     """Overrides of the plan derived from the fingerprint; ``null`` keeps the derived value."""
 
-    patch_size: tuple[int, int, int] | None = None
-    batch_size: int | None = None
+    patch_size: tuple[int, int, int] | None = _ranged(None, 1)
+    batch_size: int | None = _ranged(None, 1)
     #: per-stage convolution kernel sizes and strides (nnU-Net style); null: from spacing and patch size
-    kernel_sizes: tuple[tuple[int, int, int], ...] | None = None
-    strides: tuple[tuple[int, int, int], ...] | None = None
+    kernel_sizes: tuple[tuple[int, int, int], ...] | None = _ranged(None, 1)
+    strides: tuple[tuple[int, int, int], ...] | None = _ranged(None, 1)
     #: feature maps of the first stage, doubled per stage up to ``max_features``
-    base_features: int = 32
-    max_features: int = 320
+    base_features: int = _ranged(32, 1)
+    max_features: int = _ranged(320, 1)
     #: GPU memory the patch and batch size are planned for (GiB)
-    gpu_memory_gb: float = 10.0
+    gpu_memory_gb: float = _ranged(10.0, 0, lo_open=True)
     #: smallest edge of the bottleneck feature map (voxels)
-    min_feature_map: int = 4
-    max_stages: int = 6
+    min_feature_map: int = _ranged(4, 1)
+    max_stages: int = _ranged(6, 1)
     deep_supervision: bool = True
     #: "plain": one block of two convolutions per encoder stage (nnU-Net's default U-Net); "resenc": residual
     #: blocks, 1, 3, 4, 6, 6, ... per stage (nnU-Net's residual encoder presets, its recommended configuration
@@ -98,35 +137,35 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 100
-    iterations_per_epoch: int = 250
+    epochs: int = _ranged(100, 1)
+    iterations_per_epoch: int = _ranged(250, 1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    learning_rate: float = 0.01
-    weight_decay: float = 3e-5
-    momentum: float = 0.99
+    learning_rate: float = _ranged(0.01, 0, lo_open=True)
+    weight_decay: float = _ranged(3e-5, 0)
+    momentum: float = _ranged(0.99, 0, 1, hi_open=True)
     #: poly learning-rate decay exponent (nnU-Net: 0.9)
-    poly_exponent: float = 0.9
-    grad_clip: float = 12.0
+    poly_exponent: float = _ranged(0.9, 0)
+    grad_clip: float = _ranged(12.0, 0, lo_open=True)
     #: share of each batch centred on a lesion voxel (nnU-Net: a third)
-    foreground_fraction: float = 0.34
+    foreground_fraction: float = _ranged(0.34, 0, 1)
     #: loader processes per training process; null (the default): 2 on the CPU (the step needs the cores), on
     #: CUDA the machine's cores less two, shared by the local ranks, at most 12 (nnU-Net's default)
-    num_workers: int | None = None
+    num_workers: int | None = _ranged(None, 0)
     amp: bool = True
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     compile: bool = False
     deterministic: bool = False
-    seed: int = 0
-    validate_every: int = 1
+    seed: int = _ranged(0, 0, 2**32 - 1)
+    validate_every: int = _ranged(1, 1)
     #: validation cases per epoch at most (0: all of the fold's)
-    max_validation_cases: int = 0
+    max_validation_cases: int = _ranged(0, 0)
     best_metric: str = "dice"
     augmentation: bool = True
     #: where a rotated or scaled patch is resampled: "device" (the training device, after the transfer: a GPU
     #: does it in well under a millisecond, and the workers are freed of half their work), "workers" (the
     #: loader's CPU processes), or "auto" (device on CUDA, workers otherwise)
     augment_on: Literal["auto", "workers", "device"] = "auto"
-    log_every: int = 50
+    log_every: int = _ranged(50, 1)
     #: fine-tuning: start from this run folder's or checkpoint's weights (output heads fresh when the classes
     #: differ; see segpipe.training.finetune); null: a fresh network
     init_from: str | None = None
@@ -134,10 +173,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    overlap: float = 0.5
+    overlap: float = _ranged(0.5, 0, 1, hi_open=True)
     tta: bool = True
-    min_lesion_mm3: float = 0.0
-    sw_batch_size: int = 2
+    min_lesion_mm3: float = _ranged(0.0, 0)
+    sw_batch_size: int = _ranged(2, 1)
     #: DICOM series rules per channel, on top of the built-in ones (segpipe.io.dicom.DEFAULT_RULES), e.g.
     #: {dwi: {description: "diff|trace", exclude: "adc", modality: MR, min_b_value: 800}}
     dicom_rules: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -225,6 +264,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"config '{where}': expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UsageError(f"config '{where}': expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -254,6 +295,8 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
         if key not in fields:
             raise UsageError(f"config: unknown key '{dotted}'{did_you_mean(str(key), fields)}; valid keys here: {', '.join(fields)}")
         kwargs[key] = _convert(value, hints[key], dotted)
+        if "range" in fields[key].metadata:
+            fields[key].metadata["range"].check(kwargs[key], dotted)
     return cls(**kwargs)
 
 

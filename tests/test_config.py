@@ -29,6 +29,20 @@ def test_yaml_and_overrides(tmp_path):
         ("train.amp=maybe", "expected true or false"),
         ("nosection.x=1", "unknown key 'nosection'"),
         ("train", "expected section.key=value"),
+        # values out of range are refused when the config is read, before any command writes anything
+        ("train.learning_rate=-1", "config 'train.learning_rate': expected more than 0, got -1.0"),
+        ("train.learning_rate=.nan", "config 'train.learning_rate': expected a finite number, got nan"),
+        ("train.momentum=1.5", "config 'train.momentum': expected a value in [0, 1), got 1.5"),
+        ("train.foreground_fraction=2", "expected a value in [0, 1], got 2.0"),
+        ("train.iterations_per_epoch=0", "config 'train.iterations_per_epoch': expected at least 1, got 0"),
+        ("train.grad_clip=0", "expected more than 0"),
+        ("train.seed=-1", "expected a value in [0, 4294967295], got -1"),
+        ("plan.patch_size=[0,32,32]", "config 'plan.patch_size[0]': expected at least 1, got 0"),
+        ("plan.strides=[[1,1,1],[2,0,2]]", "config 'plan.strides[1][1]': expected at least 1, got 0"),
+        ("preprocess.target_spacing=[1,-1,1]", "config 'preprocess.target_spacing[1]': expected more than 0"),
+        ("preprocess.head_threshold=1", "expected a value in [0, 1)"),
+        ("infer.overlap=1", "config 'infer.overlap': expected a value in [0, 1), got 1.0"),
+        ("infer.sw_batch_size=0", "config 'infer.sw_batch_size': expected at least 1, got 0"),
     ],
 )
 def test_bad_overrides(override, needle):
@@ -50,6 +64,12 @@ def test_bad_files(tmp_path):
     p.write_text("train:\n  epochz: 1\n")
     with pytest.raises(UsageError, match=r"\(in .*bad.yaml\)"):
         load_config(p)
+
+
+def test_ranges_accept_their_edges():
+    cfg = load_config(None, ["train.weight_decay=0", "train.foreground_fraction=1", "train.momentum=0", "infer.overlap=0",
+                             "train.num_workers=0", "plan.batch_size=null", "preprocess.target_spacing=[0.5,0.5,3]"])
+    assert cfg.train.foreground_fraction == 1.0 and cfg.plan.batch_size is None and cfg.preprocess.target_spacing == (0.5, 0.5, 3.0)
 
 
 def test_shipped_configs_load():

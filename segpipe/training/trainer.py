@@ -84,6 +84,9 @@ class _Diverged(Exception):
     pass
 
 
+_KEPT = "checkpoint_latest.pt (the last good epoch) is kept"
+
+
 def loader_workers(setting: int | None, dev: torch.device, world: int = 1) -> int:
     """``train.num_workers``, or for None: 2 on the CPU; on CUDA the usable cores less two (the training
     process and the pinning thread), shared by the processes of this machine (torchrun), at most 12."""
@@ -221,17 +224,46 @@ def validate(net: torch.nn.Module, cache: CaseCache, case_ids: list[str], plan: 
 
 
 def _prepare_run_folder(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    checkpoint = (out / "checkpoint_latest.pt").is_file()
+    is_run = any((out / m).exists() for m in RUN_MARKERS)
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
+            if is_run and not checkpoint:
+                raise SegpipeError(f"--out '{out}': a run that stopped before its first epoch ended (no checkpoint) is there; pass "
+                                   "--overwrite to start it over, or choose another --out")
             raise SegpipeError(f"--out '{out}': a run folder already exists there; pass --resume to continue it or --overwrite to start over")
-        if not any((out / m).exists() for m in RUN_MARKERS):
+        if not is_run:
             raise SegpipeError(f"--out '{out}': not empty and not a segpipe run folder; --overwrite only replaces run folders, choose another --out")
         if is_main:
             shutil.rmtree(out)
-    if resume and not (out / "checkpoint_latest.pt").is_file():
+    if resume and not checkpoint:
+        if is_run:
+            raise SegpipeError(f"--resume: no checkpoint_latest.pt in '{out}': the run stopped before its first epoch ended, so there is "
+                               "nothing to continue; start it over with --overwrite")
         raise SegpipeError(f"--resume: no checkpoint_latest.pt in '{out}'; start the run without --resume")
     if is_main:
         ensure_writable_dir(out, what="--out run folder")
+
+
+#: what a start writes into its run folder before the first checkpoint (removed again when it fails that early)
+_FIRST_FILES = ("config.yaml", "plan.json", "train.log", "metrics.csv", "progress.png", "tensorboard")
+
+
+def _discard_unfinished(out: Path) -> None:
+    """A fresh run that failed before its first checkpoint leaves no folder behind: nothing in it could be
+    resumed, and a half-made run would stand in the way of the next start."""
+    if (out / "checkpoint_latest.pt").exists():
+        return
+    for name in _FIRST_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+    try:
+        out.rmdir()  # only when empty: nothing of the user's is removed
+    except OSError:
+        pass
 
 
 def train(
@@ -466,8 +498,18 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         if tb is not None:
             tb.close()
         return result
-    except _Diverged as exc:
-        raise SegpipeError(str(exc)) from None
+    except BaseException as exc:
+        if dist.is_main and not resume and not (out / "checkpoint_latest.pt").exists():
+            if log_handler is not None:
+                logging.getLogger("segpipe").removeHandler(log_handler)
+                log_handler.close()
+                log_handler = None
+            _discard_unfinished(out)
+            if isinstance(exc, _Diverged):
+                raise SegpipeError(str(exc).replace(_KEPT, "no epoch had ended, so the run folder is removed")) from None
+        if isinstance(exc, _Diverged):
+            raise SegpipeError(str(exc)) from None
+        raise
     finally:
         if log_handler is not None:
             logging.getLogger("segpipe").removeHandler(log_handler)
@@ -481,7 +523,7 @@ def _check_finite(row: torch.Tensor, terms: list[str], epoch: int, it: int) -> N
     bad = [n for n, v in zip(terms, values[1:]) if not math.isfinite(v)] or ["the total"]
     raise _Diverged(
         f"training diverged at epoch {epoch}, iteration {it}: the loss term(s) {', '.join(bad)} became NaN or infinite; "
-        "checkpoint_latest.pt (the last good epoch) is kept; lower train.learning_rate, or check the cache with `segpipe inspect`"
+        f"{_KEPT}; lower train.learning_rate, or check the cache with `segpipe inspect`"
     )
 
 

@@ -157,6 +157,27 @@ def test_cuda_out_of_memory_names_the_setting(tiny_cache, tmp_path, monkeypatch)
     monkeypatch.setattr(unet.SegUNet, "forward", boom)
     with pytest.raises(SegpipeError, match=r"out of memory.*plan\.batch_size"):
         train(_cfg(tiny_cache), tiny_cache, tmp_path / "oom")
+    assert not (tmp_path / "oom").exists()  # nothing to resume: no half-made run in the way of the next start
+
+
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_no_run(tiny_cache, tmp_path, monkeypatch):
+    from segpipe.losses import composite
+
+    real = composite.boundary_loss
+    monkeypatch.setattr(composite, "boundary_loss", lambda p, s, validate=True: real(p, s, validate=validate) * float("nan"))
+    run = tmp_path / "run"
+    with pytest.raises(SegpipeError, match="boundary became NaN.*no epoch had ended, so the run folder is removed"):
+        train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, run)
+    assert not run.exists()
+    # a run killed in its first epoch (config.yaml and the log, no checkpoint): both ways out are named
+    run.mkdir()
+    (run / "config.yaml").write_text("name: x\n")
+    (run / "train.log").write_text("")
+    with pytest.raises(SegpipeError, match="stopped before its first epoch ended.*--overwrite to start it over"):
+        train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, run)
+    with pytest.raises(SegpipeError, match="--resume: no checkpoint_latest.pt.*nothing to continue; start it over with --overwrite"):
+        train(_cfg(tiny_cache, "train.epochs=1"), tiny_cache, run, resume=True)
+    assert (run / "config.yaml").is_file()
 
 
 def _cli(*args, env=None):
