@@ -352,6 +352,7 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
     if missing:
         raise SegpipeError(f"{what} {series.label}: {len(missing)} files have no slice position, orientation or pixel spacing "
                            f"(e.g. '{missing[0]}'); not a volume")
+    _check_one_stack(series, dss, planes, what)  # type: ignore[arg-type]
     thickness = float(dss[0][0].get("SliceThickness", 1.0) or 1.0)
     groups = _diffusion_directions(series, planes, what) if series.b_values else None
     if groups is not None:  # n directional images per position: their geometric mean (the trace)
@@ -364,6 +365,26 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
     sorted_files = [dss[i][1] for i in order]
     arr = _pixels_sitk(series, sorted_files, what)
     return _assemble(arr, [planes[i] for i in order], spacing_z, uneven, Path(sorted_files[0]).parent, sorted_files)  # type: ignore[misc]
+
+
+def _check_one_stack(series: SeriesInfo, dss: Sequence[tuple[Any, str]], planes: Sequence[tuple[np.ndarray, np.ndarray, list[float]]],
+                     what: str) -> None:
+    """The images of a classic series form one stack: one orientation, one image size and one pixel spacing
+    (a localizer's three planes, or a slice of another acquisition filed under the same series, do not)."""
+    first, (iop0, _, ps0) = dss[0], planes[0]
+    size0 = (int(first[0].get("Rows", 0) or 0), int(first[0].get("Columns", 0) or 0))
+    for (ds, f), (iop, _, ps) in zip(dss[1:], planes[1:]):
+        size = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+        if not np.allclose(iop, iop0, atol=1e-4):
+            odd = f"orientation {np.round(iop, 3).tolist()} where '{first[1]}' has {np.round(iop0, 3).tolist()}"
+        elif size != size0:
+            odd = f"{size[0]}x{size[1]} pixels (rows x columns) where '{first[1]}' has {size0[0]}x{size0[1]}"
+        elif not np.allclose(ps, ps0, rtol=1e-4):
+            odd = f"pixel spacing {ps} mm where '{first[1]}' has {ps0} mm"
+        else:
+            continue
+        raise SegpipeError(f"{what} {series.label}: its images are not one stack: '{f}' has {odd} (a localizer, or images of "
+                           "another acquisition in the same series); re-export the series, or choose another with --series")
 
 
 def _trace(stack: np.ndarray, n: int) -> np.ndarray:

@@ -1039,3 +1039,30 @@ def test_debug_lets_an_unexpected_error_of_a_case_through(cli, tiny_model, tmp_p
     assert r.exit_code == 1 and "unexpected RuntimeError: boom" in r.output
     with pytest.raises(RuntimeError, match="boom"):
         cli("--debug", "infer", "--model", tiny_model, src, "--out", tmp_path / "o3", "--no-tta")
+
+
+@pytest.mark.parametrize("odd", ["orientation", "size", "spacing"])
+def test_a_series_that_is_not_one_stack_is_named(tmp_path, odd):
+    """A slice of another orientation (a localizer), size or pixel spacing filed under the series: one line naming
+    the file, not GDCM's 'Size: [...]' or highdicom's 'shared orientation' error after the network has run."""
+    export, _ = _dicom_export(tmp_path / "study", oblique=False)
+    files = sorted((export / "DICOM" / "0001").glob("ADC*"))
+    ds = pydicom.dcmread(str(files[5]))
+    if odd == "orientation":
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    elif odd == "size":
+        pixels = ds.pixel_array[:-4]
+        ds.Rows, ds.PixelData = pixels.shape[0], pixels.tobytes()
+    else:
+        ds.PixelSpacing = [1.5, 1.5]
+    ds.save_as(str(files[5]))
+    with pytest.raises(SegpipeError) as info:
+        read_series(*_adc_series(export))
+    text = str(info.value)
+    assert "not one stack" in text and files[5].name in text and {"orientation": "orientation [0.0, 1.0", "size": "36x40 pixels",
+                                                                   "spacing": "pixel spacing [1.5, 1.5]"}[odd] in text
+
+
+def _adc_series(export: Path):
+    adc = next(s for s in find_series(export) if s.description.endswith("_ADC"))
+    return adc, adc.files
