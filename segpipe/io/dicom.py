@@ -99,6 +99,18 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def _lost_image(path: Path) -> bool:
+    """Whether a DICOM file that GDCM put in no series is an image it could not read (damaged), rather than
+    a file that is no image (a DICOMDIR, a structured report, a presentation state)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:
+        return True
+    return "Rows" in ds or "NumberOfFrames" in ds
+
+
 def is_dicom_folder(folder: Path, probe: int = 50) -> bool:
     """True when the tree holds DICOM files (the first ``probe`` files are looked at)."""
     n = 0
@@ -157,6 +169,7 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
     root = Path(root)
     found: dict[str, SeriesInfo] = {}
     reader = sitk.ImageSeriesReader()
+    unreadable: list[Path] = []
     for dirpath, _, files in os.walk(root):
         if not files:
             continue
@@ -164,8 +177,10 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
             ids = reader.GetGDCMSeriesIDs(dirpath)
         except RuntimeError:
             continue
+        grouped: set[str] = set()
         for sid in ids:
             names = list(reader.GetGDCMSeriesFileNames(dirpath, sid))
+            grouped.update(os.path.basename(n) for n in names)
             if not names:
                 continue
             try:
@@ -206,6 +221,13 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
                     kind = _directionality(ds)
                     if kind is not None:
                         info.directionality[name] = kind
+        # a damaged file (cut short in a copy) is left out of its series by GDCM without a word: say so, since the
+        # series then misses a slice and is refused or resampled for a reason the user could not otherwise see
+        unreadable += [Path(dirpath) / f for f in sorted(files) if f not in grouped and _is_dicom_file(Path(dirpath) / f)
+                       and _lost_image(Path(dirpath) / f)]
+    if unreadable:
+        log.warning("%d DICOM file(s) under '%s' cannot be read and belong to no series (damaged or cut short?), e.g. '%s'; "
+                    "copy the export again", len(unreadable), root, unreadable[0])
     return sorted(found.values(), key=lambda s: (s.number if s.number is not None else 1 << 30, s.description))
 
 

@@ -1066,3 +1066,35 @@ def test_a_series_that_is_not_one_stack_is_named(tmp_path, odd):
 def _adc_series(export: Path):
     adc = next(s for s in find_series(export) if s.description.endswith("_ADC"))
     return adc, adc.files
+
+
+def test_a_damaged_file_that_gdcm_leaves_out_is_named(tmp_path, caplog):
+    """GDCM leaves a file cut short out of its series without a word, and the series then 'misses a slice':
+    find_series names the file; a DICOMDIR and a structured report (DICOM, but no images) are not named."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.fileset import FileSet
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    export, _ = _dicom_export(tmp_path / "study", oblique=False)
+    adc = sorted((export / "DICOM" / "0001").glob("ADC*"))
+    fs = FileSet()
+    fs.add(pydicom.dcmread(str(adc[0])))
+    fs.write(str(tmp_path / "fs"))
+    (export / "DICOMDIR").write_bytes((tmp_path / "fs" / "DICOMDIR").read_bytes())
+    sr = Dataset()
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID = generate_uid()
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr.Modality, sr.SeriesInstanceUID, sr.StudyInstanceUID = "SR", generate_uid(), generate_uid()
+    sr.save_as(str(export / "DICOM" / "0001" / "REPORT"), enforce_file_format=True)
+    with caplog.at_level(logging.WARNING):
+        find_series(export)
+    assert "cannot be read" not in caplog.text  # the DICOMDIR and the report are no images
+    data = adc[7].read_bytes()
+    adc[7].write_bytes(data[: len(data) - 1000])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        series = find_series(export)
+    assert "1 DICOM file(s)" in caplog.text and adc[7].name in caplog.text and "cut short" in caplog.text
+    assert len(next(s for s in series if s.description.endswith("_ADC")).files) == len(adc) - 1
