@@ -363,6 +363,12 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
 
     if series.multiframe:
         return _read_multiframe(series, files[0], allow_uneven=allow_uneven, what=what)
+    if "MOSAIC" in series.image_type.upper().split("\\"):
+        # Siemens tiles the slices of a volume into one image; its slice geometry is in a private (CSA) header.
+        # Read as it is, a mosaic would be a one-slice image of tiles and give a meaningless mask.
+        raise SegpipeError(f"{what} {series.label}: Siemens mosaic images (every slice tiled into one image), which segpipe "
+                           "does not unpack; convert the export with dcm2niix and give the NIfTI files (a DWI with its .bval "
+                           "sidecar is read as its highest-b trace), or export the series without mosaic")
     dss = []
     for f in files:
         try:

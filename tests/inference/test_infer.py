@@ -1098,3 +1098,17 @@ def test_a_damaged_file_that_gdcm_leaves_out_is_named(tmp_path, caplog):
         series = find_series(export)
     assert "1 DICOM file(s)" in caplog.text and adc[7].name in caplog.text and "cut short" in caplog.text
     assert len(next(s for s in series if s.description.endswith("_ADC")).files) == len(adc) - 1
+
+
+def test_a_siemens_mosaic_series_is_refused_with_the_fix(tiny_model, tmp_path):
+    """A mosaic (slices tiled into one image, geometry in Siemens' private header) read as it is would be a
+    one-slice image of tiles and a meaningless mask: refused, naming the series and dcm2niix."""
+    export, _ = _dicom_export(tmp_path / "study", oblique=False)
+    for f in (export / "DICOM" / "0001").glob("ADC*"):
+        ds = pydicom.dcmread(str(f))
+        ds.ImageType = ["DERIVED", "PRIMARY", "ADC", "ND", "NORM", "MOSAIC"]
+        ds.save_as(str(f))
+    report = infer(tiny_model, [export], tmp_path / "out", tta=False)
+    message = report.failed["study"]
+    assert "channel 'adc'" in message and "Siemens mosaic" in message and "dcm2niix" in message
+    assert not (tmp_path / "out" / "study.nii.gz").exists()
