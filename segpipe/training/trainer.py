@@ -387,7 +387,7 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         finish = BatchFinisher(plan.patch_size, augment=t.augmentation)
         terms = [term.name for term in spec.terms]
         columns = ["epoch", "lr", "loss", *terms, "regional_weight", "boundary_weight",
-                   "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds", "loader_wait_seconds"]
+                   "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds", "loader_wait_seconds", "val_seconds"]
         metrics = MetricsLog(out / "metrics.csv", columns)
         if resume and dist.is_main:
             metrics.truncate_after(start_epoch - 1)
@@ -460,8 +460,10 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
             if val_ids and ((epoch + 1) % max(t.validate_every, 1) == 0 or is_last):
                 if dist.is_main:
                     chosen = val_ids[: t.max_validation_cases] if t.max_validation_cases > 0 else val_ids
+                    t_val = time.perf_counter()
                     v = validate(model, cache, chosen, plan, config, dev, amp_dtype)
                     record.update({f"val_{k}": x for k, x in v.items()})
+                    record["val_seconds"] = time.perf_counter() - t_val  # its share of the epoch: see validate_every
                     score = v[t.best_metric]
                     if not math.isnan(score) and (best is None or (score > best if higher else score < best)):
                         best, best_epoch, improved = score, epoch, True
@@ -485,7 +487,7 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
                         if k != "epoch" and isinstance(x, float) and not math.isnan(x):
                             tb.add_scalar(k, x, epoch)
                     tb.flush()
-                val_txt = f", val dice {record['val_dice']:.3f}" if "val_dice" in record else ""
+                val_txt = f", val dice {record['val_dice']:.3f} ({record['val_seconds']:.1f} s)" if "val_dice" in record else ""
                 log.info("epoch %d: loss %.4f (%s), weights %.2f/%.2f%s, %.1f s", epoch, means[0],
                          ", ".join(f"{n} {x:.4f}" for n, x in zip(terms, means[1:])), r_w, b_w, val_txt, record["epoch_seconds"])
             result.history.append(record)

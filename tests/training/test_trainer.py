@@ -64,9 +64,10 @@ def test_run_folder_and_schedule_weights_follow_the_formula(tiny_cache, tmp_path
         e = int(r["epoch"])
         assert float(r["regional_weight"]) == pytest.approx(1 - 0.1 * e) and float(r["boundary_weight"]) == pytest.approx(0.1 * e)
         for col in ("loss", "dice", "boundary", "lr", "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds",
-                    "loader_wait_seconds"):
+                    "loader_wait_seconds", "val_seconds"):
             assert r[col] != ""
         assert 0 <= float(r["loader_wait_seconds"]) <= float(r["epoch_seconds"])
+        assert 0 < float(r["val_seconds"]) < float(r["epoch_seconds"])
     assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # poly decay
     ckpt = torch.load(run / "checkpoint_latest.pt", weights_only=True)  # tensors and plain metadata only
     assert ckpt["epoch"] == 3 and ckpt["schedule"]["name"] == "rebalance" and ckpt["plan"]["patch_size"] == [16, 16, 16]
