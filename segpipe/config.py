@@ -140,7 +140,7 @@ class TrainConfig:
     epochs: int = _ranged(100, 1)
     iterations_per_epoch: int = _ranged(250, 1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    learning_rate: float = _ranged(0.01, 0, lo_open=True)
+    learning_rate: float = _ranged(0.01, 0)
     weight_decay: float = _ranged(3e-5, 0)
     momentum: float = _ranged(0.99, 0, 1, hi_open=True)
     #: poly learning-rate decay exponent (nnU-Net: 0.9)

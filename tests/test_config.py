@@ -30,7 +30,7 @@ def test_yaml_and_overrides(tmp_path):
         ("nosection.x=1", "unknown key 'nosection'"),
         ("train", "expected section.key=value"),
         # values out of range are refused when the config is read, before any command writes anything
-        ("train.learning_rate=-1", "config 'train.learning_rate': expected more than 0, got -1.0"),
+        ("train.learning_rate=-1", "config 'train.learning_rate': expected at least 0, got -1.0"),
         ("train.learning_rate=.nan", "config 'train.learning_rate': expected a finite number, got nan"),
         ("train.momentum=1.5", "config 'train.momentum': expected a value in [0, 1), got 1.5"),
         ("train.foreground_fraction=2", "expected a value in [0, 1], got 2.0"),

@@ -229,6 +229,9 @@ def _score_case(cid: str, p_path: Path, g_path: Path, protocol: str, sizes: Sequ
             f"'{g_path}' is {g.shape} at {tuple(round(z, 4) for z in g_zoom)} mm; predict on the ground truth's grid "
             "(`segpipe infer` writes masks in the input's own geometry)"
         )
+    if protocol == "isles22" and p.dtype.kind == "f" and not np.array_equal(p, np.round(p)):
+        log.warning("case '%s': prediction '%s' holds fractional values (a probability map?); the ISLES 2022 protocol counts "
+                    "every non-zero voxel as lesion: score the masks instead", cid, p_path)
     out = []
     for size in sizes:
         kept, removed = p, 0

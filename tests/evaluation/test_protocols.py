@@ -224,3 +224,16 @@ def test_ground_truth_from_a_dataset_folder(cli, synth_isles, tmp_path):
     (tmp_path / "nothing").mkdir()
     r = cli("evaluate", "--pred", pred, "--gt", tmp_path / "nothing")
     assert r.exit_code == 1 and "not a dataset of a known layout" in r.output and "Traceback" not in r.output
+
+
+def test_isles22_warns_about_a_probability_map(tmp_path, caplog):
+    """The ISLES 2022 protocol counts every non-zero voxel, so a probability map scored by mistake (segpipe infer's
+    _probabilities file) is all lesion: the numbers stay the official ones, a warning names the file."""
+    gt = _slab(2, 7)
+    prob = np.where(gt > 0, 0.9, 0.05).astype(np.float32)
+    pred, gtd = _folders(tmp_path, {"a": (gt, prob, (1, 1, 1)), "b": (gt, gt.astype(np.float32), (1, 1, 1))})
+    with caplog.at_level(logging.WARNING):
+        report = evaluate(pred, gtd, "isles22")
+    assert report["cases"]["a"]["dice"] < 0.5 and report["cases"]["b"]["dice"] == 1.0  # the official binarisation
+    warned = [r.getMessage() for r in caplog.records if "fractional values" in r.getMessage()]
+    assert len(warned) == 1 and "case 'a'" in warned[0] and "a.nii.gz" in warned[0]
