@@ -166,6 +166,8 @@ def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tu
     if not pred.is_dir():
         raise SegpipeError(f"--pred '{pred}': folder not found; give the folder `segpipe infer --out` wrote")
     preds = _nifti_files(pred)
+    # `segpipe infer --save-probabilities` writes <case>_probabilities beside <case>: not a prediction of its own
+    preds = {c: p for c, p in preds.items() if not (c.endswith("_probabilities") and c[: -len("_probabilities")] in preds)}
     if gt.is_dir():
         gts = _nifti_files(gt) or _dataset_labels(gt)
     elif gt.is_file() and gt.suffix.lower() == ".json":

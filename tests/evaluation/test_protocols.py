@@ -200,8 +200,11 @@ def test_min_lesion_sweep_hand_computed(cli, tmp_path):
 def test_min_lesion_sweep_equals_infer_removing_them(cli, tiny_model, tiny_cache, tmp_path):
     manifest = tiny_cache.parent / "m.json"
     for size in ("0", "40"):
-        r = cli("infer", "--model", tiny_model, manifest, "--out", tmp_path / f"p{size}", "--no-tta", "--min-lesion-mm3", size)
+        # --save-probabilities: infer's output folder, <case>_probabilities files included, is evaluated as it is
+        r = cli("infer", "--model", tiny_model, manifest, "--out", tmp_path / f"p{size}", "--no-tta", "--min-lesion-mm3", size,
+                *(["--save-probabilities"] if size == "0" else []))
         assert r.exit_code == 0, r.output
+    assert list((tmp_path / "p0").glob("*_probabilities.nii.gz"))
     swept = evaluate(tmp_path / "p0", manifest, "isles22", min_lesion_mm3=[0, 40])
     direct = evaluate(tmp_path / "p40", manifest, "isles22")
     assert swept["sweep"][1]["removed_lesions"] > 0
