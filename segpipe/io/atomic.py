@@ -7,6 +7,7 @@ half-written one. Temporary names start with ``.tmp-`` so that stale ones are ea
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -36,12 +37,41 @@ def ensure_writable_dir(path: str | os.PathLike, *, what: str = "output folder")
     return path
 
 
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc, where setting and restoring it would race with other threads)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Umask:"))
+            _UMASK = int(line.split()[1], 8)
+        except (OSError, StopIteration, ValueError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+def _device_full(exc: BaseException, parent: Path) -> bool:
+    """A write failed for want of space: ENOSPC or a quota; NumPy's short write, which loses the errno; or
+    torch.save's zip writer failing (a RuntimeError) on a device with next to nothing left."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and "requested and" in str(exc) and "written" in str(exc))
+    if isinstance(exc, RuntimeError) and "inline_container" in str(exc):
+        return "file write failed" in str(exc) or shutil.disk_usage(parent).free < 64 * 2**20
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it onto ``final`` when the block succeeds.
 
     With ``directory=True`` the temporary path is a fresh folder, and an existing ``final`` folder is
-    replaced. On any exception (Ctrl-C included) the temporary path is removed and ``final`` is untouched.
+    replaced. On any exception (Ctrl-C included) the temporary path is removed and ``final`` is untouched;
+    a full device (or quota) is one :class:`SegpipeError` line. What appears has the permissions a plain
+    write would give under the umask (a temporary file or folder is private to its owner, which a cache
+    shared by a group, or read by a container's user, could not use).
     """
     final = Path(final)
     parent = final.parent
@@ -55,8 +85,17 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
         os.close(fd)
         tmp = Path(name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, RuntimeError) as exc:
+            if not _device_full(exc, parent):
+                raise
+            free = shutil.disk_usage(parent).free / 2**20
+            reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0]
+            raise SegpipeError(f"'{final}': the device is full or over quota ({free:.0f} MB free there; {reason}); "
+                               "free some space or write elsewhere") from None
         if directory:
+            os.chmod(tmp, 0o777 & ~_umask())
             if final.exists():
                 old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".old.", dir=parent))
                 os.replace(final, old / "x")
@@ -65,7 +104,7 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
             else:
                 os.replace(tmp, final)
         else:
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, final)
     except BaseException:
         if tmp.is_dir():

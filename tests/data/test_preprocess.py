@@ -78,8 +78,41 @@ def test_entries_are_atomic(toy_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(np, "save", failing_save)
     report = _run(toy_dataset, out, keep_going=True)
     assert set(report.failed) == {"case0", "case1"}
+    assert "the device is full or over quota" in report.failed["case0"] and "free some space" in report.failed["case0"]
     assert not any(p.name for p in (out / "cases").iterdir())  # no half-written entry, no temporary left
     assert cache.meta("case0") is None
+
+
+def test_entries_and_files_get_the_umask_permissions(toy_dataset, tmp_path, monkeypatch):
+    """A cache shared by a group (umask 007), or read by a container's other user, needs its entries readable:
+    written under a private temporary name, they must not stay private (mkdtemp's 0700) when renamed."""
+    from segpipe.io import atomic
+
+    monkeypatch.setattr(atomic, "_UMASK", None)
+    old = os.umask(0o007)
+    try:
+        _run(toy_dataset, tmp_path / "cache")
+    finally:
+        os.umask(old)
+    entry = tmp_path / "cache" / "cases" / "case0"
+    assert entry.stat().st_mode & 0o777 == 0o770
+    assert (entry / "image.npy").stat().st_mode & 0o777 == 0o660 and (tmp_path / "cache" / "cache.json").stat().st_mode & 0o777 == 0o660
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError("211968 requested and 211936 written"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                                                "file data/0: file write failed")])
+def test_a_full_device_is_one_line_and_leaves_nothing(tmp_path, error):
+    from segpipe.io.atomic import atomic_path
+
+    with pytest.raises(SegpipeError, match="the device is full or over quota.*free some space or write elsewhere"):
+        with atomic_path(tmp_path / "x.pt") as tmp:
+            tmp.write_bytes(b"partial")
+            raise error
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="something else"):  # other failures are not taken for a full device
+        with atomic_path(tmp_path / "y.pt"):
+            raise RuntimeError("something else")
 
 
 def test_keep_going_past_a_damaged_case(toy_dataset, tmp_path):
