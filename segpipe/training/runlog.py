@@ -153,7 +153,7 @@ def summarize_run(folder: str | Path, last: int = 10) -> str:
                      "(checkpoint_best.pt)")
     if rows:
         cols = [c for c in ("epoch", "lr", "loss", "regional_weight", "boundary_weight", "val_dice", "val_hd95", "val_lesion_f1",
-                            "epoch_seconds") if c in rows[0]]
+                            "epoch_seconds", "val_seconds") if c in rows[0]]
         widths = [max(8, len(c)) for c in cols]
         lines += ["", "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
         for r in rows[-last:]:

@@ -43,7 +43,7 @@ def test_inspect_a_run_folder(cli, tiny_model, tmp_path):
     assert "fold 0 (2 training, 1 validation cases), dice+boundary under rebalance" in r.output
     assert "1 of 1 epochs (finished)" in r.output and "best validation dice" in r.output
     header = next(line for line in r.output.splitlines() if line.strip().startswith("epoch"))
-    assert "val_dice" in header and "boundary_weight" in header
+    assert "val_dice" in header and "boundary_weight" in header and "val_seconds" in header
     r = cli("inspect", tiny_model, "some_case")
     assert r.exit_code == 2 and "is a run folder" in r.output
     r = cli("inspect", tiny_model.parent)  # the folder above the run
