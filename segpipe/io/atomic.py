@@ -24,6 +24,8 @@ TMP_PREFIX = ".tmp-"
 def ensure_writable_dir(path: str | os.PathLike, *, what: str = "output folder") -> Path:
     """Create ``path`` (and parents) and check that files can be written in it."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SegpipeError(f"{what} '{path}': expected a folder, found a file; choose another path")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

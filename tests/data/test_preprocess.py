@@ -317,3 +317,11 @@ def test_a_changed_bval_sidecar_makes_the_case_stale(tmp_path):
     (tmp_path / "dwi.bval").write_text("0 2000\n")
     os.utime(tmp_path / "dwi.bval", ns=(1, 1))
     assert case_key({"a": 1}, {"dwi": img}) != with_bval
+
+
+def test_an_output_folder_that_is_a_file_is_named_so(tmp_path):
+    from segpipe.io.atomic import ensure_writable_dir
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SegpipeError, match="--out folder '.*afile': expected a folder, found a file"):
+        ensure_writable_dir(tmp_path / "afile", what="--out folder")
