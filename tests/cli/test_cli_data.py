@@ -76,7 +76,7 @@ def test_bad_input_is_one_line(cli, tmp_path, args, code, needle):
 def test_output_under_a_file(cli, tmp_path, synth_isles):
     (tmp_path / "file").write_text("x")
     r = cli("manifest", synth_isles, "--out", tmp_path / "file" / "m.json")
-    assert r.exit_code == 1 and "cannot be created" in r.output
+    assert r.exit_code == 1 and "expected a folder, found a file" in r.output
     _no_traceback(r)
 
 
