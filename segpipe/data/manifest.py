@@ -336,6 +336,13 @@ def manifest_from_dict(data: Any, *, base_dir: Path, where: str, check_files: bo
         lab = rc.get("label")
         if lab is not None:
             lab = _check_path(problems, root, lab, f"{tag}, label", check_files)
+        # one file in two roles is a discovery or editing slip (a pattern that matched twice), never a dataset
+        roles: dict[str, list[str]] = {}
+        for role, rel in [*((f"channel '{ch}'", r) for ch, r in checked.items()), *([("label", lab)] if lab else [])]:
+            roles.setdefault(str(PurePosixPath(rel)), []).append(role)
+        for rel, named in roles.items():
+            if len(named) > 1:
+                problems.append(f"{tag}: {' and '.join(named)} are the same file '{rel}'; each needs its own")
         meta = rc.get("meta", {})
         if not isinstance(meta, dict):
             problems.append(f"{tag}: 'meta' must be an object, found {meta!r}")

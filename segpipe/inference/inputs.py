@@ -218,6 +218,12 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
         missing = [c for c in channels if c not in paths]
         if missing:
             raise UsageError(f"--channel: the model expects channels {', '.join(channels)}; give also {', '.join(missing)}")
+        by_file: dict[Path, list[str]] = {}
+        for c, p in paths.items():
+            by_file.setdefault(p.resolve(), []).append(c)
+        twice = next((names for names in by_file.values() if len(names) > 1), None)
+        if twice:
+            raise UsageError(f"--channel: {' and '.join(twice)} are the same file '{paths[twice[0]]}'; give each channel its own")
         return [CaseInput(_common_id(list(paths.values())), paths, source="--channel")]
     if not inputs:
         raise UsageError("give INPUT: a manifest, a DICOM export folder, a folder of NIfTI files or NIfTI files")

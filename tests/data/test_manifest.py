@@ -115,6 +115,18 @@ def test_absolute_path_is_refused(tmp_path, nifti):
         load_manifest(_write(tmp_path, data))
 
 
+def test_one_file_in_two_roles_is_refused(tmp_path, nifti):
+    """A pattern that matched twice (or a copy-paste slip) would train on a channel twice, or on an image as its label."""
+    data = _valid(tmp_path, nifti)
+    data["cases"][0]["images"]["flair"] = "a/t1.nii.gz"
+    data["cases"][1]["label"] = "./b/flair.nii.gz"  # the same file, spelled otherwise
+    with pytest.raises(SegpipeError) as info:
+        load_manifest(_write(tmp_path, data))
+    text = str(info.value)
+    assert "2 problems" in text and "case 'a': channel 't1' and channel 'flair' are the same file 'a/t1.nii.gz'" in text
+    assert "case 'b': channel 'flair' and label are the same file" in text
+
+
 def test_unknown_keys_suggest(tmp_path, nifti):
     data = _valid(tmp_path, nifti)
     data["chanels"] = data.pop("channels")

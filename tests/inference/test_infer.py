@@ -263,6 +263,9 @@ def test_inputs_and_channels(tmp_path):
     assert explicit[0].channels["adc"].name == "subj_adc.nii.gz"
     with pytest.raises(SegpipeError, match="give also flair"):
         resolve_inputs([], CHANNELS, {"dwi": str(src / "subj_dwi.nii.gz"), "adc": str(src / "subj_adc.nii.gz")})
+    with pytest.raises(SegpipeError, match="dwi and adc are the same file .*subj_dwi.nii.gz'; give each channel its own"):
+        resolve_inputs([], CHANNELS, {"dwi": str(src / "subj_dwi.nii.gz"), "adc": str(src / "." / "subj_dwi.nii.gz"),
+                                      "flair": str(src / "subj_flair.nii.gz")})
 
 
 def _copy_case(src: Path, dest: Path, names: dict[str, str]) -> None:
