@@ -37,7 +37,7 @@ from segpipe.io.atomic import TMP_PREFIX, atomic_path, atomic_write_text
 from segpipe.io.nifti import bval_sidecar
 from segpipe.transforms.distance import SDM_VERSION
 
-__all__ = ["PREPROCESS_VERSION", "CachedCase", "CaseCache", "case_key"]
+__all__ = ["PREPROCESS_VERSION", "CachedCase", "CaseCache", "case_key", "has_foreground"]
 
 # bump whenever the preprocessing chain's output changes for the same settings
 PREPROCESS_VERSION = 1
@@ -177,6 +177,12 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON-able: {type(o).__name__}")
+
+
+def has_foreground(meta: dict[str, Any] | None) -> bool:
+    """Whether a cached case's label holds any foreground voxel (from its meta data's label statistics)."""
+    fractions = ((meta or {}).get("stats", {}).get("label", {}) or {}).get("fractions", [])
+    return any(f > 0 for f in fractions[1:])
 
 
 def foreground_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:

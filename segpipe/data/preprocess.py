@@ -17,7 +17,7 @@ import yaml
 from scipy import ndimage
 
 from segpipe.config import Config, config_to_dict
-from segpipe.data.cache import CaseCache, case_key, foreground_locations
+from segpipe.data.cache import CaseCache, case_key, foreground_locations, has_foreground
 from segpipe.data.manifest import Case, Manifest
 from segpipe.errors import SegpipeError
 from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
@@ -299,6 +299,10 @@ def _write_index(cache: CaseCache, manifest: Manifest, plan: Plan, report: Prepr
         per_case[cid] = {"spacing": meta.get("spacing"), "shape": meta.get("shape"), "stats": meta.get("stats", {}),
                          "seconds": meta.get("seconds")}
     fractions = [per_case[c]["stats"].get("label", {}).get("fractions", []) for c in ok]
+    if ok and not any(has_foreground({"stats": per_case[c]["stats"]}) for c in ok):
+        log.warning("none of the %d cached cases has a lesion voxel: a network cannot learn from them; check the label "
+                    "files (masks stored as probabilities below label.threshold %s, or scaled by a header factor?) with "
+                    "`segpipe inspect %s`", len(ok), plan.threshold, cache.root)
     summary = {
         "cases": len(ok),
         "median_shape": np.median([per_case[c]["shape"] for c in ok], axis=0).tolist() if ok else [],

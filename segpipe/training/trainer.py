@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from segpipe.config import Config, config_from_dict, config_to_dict
-from segpipe.data.cache import CaseCache
+from segpipe.data.cache import CaseCache, has_foreground
 from segpipe.errors import SegpipeError, UsageError, did_you_mean
 from segpipe.evaluation.metrics import (
     absolute_volume_difference_ml,
@@ -312,6 +312,10 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         train_ids = [c for c in cases if c not in set(val_ids)]
     if not train_ids:
         raise SegpipeError(f"fold {fold}: no training cases left (the cache has {len(cases)} cases); use --fold all to train on every case")
+    if not any(has_foreground(cache.meta(c)) for c in train_ids):
+        raise SegpipeError(f"fold {fold}: none of the {len(train_ids)} training cases has a lesion voxel in the cache, so there is "
+                           f"nothing to learn; check the labels (`segpipe inspect {cache_root}`): e.g. masks stored as probabilities "
+                           "below label.threshold, or scaled by a header factor")
     if config.train.best_metric not in BEST_METRICS:
         raise UsageError(f"config 'train.best_metric': expected one of {', '.join(BEST_METRICS)}, got '{config.train.best_metric}'"
                          f"{did_you_mean(config.train.best_metric, BEST_METRICS)}")

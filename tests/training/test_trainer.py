@@ -274,3 +274,28 @@ def test_residual_encoder_trains_resumes_and_segments(tiny_cache, tmp_path):
     src = _nifti_case(tmp_path / "in")
     pred = predictor.predict({ch: src / f"subj_{ch}.nii.gz" for ch in ("dwi", "adc", "flair")}, tta=False)
     assert pred.mask.shape == (40, 40, 24)
+
+
+def test_a_cache_without_any_lesion_is_named_before_training(tmp_path, caplog):
+    """Masks stored at 0.4 where the label threshold is 0.5 (a header scale factor, probabilities) become empty labels:
+    preprocess warns, and train refuses rather than run epochs that cannot learn anything."""
+    import logging
+
+    import nibabel as nib
+
+    from segpipe.config import load_config
+    from segpipe.data.manifest import load_manifest
+    from segpipe.data.preprocess import preprocess_dataset
+    from tests.conftest import TINY, make_toy_dataset
+
+    manifest = make_toy_dataset(tmp_path / "toy", n=3)
+    for lab in (tmp_path / "toy").glob("case*/label.nii.gz"):
+        img = nib.load(str(lab))
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.float32) * 0.4, img.affine), str(lab))
+    cfg = load_config(None, TINY)
+    with caplog.at_level(logging.WARNING):
+        preprocess_dataset(load_manifest(manifest), cfg, tmp_path / "cache")
+    assert "none of the 3 cached cases has a lesion voxel" in caplog.text
+    with pytest.raises(SegpipeError, match="none of the 2 training cases has a lesion voxel.*nothing to learn"):
+        train(_cfg(tmp_path / "cache"), tmp_path / "cache", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
