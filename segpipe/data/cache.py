@@ -180,9 +180,10 @@ def _json_default(o: Any) -> Any:
 
 
 def has_foreground(meta: dict[str, Any] | None) -> bool:
-    """Whether a cached case's label holds any foreground voxel (from its meta data's label statistics)."""
-    fractions = ((meta or {}).get("stats", {}).get("label", {}) or {}).get("fractions", [])
-    return any(f > 0 for f in fractions[1:])
+    """Whether a cached case's label holds any foreground voxel (from its meta data's label statistics; a case
+    without them counts as having some: nothing is known against it)."""
+    fractions = ((meta or {}).get("stats", {}).get("label", {}) or {}).get("fractions")
+    return not fractions or any(f > 0 for f in fractions[1:])
 
 
 def foreground_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
