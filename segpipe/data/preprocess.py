@@ -299,7 +299,7 @@ def _write_index(cache: CaseCache, manifest: Manifest, plan: Plan, report: Prepr
         per_case[cid] = {"spacing": meta.get("spacing"), "shape": meta.get("shape"), "stats": meta.get("stats", {}),
                          "seconds": meta.get("seconds")}
     fractions = [per_case[c]["stats"].get("label", {}).get("fractions", []) for c in ok]
-    if ok and not any(has_foreground({"stats": per_case[c]["stats"]}) for c in ok):
+    if ok and not any(has_foreground(per_case[c]) for c in ok):
         log.warning("none of the %d cached cases has a lesion voxel: a network cannot learn from them; check the label "
                     "files (masks stored as probabilities below label.threshold %s, or scaled by a header factor?) with "
                     "`segpipe inspect %s`", len(ok), plan.threshold, cache.root)

@@ -505,21 +505,23 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
             tb.close()
         return result
     except BaseException as exc:
-        if dist.is_main and not resume and not (out / "checkpoint_latest.pt").exists():
-            if log_handler is not None:
-                logging.getLogger("segpipe").removeHandler(log_handler)
-                log_handler.close()
-                log_handler = None
+        unfinished = dist.is_main and not resume and not (out / "checkpoint_latest.pt").exists()
+        if unfinished:
+            _detach_log(log_handler)  # closed before its file is removed
+            log_handler = None
             _discard_unfinished(out)
-            if isinstance(exc, _Diverged):
-                raise SegpipeError(str(exc).replace(_KEPT, "no epoch had ended, so the run folder is removed")) from None
         if isinstance(exc, _Diverged):
-            raise SegpipeError(str(exc)) from None
+            msg = str(exc)
+            raise SegpipeError(msg.replace(_KEPT, "no epoch had ended, so the run folder is removed") if unfinished else msg) from None
         raise
     finally:
-        if log_handler is not None:
-            logging.getLogger("segpipe").removeHandler(log_handler)
-            log_handler.close()
+        _detach_log(log_handler)
+
+
+def _detach_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("segpipe").removeHandler(handler)
+        handler.close()
 
 
 def _check_finite(row: torch.Tensor, terms: list[str], epoch: int, it: int) -> None:
