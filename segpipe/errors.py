@@ -46,8 +46,10 @@ class UsageError(SegpipeError):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""`` when none is close."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    names = [str(c) for c in choices]
+    lower = {n.lower(): n for n in reversed(names)}  # letter case is no distance: 'DWI' suggests 'dwi'
+    close = difflib.get_close_matches(str(word).lower(), list(lower), n=1, cutoff=0.6)
+    return f" (did you mean '{lower[close[0]]}'?)" if close else ""
 
 
 def problems_error(headline: str, problems: Sequence[str], *, hint: str = "", limit: int = 50) -> SegpipeError:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.errors import SegpipeError, UsageError, debugging
+from segpipe.errors import SegpipeError, UsageError, debugging, did_you_mean
 from segpipe.inference.inputs import CaseInput, resolve_inputs
 from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
 from segpipe.io.nifti import save_nifti
@@ -406,6 +406,12 @@ def infer(
                          "cases: give one of the two")
     if cross_validation and channel_map:
         raise UsageError("--cross-validation: give the manifest (or the dataset folder) the models were trained from, not --channel")
+    numbers: dict[int, str] = {}
+    for ch, number in (series or {}).items():
+        if number in numbers:
+            raise UsageError(f"--series {numbers[number]}={number} and --series {ch}={number}: one series for two channels; give each "
+                             "channel a series of its own")
+        numbers[number] = ch
     if overlap is not None and not 0 <= overlap < 1:
         raise UsageError(f"--overlap: expected a fraction of the window in [0, 1) (nnU-Net and the default: 0.5), got {overlap:g}")
     start = time.perf_counter()
@@ -422,7 +428,14 @@ def infer(
         ckpts = [load_checkpoint(p, mmap=True) for p in (paths if cross_validation else paths[:1])]  # metadata only
         plan, held_out = Plan.from_json(ckpts[0]["plan"]), [held_out_cases(c) for c in ckpts]
         del ckpts
+    unknown = [ch for ch in (series or {}) if ch not in plan.channels]
+    if unknown:
+        raise UsageError(f"--series: the model has no channel {', '.join(unknown)}; its channels are {', '.join(plan.channels)}"
+                         f"{did_you_mean(unknown[0], plan.channels)}")
     cases = resolve_inputs(inputs, plan.channels, channel_map, dicom_case=dicom_case)
+    if series and not any(c.dicom for c in cases):
+        raise UsageError("--series chooses among the series of a DICOM export, and no INPUT is a DICOM folder; leave it out "
+                         "for NIfTI inputs")
     not_held_out = None
     if cross_validation:
         not_held_out = _assign_held_out(cases, held_out, sources)

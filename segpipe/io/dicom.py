@@ -284,8 +284,15 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
     table = format_series_table(series)
     if not series:
         raise SegpipeError(f"DICOM input '{where}': no image series found; point at the folder the scanner export was unpacked into")
+    by_number: dict[int, str] = {}
+    for ch in (c for c in channels if c in forced):
+        if forced[ch] in by_number:
+            raise SegpipeError(f"--series {by_number[forced[ch]]}={forced[ch]} and --series {ch}={forced[ch]}: one series for two "
+                               "channels; give each channel a series of its own", details=table)
+        by_number[forced[ch]] = ch
     chosen: dict[str, tuple[SeriesInfo, list[str]]] = {}
-    for ch in channels:
+    # the series chosen by hand first, so that no rule picks one of them for another channel
+    for ch in sorted(channels, key=lambda c: c not in forced):
         if ch in forced:
             hits = [s for s in series if s.number == forced[ch]]
             if not hits:
@@ -322,6 +329,7 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
             log.info("channel %s: series %s holds directional and isotropic (trace) images; using the %d isotropic ones", ch,
                      s.label, len(files))
         chosen[ch] = (s, files)
+    chosen = {ch: chosen[ch] for ch in channels}
     _check_one_study(chosen, where, strict=one_study)
     for ch, (s, files) in chosen.items():
         log.info("channel %s <- series %s", ch, s.label)

@@ -14,7 +14,7 @@ import torch
 from pydicom.uid import generate_uid
 
 from segpipe.data.synthetic import make_head_case
-from segpipe.errors import SegpipeError
+from segpipe.errors import SegpipeError, UsageError
 from segpipe.inference.predictor import Predictor, remove_small_components
 from segpipe.inference.run import infer, resolve_inputs
 from segpipe.io.dicom import find_series, read_series, select_series, write_dicom_series, write_enhanced_dicom
@@ -139,6 +139,14 @@ def test_dicom_selection_errors(tmp_path):
     assert len(info.value.details) == 2
     chosen = select_series(series, ["dwi"], forced={"dwi": 8})
     assert chosen["dwi"][0].number == 8
+    with pytest.raises(SegpipeError, match=r"--series dwi=7 and --series adc=7: one series for two channels") as info:
+        select_series(series, ["dwi", "adc"], forced={"dwi": 7, "adc": 7}, where="study")
+    assert len(info.value.details) == 3
+    # a series chosen by hand is not also taken by a rule for another channel, whatever the channels' order
+    with pytest.raises(SegpipeError, match="no series found for channel 'dwi'"):
+        select_series(series, ["dwi", "adc"], forced={"adc": 7}, where="study")
+    chosen = select_series(series, ["dwi", "adc"], forced={"adc": 8}, where="study")
+    assert [(ch, s.number) for ch, (s, _) in chosen.items()] == [("dwi", 7), ("adc", 8)]
     with pytest.raises(SegpipeError, match="no DICOM|no image series"):
         empty = tmp_path / "empty"
         empty.mkdir()
@@ -1115,3 +1123,18 @@ def test_a_siemens_mosaic_series_is_refused_with_the_fix(tiny_model, tmp_path):
     message = report.failed["study"]
     assert "channel 'adc'" in message and "Siemens mosaic" in message and "dcm2niix" in message
     assert not (tmp_path / "out" / "study.nii.gz").exists()
+
+
+def test_series_option_checked_before_any_case(tiny_model, tmp_path):
+    """--series for a channel the model lacks, one series for two channels, or --series with NIfTI inputs only:
+    each was ignored (the rules chose instead) or failed per case; now refused before anything is written."""
+    export, _ = _dicom_export(tmp_path / "study")
+    nifti = _nifti_case(tmp_path / "nifti")
+    for series, inputs, message in [
+        ({"DWI": 7}, [export], r"--series: the model has no channel DWI; its channels are dwi, adc, flair \(did you mean 'dwi'\?\)"),
+        ({"dwi": 7, "adc": 7}, [export], r"--series dwi=7 and --series adc=7: one series for two channels"),
+        ({"dwi": 7}, [nifti], "no INPUT is a DICOM folder"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            infer(tiny_model, inputs, tmp_path / "out", series=series, tta=False)
+        assert not (tmp_path / "out").exists()
