@@ -14,7 +14,8 @@ No candidate or several candidates is an error that lists the series found. The 
 to one study of one patient (StudyInstanceUID, PatientID): series from several are an error naming which
 channel came from where, never a silent mix (``segpipe infer`` makes one case per study of a folder). Enhanced multi-frame images (one file per series,
 the geometry of each frame in its functional groups; a DWI file with several b-values gives its highest)
-are read like a classic series.
+are read like a classic series. Siemens mosaic images (a volume's slices tiled into one image) are unpacked
+(:func:`_read_mosaic`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "find_series",
     "format_series_table",
     "is_dicom_folder",
+    "mosaic_tiles",
     "read_series",
     "select_series",
     "write_dicom_seg",
@@ -371,12 +373,6 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
 
     if series.multiframe:
         return _read_multiframe(series, files[0], allow_uneven=allow_uneven, what=what)
-    if "MOSAIC" in series.image_type.upper().split("\\"):
-        # Siemens tiles the slices of a volume into one image; its slice geometry is in a private (CSA) header.
-        # Read as it is, a mosaic would be a one-slice image of tiles and give a meaningless mask.
-        raise SegpipeError(f"{what} {series.label}: Siemens mosaic images (every slice tiled into one image), which segpipe "
-                           "does not unpack; convert the export with dcm2niix and give the NIfTI files (a DWI with its .bval "
-                           "sidecar is read as its highest-b trace), or export the series without mosaic")
     dss = []
     for f in files:
         try:
@@ -388,6 +384,16 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
     if missing:
         raise SegpipeError(f"{what} {series.label}: {len(missing)} files have no slice position, orientation or pixel spacing "
                            f"(e.g. '{missing[0]}'); not a volume")
+    if "MOSAIC" in series.image_type.upper().split("\\"):
+        tiles = [mosaic_tiles(d) for d, _ in dss]
+        if any(tiles):
+            return _read_mosaic(series, dss, planes, tiles, what)  # type: ignore[arg-type]
+        # Siemens XA exports that were de-mosaiced keep the word MOSAIC on ordinary slices: read those as a stack.
+        # One image (or one position) without the count is a mosaic whose private header an anonymiser removed.
+        if len({tuple(np.round(p[1], 3)) for p in planes}) == 1:  # type: ignore[index]
+            raise SegpipeError(f"{what} {series.label}: a Siemens mosaic (slices tiled into one image) without the private header "
+                               "that says how many slices it holds (removed by an anonymiser?); export it again with the "
+                               "Siemens private tags kept, or convert it with dcm2niix and give the NIfTI files")
     _check_one_stack(series, dss, planes, what)  # type: ignore[arg-type]
     thickness = float(dss[0][0].get("SliceThickness", 1.0) or 1.0)
     groups = _diffusion_directions(series, planes, what) if series.b_values else None
@@ -401,6 +407,115 @@ def read_series(series: SeriesInfo, files: Sequence[str], *, allow_uneven: bool 
     sorted_files = [dss[i][1] for i in order]
     arr = _pixels_sitk(series, sorted_files, what)
     return _assemble(arr, [planes[i] for i in order], spacing_z, uneven, Path(sorted_files[0]).parent, sorted_files)  # type: ignore[misc]
+
+
+def mosaic_tiles(ds: Any) -> int | None:
+    """The number of slices a Siemens mosaic image holds (its private NumberOfImagesInMosaic (0019,100A),
+    else the CSA image header's), or None when ``ds`` is not a mosaic (ImageType without MOSAIC, or with it but
+    no count: Siemens XA exports that were de-mosaiced keep the word on ordinary slices)."""
+    if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType", [])]:
+        return None
+    n: int | None = None
+    element = ds.get((0x0019, 0x100A))
+    if element is not None:
+        value = element.value
+        try:
+            n = int.from_bytes(value[:2], "little") if isinstance(value, bytes) else int(value)
+        except (TypeError, ValueError):
+            n = None
+    if not n:
+        csa = _csa_image_header(ds)
+        n = csa.get("tags", {}).get("NumberOfImagesInMosaic", {}).get("items", [None])[0] if csa else None
+    try:
+        return int(n) if n and int(n) > 1 else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _csa_image_header(ds: Any) -> dict | None:
+    """Siemens' private CSA image header as nibabel parses it, or None (absent or unreadable)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # nibabel.nicom warns on import that its DICOM *readers* are experimental
+            warnings.simplefilter("ignore")
+            from nibabel.nicom import csareader
+
+            return csareader.get_csa_header(ds, "image")
+    except Exception:
+        return None
+
+
+def _slice_normal(ds: Any, iop: np.ndarray) -> np.ndarray:
+    """The direction the tiles of a mosaic advance in: the CSA header's SliceNormalVector (it may point against
+    row x column), else row x column."""
+    csa = _csa_image_header(ds)
+    normal = csa.get("tags", {}).get("SliceNormalVector", {}).get("items") if csa else None
+    if not normal or len(normal) != 3 or not np.isfinite(np.asarray(normal, float)).all() or not np.linalg.norm(normal):
+        return np.cross(iop[:3], iop[3:])
+    normal = np.asarray(normal, float)
+    return normal / np.linalg.norm(normal)
+
+
+def _read_mosaic(series: SeriesInfo, dss: Sequence[tuple[Any, str]], planes: Sequence[tuple[np.ndarray, np.ndarray, list[float]]],
+                 tiles: Sequence[int | None], what: str) -> tuple[Volume, list[str], list[int]]:
+    """Siemens mosaic images: each file one volume, its slices tiled row by row into one image of
+    ceil(sqrt(n)) x ceil(sqrt(n)) tiles. The header's position is that of the whole image's corner: the first
+    tile's is half the surplus of image over tile further along rows and columns. Several files (the directions
+    of the highest b-value) give their geometric mean, the trace. Returns the volume, the first file, and for
+    each tile its slice in the volume (what a DICOM SEG in the mosaic's own layout needs)."""
+    import SimpleITK as sitk
+
+    (ds0, f0), (iop, ipp, ps) = dss[0], planes[0]
+    size0 = (int(ds0.Rows), int(ds0.Columns))
+    for (ds, f), (o, p, sp), n in zip(dss, planes, tiles):
+        if n != tiles[0] or (int(ds.Rows), int(ds.Columns)) != size0 or not (np.allclose(o, iop, atol=1e-4)
+                                                                             and np.allclose(p, ipp, atol=1e-3) and np.allclose(sp, ps)):
+            raise SegpipeError(f"{what} {series.label}: its mosaic images differ in geometry or slice count ('{f}' and '{f0}'); "
+                               "choose another series with --series")
+    n = int(tiles[0])  # type: ignore[arg-type]
+    if len(dss) > 1 and len(series.b_values) < len(dss):
+        raise SegpipeError(f"{what} {series.label}: {len(dss)} mosaic volumes without b-values (a 4D series such as fMRI); "
+                           "choose a series with one volume, with --series")
+    grid = int(np.ceil(np.sqrt(n)))
+    rows, cols = size0
+    if rows % grid or cols % grid:
+        raise SegpipeError(f"{what} {series.label}: a mosaic of {n} slices in {rows}x{cols} pixels, which {grid}x{grid} tiles "
+                           "do not divide; the private header's slice count is wrong")
+    rt, ct = rows // grid, cols // grid
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    volumes = []
+    try:
+        for _, f in dss:
+            try:
+                image = sitk.GetArrayFromImage(sitk.ReadImage(f)).reshape(rows, cols).astype(np.float32)
+            except RuntimeError as exc:
+                raise SegpipeError(f"{what} {series.label}: pixel data of '{f}' cannot be read "
+                                   f"({str(exc).strip().splitlines()[-1][:160]})") from None
+            # (tile row, row, tile column, column) -> (column, row, tile): x = column, y = row, z = tile
+            blocks = image.reshape(grid, rt, grid, ct).transpose(3, 1, 0, 2).reshape(ct, rt, grid * grid)
+            volumes.append(blocks[:, :, :n])
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+    if len(volumes) > 1:
+        log.info("%s %s: %d mosaic volumes (directions of one b-value); using their geometric mean, the trace", what,
+                 series.label, len(volumes))
+        arr = _trace(np.stack(volumes, axis=3).reshape(ct, rt, -1), len(volumes))
+    else:
+        arr = volumes[0]
+    row, col = iop[:3], iop[3:]
+    first = ipp + row * ps[1] * (cols - ct) / 2 + col * ps[0] * (rows - rt) / 2
+    dz = float(ds0.get("SpacingBetweenSlices", 0) or 0) or float(ds0.get("SliceThickness", 0) or 0) or 1.0
+    normal = _slice_normal(ds0, iop)
+    positions = [first + k * dz * normal for k in range(n)]
+    order, _, _ = _slice_order(series, positions, iop, dz, False, what)
+    vol, _, _ = _assemble(arr[:, :, order], [(iop, positions[k], ps) for k in order], dz, False, Path(f0).parent, [f0])
+    slice_of = [0] * n
+    for z, k in enumerate(order):
+        slice_of[k] = z
+    log.info("%s %s: Siemens mosaic of %d slices (%dx%d each) unpacked", what, series.label, n, ct, rt)
+    return vol, [f0], slice_of
 
 
 def _check_one_stack(series: SeriesInfo, dss: Sequence[tuple[Any, str]], planes: Sequence[tuple[np.ndarray, np.ndarray, list[float]]],
@@ -757,6 +872,16 @@ def write_dicom_seg(
                 setattr(ds, key, "")
     mask = np.asarray(mask, dtype=np.uint8)
     positions, used = None, []
+    tiles = mosaic_tiles(sources[0]) if len(sources) == 1 else None
+    if tiles and source_index is not None:
+        # a Siemens mosaic: the SEG has the source image's own layout (one frame of tiles), so that it lies over
+        # the image as viewers show it
+        grid, rows, cols = int(np.ceil(np.sqrt(tiles))), int(sources[0].Rows), int(sources[0].Columns)
+        rt, ct = rows // grid, cols // grid
+        tiled = np.zeros((grid * grid, rt, ct), np.uint8)
+        tiled[:tiles] = np.transpose(mask[:, :, list(source_index)], (2, 1, 0))
+        mask = np.transpose(tiled.reshape(grid, grid, rt, ct).transpose(0, 2, 1, 3).reshape(rows, cols), (1, 0))[:, :, None]
+        source_index = None
     if source_index is not None:
         index = list(source_index)
         if min(index) < 0:  # frames of a multi-frame source left out of the volume (other b-values at the same places)
