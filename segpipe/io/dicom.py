@@ -25,6 +25,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -792,12 +793,15 @@ def write_enhanced_dicom(
     patient: tuple[str, str] = ("Synthetic^Patient", "SYN0001"),
     frame_order: Sequence[int] | None = None,
     directionality: Sequence[str] | None = None,
+    per_frame_geometry: bool = False,
 ) -> Path:
     """Write (x, y, z) volumes on one grid (RAS ``affine``), each with its b-value (or None), as one enhanced
     multi-frame MR file, as newer scanners export: every frame's position in its functional groups, the
     orientation, spacing and rescale shared, the b-value per frame. ``frame_order`` permutes the frames
     (stack-major order by default): readers must sort by position, not trust the file order. ``directionality``
-    (per stack: ISOTROPIC, DIRECTIONAL, NONE) replaces the default: ISOTROPIC for b > 0, else NONE."""
+    (per stack: ISOTROPIC, DIRECTIONAL, NONE) replaces the default: ISOTROPIC for b > 0, else NONE. With
+    ``per_frame_geometry`` orientation and spacing are repeated in every frame's groups instead of shared, as
+    Philips exports them."""
     import pydicom
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
@@ -823,13 +827,17 @@ def write_enhanced_dicom(
     orientation.ImageOrientationPatient = [float(v) for v in (*row, *col)]
     transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = f"{slope:.10g}", f"{intercept:.10g}", "US"
     shared = Dataset()
-    shared.PixelMeasuresSequence = DicomSequence([measures])
-    shared.PlaneOrientationSequence = DicomSequence([orientation])
+    if not per_frame_geometry:
+        shared.PixelMeasuresSequence = DicomSequence([measures])
+        shared.PlaneOrientationSequence = DicomSequence([orientation])
     shared.PixelValueTransformationSequence = DicomSequence([transform])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     per = []
     for s, k in frames:
         item, position = Dataset(), Dataset()
+        if per_frame_geometry:
+            item.PixelMeasuresSequence = DicomSequence([deepcopy(measures)])
+            item.PlaneOrientationSequence = DicomSequence([deepcopy(orientation)])
         position.ImagePositionPatient = [float(v) for v in (lps[:3, 3] + normal * sz * k)]
         item.PlanePositionSequence = DicomSequence([position])
         if stacks[s][1] is not None:
@@ -842,6 +850,32 @@ def write_enhanced_dicom(
     ds.PixelData = np.ascontiguousarray(np.stack([stored[s, :, :, k].T for s, k in frames])).tobytes()
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
+
+
+def _share_geometry(sources: Sequence[Any]) -> None:
+    """Make the source datasets (in memory) state their orientation and pixel spacing the way highdicom wants
+    them: one exact value for all. Multi-frame files that repeat them in every frame's groups instead of the
+    shared ones (Philips does) get them moved to the shared groups; classic slices whose values differ only in
+    their decimal digits (slices rewritten by another tool) get the first slice's. Callers have checked that
+    the values agree (one stack)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    first = sources[0]
+    if len(sources) == 1 and "PerFrameFunctionalGroupsSequence" in first:
+        if not first.get("SharedFunctionalGroupsSequence"):
+            first.SharedFunctionalGroupsSequence = DicomSequence([Dataset()])
+        shared, per = first.SharedFunctionalGroupsSequence[0], first.PerFrameFunctionalGroupsSequence
+        for name in ("PlaneOrientationSequence", "PixelMeasuresSequence"):
+            if name not in shared and all(name in item for item in per):
+                shared[name] = deepcopy(per[0][name])
+                for item in per:
+                    del item[name]
+        return
+    for ds in sources[1:]:
+        for key in ("ImageOrientationPatient", "PixelSpacing"):
+            if key in ds and key in first and ds[key].value != first[key].value:
+                ds[key].value = first[key].value
 
 
 def write_dicom_seg(
@@ -870,6 +904,7 @@ def write_dicom_seg(
                     "AccessionNumber", "ReferringPhysicianName"):
             if key not in ds:
                 setattr(ds, key, "")
+    _share_geometry(sources)
     mask = np.asarray(mask, dtype=np.uint8)
     positions, used = None, []
     tiles = mosaic_tiles(sources[0]) if len(sources) == 1 else None

@@ -705,7 +705,7 @@ def test_dicom_series_must_come_from_one_study(tmp_path):
     assert sorted(select_series(find_series(one), CHANNELS, where="one")) == sorted(CHANNELS)
 
 
-def _export_with_enhanced_dwi(root, case, study, frame, *, enhanced=True):
+def _export_with_enhanced_dwi(root, case, study, frame, *, enhanced=True, per_frame_geometry=False):
     """The case's DWI (with a b0 stack, frames shuffled) as one enhanced multi-frame file, or classic; ADC and
     FLAIR classic; one study."""
     arr, aff = case.images["dwi"]
@@ -713,7 +713,8 @@ def _export_with_enhanced_dwi(root, case, study, frame, *, enhanced=True):
         n = arr.shape[2]
         order = list(np.random.default_rng(0).permutation(2 * n))
         write_enhanced_dicom([(arr * 0.4 + 5, 0.0), (arr, 1000.0)], aff, root / "DWI" / "IM0001", description="ep2d_diff_trace",
-                             series_number=7, study_uid=study, frame_uid=frame, frame_order=order)
+                             series_number=7, study_uid=study, frame_uid=frame, frame_order=order,
+                             per_frame_geometry=per_frame_geometry)
     else:
         write_dicom_series(arr, aff, root / "DWI", description="ep2d_diff_trace", series_number=7, study_uid=study,
                            frame_uid=frame, b_value=1000.0)
@@ -740,10 +741,13 @@ def test_enhanced_multiframe_reads_like_the_classic_series(tmp_path):
     assert files_e == e.files and len(index_e) == 2 * n and sorted(i for i in index_e if i >= 0) == list(range(n))
 
 
-def test_enhanced_multiframe_export_is_segmented_and_seg_references_its_frames(tiny_model, tmp_path):
+@pytest.mark.parametrize("per_frame_geometry", [False, True])
+def test_enhanced_multiframe_export_is_segmented_and_seg_references_its_frames(tiny_model, tmp_path, per_frame_geometry):
+    """Also with orientation and spacing in every frame's groups (as Philips exports them), where highdicom
+    wants them shared."""
     case = _case(3)
     study, frame = generate_uid(), generate_uid()
-    enhanced = _export_with_enhanced_dwi(tmp_path / "enh", case, study, frame)
+    enhanced = _export_with_enhanced_dwi(tmp_path / "enh", case, study, frame, per_frame_geometry=per_frame_geometry)
     classic = _export_with_enhanced_dwi(tmp_path / "cls", case, study, frame, enhanced=False)
     report = infer(tiny_model, [enhanced, classic], tmp_path / "out", tta=False)
     assert not report.failed, report.failed
@@ -1248,3 +1252,25 @@ def test_series_option_checked_before_any_case(tiny_model, tmp_path):
         with pytest.raises(UsageError, match=message):
             infer(tiny_model, inputs, tmp_path / "out", series=series, tta=False)
         assert not (tmp_path / "out").exists()
+
+
+def test_slices_rewritten_by_another_tool_compressed_and_with_fewer_digits(tiny_model, tmp_path):
+    """Half the DWI slices re-encoded by another tool (RLE-compressed, orientation written with fewer digits, as
+    GDCM writes it): read, segmented as the untouched export is, and the SEG written (highdicom wants one exact
+    orientation for all source images; it failed with 'Source images must have a shared orientation')."""
+    from pydicom.uid import RLELossless
+
+    original, _ = _dicom_export(tmp_path / "original", oblique=True)
+    export, _ = _dicom_export(tmp_path / "rewritten", oblique=True)
+    for f in sorted((export / "DICOM" / "0001").glob("IM007_*"))[::2]:
+        ds = pydicom.dcmread(str(f))
+        ds.ImageOrientationPatient = [f"{float(v):.6f}" for v in ds.ImageOrientationPatient]
+        ds.compress(RLELossless)
+        ds.save_as(str(f))
+    assert not infer(tiny_model, [original], tmp_path / "out", tta=False).failed
+    report = infer(tiny_model, [export], tmp_path / "out", tta=False)
+    assert not report.failed, report.failed
+    masks = [np.asanyarray(nib.load(str(tmp_path / "out" / f"{name}.nii.gz")).dataobj) for name in ("original", "rewritten")]
+    assert np.array_equal(*masks)
+    seg = pydicom.dcmread(str(tmp_path / "out" / "rewritten_seg.dcm"))
+    assert int(seg.NumberOfFrames) == 24 and int(seg.pixel_array.sum()) == int(masks[1].sum())
