@@ -421,6 +421,8 @@ def synthesize(
         raise UsageError(f"--layout: synth writes {', '.join(SYNTH_LAYOUTS)}, got '{layout}'{did_you_mean(layout, SYNTH_LAYOUTS)}")
     if cases < 1:
         raise UsageError(f"--cases: expected at least 1, got {cases}")
+    if seed < 0:
+        raise UsageError(f"--seed: expected 0 or more (NumPy's generators take no negative seed), got {seed}")
     if fmt not in ("nifti", "dicom", "dicom-enhanced"):
         raise UsageError(f"--format: expected nifti, dicom or dicom-enhanced, got '{fmt}'")
     shape = _check_shape(shape, layout)

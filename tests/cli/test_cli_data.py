@@ -63,6 +63,7 @@ def test_manifest_refuses_to_overwrite(cli, tmp_path, synth_isles):
         (["synth", "{tmp}/s", "--shape", "10,10"], 2, "--shape"),
         (["synth", "{tmp}/s", "--layout", "isles18"], 2, "synth writes isles22, wmh17"),
         (["synth", "{tmp}/s", "--cases", "0"], 2, "--cases"),
+        (["synth", "{tmp}/s", "--seed", "-1"], 2, "--seed: expected 0 or more"),
     ],
 )
 def test_bad_input_is_one_line(cli, tmp_path, args, code, needle):
