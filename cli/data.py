@@ -47,8 +47,11 @@ def manifest(
     from segpipe.data.manifest import write_manifest
     from segpipe.data.nnunet import read_splits, splits_json
     from segpipe.errors import SegpipeError
-    from segpipe.io.atomic import atomic_write_text, ensure_writable_dir
+    from segpipe.io.atomic import atomic_write_text, ensure_writable_file
 
+    ensure_writable_file(out, what="--out", example="manifest.json")
+    if write_splits is not None:
+        ensure_writable_file(write_splits, what="--write-splits", example="splits_final.json")
     if out.exists() and not overwrite:
         raise SegpipeError(f"--out '{out}': already exists; pass --overwrite to replace it (its folds may change)")
     m = discover(root, layout, parse_names(channels, "--channels"), name=name, folds=folds, seed=seed, skip_incomplete=skip_incomplete)
@@ -57,7 +60,6 @@ def manifest(
     if write_splits is not None:
         if write_splits.exists() and not overwrite:
             raise SegpipeError(f"--write-splits '{write_splits}': already exists; pass --overwrite to replace it")
-        ensure_writable_dir(write_splits.parent, what="--write-splits folder")
     write_manifest(m, out)
     if write_splits is not None:
         atomic_write_text(write_splits, json.dumps(splits_json(m), indent=2) + "\n")

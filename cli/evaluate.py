@@ -42,6 +42,11 @@ def evaluate(
             sizes = [float(v) for v in min_lesion_mm3.split(",")]
         except ValueError:
             raise UsageError(f"--min-lesion-mm3: expected sizes in mm^3, comma-separated (e.g. 0,10,50), got '{min_lesion_mm3}'") from None
+    from segpipe.io.atomic import ensure_writable_file
+
+    for option, path in (("--json", json_out), ("--csv", csv_out)):
+        if path is not None:  # before the scoring, not after it
+            ensure_writable_file(path, what=option, example=f"evaluation.{option[2:]}")
     report = run(pred, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes, progress=track, workers=workers)
     write_report(report, json_out, csv_out)
     typer.echo(format_table(report))

@@ -115,6 +115,18 @@ def test_a_full_device_is_one_line_and_leaves_nothing(tmp_path, error):
             raise RuntimeError("something else")
 
 
+
+def test_an_atomic_file_onto_a_folder_is_one_line(tmp_path):
+    """Every file segpipe writes goes through atomic_path: a folder in the file's place is a SegpipeError naming
+    it (it was an IsADirectoryError at the final rename, a traceback after all the work)."""
+    from segpipe.io.atomic import atomic_write_text
+
+    (tmp_path / "report.json").mkdir()
+    with pytest.raises(SegpipeError, match=r"file '.*report.json': expected a file to write, found a folder"):
+        atomic_write_text(tmp_path / "report.json", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
 def test_keep_going_past_a_damaged_case(toy_dataset, tmp_path):
     bad = toy_dataset.parent / "case0" / "flair.nii.gz"
     data = bad.read_bytes()

@@ -143,6 +143,11 @@ def test_cli_bad_input(cli, tmp_path):
     assert r.exit_code == 2 and "did you mean 'isles22'" in r.output
     with pytest.raises(SegpipeError, match="--pred"):
         evaluate(tmp_path / "nothing", gtd, "isles22")
+    # a report path that is a folder: refused before the scoring (it failed after it with IsADirectoryError)
+    for option in ("--json", "--csv"):
+        r = cli("evaluate", "--pred", pred, "--gt", gtd, "--ignore-missing", option, tmp_path)
+        assert r.exit_code == 1 and f"{option} '{tmp_path}': expected a file to write, found a folder" in r.output
+        assert "Traceback" not in r.output and "case" not in r.output.split("error:")[0]
 
 
 @pytest.mark.parametrize("protocol", ["isles22", "wmh17"])
