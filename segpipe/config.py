@@ -358,7 +358,8 @@ def builtin_configs() -> dict[str, Path]:
 def resolve_config_path(path: str | Path) -> Path:
     """A config file, or the name of a built-in one (``isles22``, ``wmh17``, ``demo``)."""
     p = Path(path)
-    if not p.exists() and p.suffix == "" and len(p.parts) == 1:
+    # a folder of the same name in the working directory (the demo's, a dataset's) does not hide a built-in
+    if not p.is_file() and p.suffix == "" and len(p.parts) == 1:
         builtin = builtin_configs()
         if p.name in builtin:
             return builtin[p.name]
@@ -380,6 +381,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             hint = did_you_mean(p.name, builtin) if p.suffix == "" and len(p.parts) == 1 else ""
             raise SegpipeError(f"--config '{p}': file not found{hint}; give a YAML file or the name of a built-in config "
                                f"({', '.join(builtin) or 'none found'})") from None
+        except IsADirectoryError:
+            raise SegpipeError(f"--config '{p}': expected a YAML file, found a folder; give the config file in it, or the name "
+                               f"of a built-in config ({', '.join(builtin_configs()) or 'none found'})") from None
         except OSError as exc:
             raise SegpipeError(f"--config '{p}': cannot be read ({exc})") from None
         try:

@@ -25,13 +25,20 @@ def test_every_package_is_listed_in_pyproject():
     assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
 
 
-def test_builtin_configs_by_name(tmp_path):
+def test_builtin_configs_by_name(tmp_path, monkeypatch):
     assert set(builtin_configs()) >= {"demo", "isles22", "wmh17"}
     assert load_config("isles22").name == "isles22"
     (tmp_path / "isles22").write_text("name: mine\n")  # a file of that name wins over the built-in one
     assert load_config(tmp_path / "isles22").name == "mine"
     with pytest.raises(SegpipeError, match="did you mean 'isles22'.*built-in config \\(demo, isles22, wmh17\\)"):
         load_config("isles2")
+
+    # a folder named like a built-in in the working directory (the demo's output, a dataset) does not hide it
+    (tmp_path / "work" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert load_config("demo").name == "demo"
+    with pytest.raises(SegpipeError, match="--config '../work': expected a YAML file, found a folder"):
+        load_config(Path("..") / "work")
 
 
 def test_the_wheel_carries_the_configs(tmp_path):
