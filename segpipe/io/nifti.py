@@ -132,6 +132,11 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", dtype: np.dtype
             header = img.header
             affine = np.asarray(img.affine, dtype=np.float64)
             arr = np.asanyarray(img.dataobj)
+            if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+                log.warning("%s '%s': no orientation in its header (qform and sform codes are 0): where it lies in the "
+                            "scanner is unknown, so it is taken as centred on its own grid (nibabel's default); channels "
+                            "on other grids may not line up: convert the scan again with its geometry (e.g. dcm2niix)",
+                            what, path)
         else:
             arr, affine = _read_sitk(path)
     except SegpipeError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 
 import nibabel as nib
 import numpy as np
@@ -49,6 +50,23 @@ def test_load_channel_first_with_affine(tmp_path):
     # a 4D file holding a single volume is accepted
     p4 = write_nifti(tmp_path / "b.nii.gz", np.ones((2, 3, 4, 1), np.float32) * np.arange(2)[:, None, None, None], aff)
     assert tuple(LoadVolumed(["x"], {})({"x": str(p4)})["x"].shape) == (1, 2, 3, 4)
+
+
+def test_a_file_without_orientation_is_read_with_a_warning(tmp_path, caplog):
+    """qform and sform codes 0 (an Analyze-style conversion): the position in the scanner is unknown; nibabel's
+    centred default is used, and the user is told, since channels on other grids may then not line up."""
+    img = nib.Nifti1Image(np.arange(120, dtype=np.float32).reshape(4, 5, 6), np.diag([2.0, 2.0, 3.0, 1.0]))
+    img.set_qform(None, code=0)
+    img.set_sform(None, code=0)
+    nib.save(img, str(tmp_path / "nocode.nii.gz"))
+    with caplog.at_level(logging.WARNING):
+        out = LoadVolumed(["x"], {"x": "channel 'flair'"})({"x": str(tmp_path / "nocode.nii.gz")})["x"]
+    assert tuple(out.shape) == (1, 4, 5, 6)
+    assert "channel 'flair'" in caplog.text and "no orientation in its header" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        LoadVolumed(["x"], {})({"x": str(write_nifti(tmp_path / "coded.nii.gz", np.arange(120, dtype=np.float32).reshape(4, 5, 6)))})
+    assert "orientation" not in caplog.text
 
 
 @pytest.mark.parametrize(
