@@ -608,6 +608,29 @@ def _pixels_sitk(series: SeriesInfo, files: Sequence[str], what: str) -> np.ndar
     return np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)).astype(np.float32)  # (x = column, y = row, z)
 
 
+def tilt_shifts(positions: Sequence[np.ndarray], iop: np.ndarray, ps: Sequence[float], tolerance: float = 0.01) -> np.ndarray | None:
+    """How far (in voxels, (column, row)) each slice lies along its plane from the first one, or None when no
+    slice does by more than ``tolerance`` voxel. Slices stacked square to their plane have none; a CT series
+    acquired with a gantry tilt (head CT often is, to spare the eyes) steps sideways from slice to slice, and
+    stacking its slices as they are would shear the head."""
+    row, col = iop[:3], iop[3:]
+    d = np.asarray(positions, float) - np.asarray(positions[0], float)
+    shifts = np.stack([d @ row / ps[1], d @ col / ps[0]], axis=1)
+    return shifts if float(np.abs(shifts).max(initial=0.0)) > tolerance else None
+
+
+def _shift_slices(arr: np.ndarray, shifts: np.ndarray, order: int) -> np.ndarray:
+    """Slice k of ``arr`` (x, y, z) moved by ``shifts[k]`` voxels (x, y): what lay at (i, j) is then at
+    (i, j) + shift: with :func:`tilt_shifts`, the slices of a tilted series on a grid square to them (with
+    ``-shifts``, back onto the slices); outside filled with 0."""
+    from scipy import ndimage
+
+    out = np.empty_like(arr)
+    for k in range(arr.shape[2]):
+        out[:, :, k] = ndimage.shift(arr[:, :, k], shifts[k], order=order, mode="constant", cval=0)
+    return out
+
+
 def _assemble(arr: np.ndarray, planes: Sequence[tuple[np.ndarray, np.ndarray, list[float]]], spacing_z: float, uneven: bool,
               where: Path, sources: list[str], frames: Sequence[int] | None = None,
               n_frames: int = 0) -> tuple[Volume, list[str], list[int]]:
@@ -619,6 +642,13 @@ def _assemble(arr: np.ndarray, planes: Sequence[tuple[np.ndarray, np.ndarray, li
     normal = np.cross(row, col)
     pos = np.array([p[1] @ normal for p in planes])
     index = list(range(len(planes)))
+    shifts = tilt_shifts([p[1] for p in planes], iop, ps)
+    if shifts is not None:
+        arr = _shift_slices(arr, shifts, order=1)
+        step = np.linalg.norm(shifts[-1] * [ps[1], ps[0]]) / max(pos[-1] - pos[0], 1e-6)
+        log.info("%s: each slice lies %.2f mm further along its plane than the one before (a gantry tilt of %.1f degrees): "
+                 "shifted onto a grid square to the slices, as dcm2niix corrects it", where, step * spacing_z,
+                 np.degrees(np.arctan(step)))
     if uneven:
         target = pos[0] + spacing_z * np.arange(int(round((pos[-1] - pos[0]) / spacing_z)) + 1)
         idx = np.clip(np.searchsorted(pos, target, side="right") - 1, 0, len(pos) - 2)
@@ -926,6 +956,14 @@ def write_dicom_seg(
                                                   per_frame[f].PlanePositionSequence[0].ImagePositionPatient) for f in used]
             index = [index[f] for f in used]
         mask = mask[:, :, index]
+        # a tilted series was shifted onto a grid square to its slices when read: shift the mask back onto them
+        multiframe = len(sources) == 1 and "PerFrameFunctionalGroupsSequence" in sources[0]
+        planes = [_plane(sources[0], f) for f in (used or range(len(index)))] if multiframe else [_plane(d, None) for d in sources]
+        if all(p is not None for p in planes) and 0 in index:
+            iop, _, ps = planes[0]  # type: ignore[misc]
+            shifts = tilt_shifts([planes[index.index(0)][1], *(p[1] for p in planes)], iop, ps)  # type: ignore[index]
+            if shifts is not None:
+                mask = _shift_slices(mask, -shifts[1:], order=0)
     frames = np.transpose(mask, (2, 1, 0))  # (slices, rows, columns)
     algo = hd.AlgorithmIdentificationSequence(name=algorithm, version=version, family=codes.cid7162.ArtificialIntelligence)
     descriptions = [

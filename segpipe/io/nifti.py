@@ -165,9 +165,22 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", dtype: np.dtype
             "split multi-volume files (e.g. keep one b-value or one time point) before using them; a diffusion series "
             "converted by dcm2niix is read when its .bval file lies next to it"
         )
+    shear = shear_degrees(affine)
+    if shear > 0.5:
+        log.warning("%s '%s': its voxel grid is sheared by %.1f degrees (a gantry-tilted CT converted without tilt "
+                    "correction?); the network would see the head sheared: convert it with tilt correction (dcm2niix's "
+                    "default) or give segpipe the DICOM series, which it corrects", what, path, shear)
     if dtype is not None:
         arr = np.asarray(arr, dtype=dtype)
     return Volume(arr, affine, path, header)
+
+
+def shear_degrees(affine: np.ndarray) -> float:
+    """How far the axes of a voxel grid are from square to each other (0 for any rotation, flip or scaling)."""
+    cols = np.asarray(affine, float)[:3, :3]
+    cols = cols / np.maximum(np.linalg.norm(cols, axis=0), 1e-12)
+    cosines = np.abs(cols.T @ cols - np.eye(3)).max()
+    return float(np.degrees(np.arcsin(min(cosines, 1.0))))
 
 
 def bval_sidecar(path: Path) -> Path | None:

@@ -17,7 +17,7 @@ from segpipe.data.synthetic import make_head_case
 from segpipe.errors import SegpipeError, UsageError
 from segpipe.inference.predictor import Predictor, remove_small_components
 from segpipe.inference.run import infer, resolve_inputs
-from segpipe.io.dicom import find_series, read_series, select_series, write_dicom_series, write_enhanced_dicom
+from segpipe.io.dicom import find_series, read_series, select_series, write_dicom_seg, write_dicom_series, write_enhanced_dicom
 from segpipe.io.nifti import save_nifti
 from tests.conftest import write_dicom_series_sitk
 
@@ -1274,3 +1274,56 @@ def test_slices_rewritten_by_another_tool_compressed_and_with_fewer_digits(tiny_
     assert np.array_equal(*masks)
     seg = pydicom.dcmread(str(tmp_path / "out" / "rewritten_seg.dcm"))
     assert int(seg.NumberOfFrames) == 24 and int(seg.pixel_array.sum()) == int(masks[1].sum())
+
+
+def test_a_gantry_tilted_series_is_read_square_and_its_seg_lies_on_the_slices(tmp_path):
+    """A series acquired with a gantry tilt (head CT often is) steps sideways from slice to slice: stacked as they
+    are, the slices shear the head (here 0.8 mm per 3 mm slice, 15 degrees). They are shifted onto a grid square
+    to them, as dcm2niix corrects them: a linear function of the world position reads back as that function on
+    the returned grid. The DICOM SEG shifts the mask back: each source pixel gets the mask at its own position."""
+    shape, tilt = (40, 36, 20), np.tan(np.radians(15.0)) * 3.0
+    sheared = np.array([[-2.0, 0, 0, 40], [0, 2.0, 0, -30], [0, 0, 3.0, -20], [0, 0, 0, 1]])
+    sheared[1, 2] = tilt  # each slice 0.8 mm further along y (anterior) than the one before
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    world = (sheared[:3, :3] @ ijk.T).T + sheared[:3, 3]
+    volume = (500.0 + 3.0 * world[:, 1] + world[:, 0]).reshape(shape)  # linear in the world position
+    write_dicom_series(volume, sheared, tmp_path / "ex" / "CT", description="head ct tilt", series_number=2,
+                       study_uid=generate_uid(), frame_uid=generate_uid(), modality="CT")
+    series = find_series(tmp_path / "ex")
+    vol, ordered, index = read_series(series[0], series[0].files)
+    columns = vol.affine[:3, :3]
+    assert np.allclose(columns.T @ columns, np.diag([4.0, 4.0, 9.0]), atol=1e-6)  # square to the slices, 2 x 2 x 3 mm
+    got_world = (vol.affine[:3, :3] @ ijk.T).T + vol.affine[:3, 3]
+    expected = (500.0 + 3.0 * got_world[:, 1] + got_world[:, 0]).reshape(shape)
+    inside = np.zeros(shape, bool)
+    inside[1:-1, 9:-9, :] = True  # the last slice moved 7.6 voxels along y: what came from outside is 0
+    assert np.abs(vol.array - expected)[inside].max() < 0.05  # 16-bit storage
+    # the same as one enhanced multi-frame file: the frames' positions step sideways alike
+    write_enhanced_dicom([(volume, None)], sheared, tmp_path / "enh" / "CT", description="head ct tilt", series_number=3,
+                         study_uid=generate_uid(), frame_uid=generate_uid())
+    enhanced = find_series(tmp_path / "enh")[0]
+    vol_e, files_e, index_e = read_series(enhanced, enhanced.files)
+    assert np.allclose(vol_e.affine, vol.affine, atol=1e-4) and np.abs(vol_e.array - expected)[inside].max() < 0.05
+    assert write_dicom_seg(np.ones(shape, np.uint8), files_e, tmp_path / "seg_e.dcm", classes=["background", "lesion"],
+                           source_index=index_e).is_file()
+    # the SEG: a mask on the square grid, shifted back onto each source slice
+    mask = np.zeros(shape, np.uint8)
+    mask[10:30, 8:28, 4:16] = 1
+    seg_path = write_dicom_seg(mask, ordered, tmp_path / "seg.dcm", classes=["background", "lesion"], source_index=index)
+    seg = pydicom.dcmread(str(seg_path))
+    frame_of = {item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: f
+                for f, item in enumerate(seg.PerFrameFunctionalGroupsSequence)}  # highdicom orders frames its own way
+    inv = np.linalg.inv(vol.affine)
+    for k in (4, 10, 15):  # source slice k: each pixel's own world position, looked up in the mask
+        src = pydicom.dcmread(str(ordered[k]))
+        frame = seg.pixel_array[frame_of[src.SOPInstanceUID]]  # (rows, columns)
+        pos = np.asarray(src.ImagePositionPatient, float)
+        ij = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"), axis=-1).reshape(-1, 2)
+        lps = pos + np.outer(ij[:, 0], np.asarray(src.ImageOrientationPatient[:3], float) * float(src.PixelSpacing[1])) \
+            + np.outer(ij[:, 1], np.asarray(src.ImageOrientationPatient[3:], float) * float(src.PixelSpacing[0]))
+        vox = np.rint((inv[:3, :3] @ (lps * [-1, -1, 1]).T).T + inv[:3, 3]).astype(int)
+        assert (vox[:, 2] == index[k]).all()
+        ok = (vox[:, 1] >= 0) & (vox[:, 1] < shape[1])
+        want = np.zeros(len(ij), np.uint8)
+        want[ok] = mask[vox[ok, 0], vox[ok, 1], vox[ok, 2]]
+        assert np.array_equal(frame.T.reshape(-1)[ok], want[ok]) and want.any()

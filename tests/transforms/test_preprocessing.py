@@ -68,6 +68,13 @@ def test_a_file_without_orientation_is_read_with_a_warning(tmp_path, caplog):
         LoadVolumed(["x"], {})({"x": str(write_nifti(tmp_path / "coded.nii.gz", np.arange(120, dtype=np.float32).reshape(4, 5, 6)))})
     assert "orientation" not in caplog.text
 
+    sheared = np.diag([2.0, 2.0, 3.0, 1.0])
+    sheared[1, 2] = 3 * np.tan(np.radians(15.0))  # each slice 0.8 mm further along y: a tilted CT stacked as acquired
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        LoadVolumed(["x"], {})({"x": str(write_nifti(tmp_path / "tilted.nii.gz", np.arange(120, dtype=np.float32).reshape(4, 5, 6), sheared))})
+    assert "sheared by 15.0 degrees" in caplog.text
+
 
 @pytest.mark.parametrize(
     "make, needle",
