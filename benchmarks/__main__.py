@@ -17,6 +17,7 @@ BENCHMARKS = {
     "loss_overhead": ([], ["--size", "48", "--repeat", "1"]),
     "loader": ([], ["--batches", "3"]),
     "infer_e2e": ([], ["--repeat", "1", "--tta", "off"]),
+    "dicom_scan": (["--series", "20", "--files", "100"], ["--series", "4", "--files", "20", "--repeat", "1"]),
     "infer_dataset": (["--cases", "4", "--shape", "128", "128", "96"], ["--cases", "2", "--shape", "64", "64", "48"]),
     # needs nnU-Net (pip install -e ".[compare]"); says so and skips without it
     "nnunet_preprocess": (["--data", "isles", "--cases", "8", "24"], ["--cases", "2", "4"]),

@@ -1327,3 +1327,25 @@ def test_a_gantry_tilted_series_is_read_square_and_its_seg_lies_on_the_slices(tm
         want = np.zeros(len(ij), np.uint8)
         want[ok] = mask[vox[ok, 0], vox[ok, 1], vox[ok, 2]]
         assert np.array_equal(frame.T.reshape(-1)[ok], want[ok]) and want.any()
+
+
+def test_bare_dicom_files_without_the_part10_header(tiny_model, tmp_path):
+    """Files written without the 128-byte preamble and 'DICM' (bare implicit-VR data sets, as older systems and
+    some PACS dumps store them) are recognised as DICOM, read, segmented as the same export with headers, and
+    get their SEG."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    original, _ = _dicom_export(tmp_path / "original", oblique=False)
+    bare, _ = _dicom_export(tmp_path / "bare", oblique=False)
+    for f in (p for p in bare.rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(str(f))
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        del ds.file_meta
+        ds.preamble = None
+        pydicom.dcmwrite(str(f), ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        assert f.read_bytes()[128:132] != b"DICM"
+    assert [s.number for s in find_series(bare)] == [4, 7, 8]
+    report = infer(tiny_model, [original, bare], tmp_path / "out", tta=False)
+    assert not report.failed, report.failed
+    masks = [np.asanyarray(nib.load(str(tmp_path / "out" / f"{name}.nii.gz")).dataobj) for name in ("original", "bare")]
+    assert np.array_equal(*masks) and (tmp_path / "out" / "bare_seg.dcm").is_file()
