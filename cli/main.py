@@ -54,9 +54,28 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("demo")(demo.demo)
 
 
+_GLOBAL_FLAGS = {"--debug", "--quiet", "-q", "--verbose", "-v", "-vv", "-vvv"}
+
+
+def hoist_global_flags(argv: list[str], commands: set[str]) -> list[str]:
+    """The global flags (--debug, --quiet, --verbose) moved before the command when they were typed after it:
+    an error says "rerun with --debug", and the natural way is to add it at the end of the command line,
+    which the parser would refuse ("No such option: --debug"). Nothing after a ``--`` is touched."""
+    at = next((i for i, a in enumerate(argv) if a in commands), None)
+    if at is None:
+        return argv
+    rest = argv[at + 1:]
+    end = rest.index("--") if "--" in rest else len(rest)
+    moved = [a for a in rest[:end] if a in _GLOBAL_FLAGS]
+    if not moved:
+        return argv
+    return [*argv[:at], *moved, argv[at], *[a for a in rest[:end] if a not in _GLOBAL_FLAGS], *rest[end:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become one line (``error: ...``) and exit code 2."""
     command = typer.main.get_command(app)
+    argv = hoist_global_flags(list(sys.argv[1:] if argv is None else argv), set(getattr(command, "commands", {})))
     try:
         rv = command.main(args=argv, prog_name="segpipe", standalone_mode=False)
     except KeyboardInterrupt:

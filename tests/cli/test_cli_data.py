@@ -107,9 +107,21 @@ def test_console_script_usage_error_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--cases" in lines[0]
 
 
-def test_debug_shows_traceback(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", "from cli.main import main; main()", "--debug", "manifest", str(tmp_path / "x"), "--out", str(tmp_path / "m.json")],
-        capture_output=True, text=True,
-    )
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_traceback(tmp_path, where):
+    """--debug before the command, or added at the end of the command line (as a user rerunning what failed
+    types it; the parser refused it there: 'No such option: --debug')."""
+    args = ["manifest", str(tmp_path / "x"), "--out", str(tmp_path / "m.json")]
+    args = ["--debug", *args] if where == "before" else [*args, "--debug"]
+    proc = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "folder not found" in proc.stderr
+
+
+def test_global_flags_after_the_command_are_moved_before_it():
+    from cli.main import hoist_global_flags
+
+    commands = {"infer", "train"}
+    assert hoist_global_flags(["infer", "x", "-q", "--out", "o", "--debug"], commands) == ["-q", "--debug", "infer", "x", "--out", "o"]
+    assert hoist_global_flags(["-v", "train", "--epochs", "2"], commands) == ["-v", "train", "--epochs", "2"]
+    assert hoist_global_flags(["train", "a", "--", "--debug"], commands) == ["train", "a", "--", "--debug"]  # after --: an argument
+    assert hoist_global_flags(["--help"], commands) == ["--help"]
