@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -17,6 +18,44 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class _State:
     debug: bool = debugging()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, a cluster's pre-emption, torchrun stopping the other ranks), raised in the main
+    thread like Ctrl-C, so that the same clean-up runs: temporary files removed, the log closed."""
+
+
+_MAIN_PID: int | None = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    import os
+    import signal
+
+    if os.getpid() != _MAIN_PID:  # a forked worker process inherited the handler: end as SIGTERM means
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _quiet_children()
+    raise Terminated()
+
+
+def _quiet_children() -> None:
+    """Stop PyTorch's SIGCHLD handler from raising again while the data loader shuts its workers down (they
+    were stopped too): the clean-up would print 'Exception ignored ... killed by signal' after the error line."""
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def catch_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in this process (the command-line entry point calls it)."""
+    import os
+    import signal
+
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 state = _State()
@@ -40,11 +79,13 @@ def handle_errors(fn: F) -> F:
                 raise
             echo_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if state.debug:
                 raise
-            echo_error("interrupted; outputs that were complete are kept, nothing half-written was left")
-            raise typer.Exit(130) from None
+            terminated = isinstance(exc, Terminated)
+            echo_error(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; outputs that were complete are kept, "
+                       "nothing half-written was left")
+            raise typer.Exit(143 if terminated else 130) from None
         except MemoryError:
             if state.debug:
                 raise
@@ -53,6 +94,19 @@ def handle_errors(fn: F) -> F:
         except Exception as exc:  # a bug: still one line, with the way to get the traceback
             if state.debug:
                 raise
+            worker = re.search(r"DataLoader worker \(pid:? ?(\d+)\) is killed by signal: (\w+)", str(exc)) or \
+                re.search(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited (unexpectedly)", str(exc))
+            if worker:
+                _quiet_children()
+            if worker and worker.group(2) == "Terminated":  # SIGTERM to the process group reached a worker first
+                echo_error("terminated (SIGTERM); outputs that were complete are kept, nothing half-written was left")
+                raise typer.Exit(143) from None
+            if worker:
+                how = "ended unexpectedly" if worker.group(2) == "unexpectedly" else f"was killed by signal {worker.group(2)}"
+                why = ("most often the system's out-of-memory killer: lower train.num_workers, plan.batch_size or "
+                       "plan.patch_size" if worker.group(2) in ("Killed", "unexpectedly") else "look at the system log (dmesg) for why")
+                echo_error(f"a data loader process (pid {worker.group(1)}) {how}; {why}")
+                raise typer.Exit(1) from None
             first = (str(exc).strip().splitlines() or [""])[0]
             echo_error(
                 f"unexpected {type(exc).__name__}: {first} — this is a bug in segpipe; "

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cli import data, demo, evaluate, infer, preprocess, train
-from cli._common import setup_logging, state
+from cli._common import Terminated, catch_sigterm, setup_logging, state
 from segpipe import __version__
 
 app = typer.Typer(
@@ -74,13 +74,15 @@ def hoist_global_flags(argv: list[str], commands: set[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become one line (``error: ...``) and exit code 2."""
+    catch_sigterm()
     command = typer.main.get_command(app)
     argv = hoist_global_flags(list(sys.argv[1:] if argv is None else argv), set(getattr(command, "commands", {})))
     try:
         rv = command.main(args=argv, prog_name="segpipe", standalone_mode=False)
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        typer.echo(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", err=True)
+        sys.exit(143 if terminated else 130)
     except Exception as exc:
         fmt = getattr(exc, "format_message", None)
         code = getattr(exc, "exit_code", None)

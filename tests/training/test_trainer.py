@@ -209,6 +209,44 @@ def test_resume_after_kill_gives_the_same_weights(tiny_cache, tmp_path):
     assert [r["loss"] for r in _rows(tmp_path / "straight")] == [r["loss"] for r in _rows(run)]
 
 
+@pytest.mark.parametrize("stop", ["sigterm_to_group", pytest.param("worker_killed", marks=pytest.mark.slow)])
+def test_stopped_from_outside_is_one_line_and_resumable(tiny_cache, tmp_path, stop):
+    """SIGTERM to the process group (docker stop, a cluster's pre-emption, timeout) killed the trainer without a
+    word, or, with loader workers, ended in 'unexpected RuntimeError: DataLoader worker ... killed by signal:
+    Terminated ... a bug in segpipe' and a traceback from the loader's clean-up. A worker killed alone (the
+    out-of-memory killer) is named as such. Both are one line, and the run continues with --resume."""
+    import os
+
+    run = tmp_path / "run"
+    args = ["train", "--cache", tiny_cache, "--out", run, "train.epochs=50", "train.iterations_per_epoch=4", "train.num_workers=2"]
+    proc = subprocess.Popen(_cli(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run / "checkpoint_latest.pt").exists():
+        time.sleep(0.05)
+    workers: list[int] = []
+    while time.time() < deadline and proc.poll() is None and not workers:  # the loader's processes of an epoch
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+        time.sleep(0.05)
+    assert workers, "no loader worker seen"
+    if stop == "sigterm_to_group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        os.kill(workers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    if stop == "sigterm_to_group":
+        assert proc.returncode == 143 and lines == ["error: terminated (SIGTERM); outputs that were complete are kept, "
+                                                    "nothing half-written was left"], err
+    else:
+        assert proc.returncode == 1 and len(lines) == 1 and ("killed by signal Killed" in lines[0] or "ended unexpectedly" in lines[0]) and "out-of-memory" in lines[0], err
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+    done = load_checkpoint(run / "checkpoint_latest.pt")["epoch"]
+    resumed = subprocess.run(_cli(*args[:-3], f"train.epochs={done + 2}", "train.iterations_per_epoch=4", "--resume"), cwd=ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+
 def test_torchrun_two_processes_train_and_write_once(tiny_cache, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cli.main",
