@@ -83,8 +83,7 @@ def handle_errors(fn: F) -> F:
             if state.debug:
                 raise
             terminated = isinstance(exc, Terminated)
-            echo_error(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; outputs that were complete are kept, "
-                       "nothing half-written was left")
+            echo_error(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; {_STOPPED}")
             raise typer.Exit(143 if terminated else 130) from None
         except MemoryError:
             if state.debug:
@@ -94,19 +93,10 @@ def handle_errors(fn: F) -> F:
         except Exception as exc:  # a bug: still one line, with the way to get the traceback
             if state.debug:
                 raise
-            worker = re.search(r"DataLoader worker \(pid:? ?(\d+)\) is killed by signal: (\w+)", str(exc)) or \
-                re.search(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited (unexpectedly)", str(exc))
-            if worker:
-                _quiet_children()
-            if worker and worker.group(2) == "Terminated":  # SIGTERM to the process group reached a worker first
-                echo_error("terminated (SIGTERM); outputs that were complete are kept, nothing half-written was left")
-                raise typer.Exit(143) from None
-            if worker:
-                how = "ended unexpectedly" if worker.group(2) == "unexpectedly" else f"was killed by signal {worker.group(2)}"
-                why = ("most often the system's out-of-memory killer: lower train.num_workers, plan.batch_size or "
-                       "plan.patch_size" if worker.group(2) in ("Killed", "unexpectedly") else "look at the system log (dmesg) for why")
-                echo_error(f"a data loader process (pid {worker.group(1)}) {how}; {why}")
-                raise typer.Exit(1) from None
+            lost = _lost_loader_worker(exc)
+            if lost is not None:
+                echo_error(lost[1])
+                raise typer.Exit(lost[0]) from None
             first = (str(exc).strip().splitlines() or [""])[0]
             echo_error(
                 f"unexpected {type(exc).__name__}: {first} — this is a bug in segpipe; "
@@ -115,6 +105,26 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_STOPPED = "outputs that were complete are kept, nothing half-written was left"
+
+
+def _lost_loader_worker(exc: Exception) -> tuple[int, str] | None:
+    """PyTorch's error for a data loader process that died, as (exit code, message); None for other errors.
+    Killed with its process group by SIGTERM: the command was terminated. Killed alone (SIGKILL, or gone
+    without a signal it could report): most often the out-of-memory killer."""
+    found = re.search(r"DataLoader worker \(pid:? ?(\d+)\) is killed by signal: (\w+)", str(exc)) or \
+        re.search(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited (unexpectedly)", str(exc))
+    if found is None:
+        return None
+    _quiet_children()
+    pid, how = found.groups()
+    if how == "Terminated":
+        return 143, f"terminated (SIGTERM); {_STOPPED}"
+    why = ("most often the system's out-of-memory killer: lower train.num_workers, plan.batch_size or plan.patch_size"
+           if how in ("Killed", "unexpectedly") else "look at the system log (dmesg) for why")
+    return 1, f"a data loader process (pid {pid}) {'ended unexpectedly' if how == 'unexpectedly' else f'was killed by signal {how}'}; {why}"
 
 
 class _Formatter(logging.Formatter):

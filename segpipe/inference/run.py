@@ -406,12 +406,9 @@ def infer(
                          "cases: give one of the two")
     if cross_validation and channel_map:
         raise UsageError("--cross-validation: give the manifest (or the dataset folder) the models were trained from, not --channel")
-    numbers: dict[int, str] = {}
-    for ch, number in (series or {}).items():
-        if number in numbers:
-            raise UsageError(f"--series {numbers[number]}={number} and --series {ch}={number}: one series for two channels; give each "
-                             "channel a series of its own")
-        numbers[number] = ch
+    from segpipe.io.dicom import check_series_choice
+
+    check_series_choice(series or {})
     if overlap is not None and not 0 <= overlap < 1:
         raise UsageError(f"--overlap: expected a fraction of the window in [0, 1) (nnU-Net and the default: 0.5), got {overlap:g}")
     start = time.perf_counter()

@@ -43,10 +43,14 @@ def ensure_writable_file(path: str | os.PathLike, *, what: str = "output file", 
     """Check, before any work, that ``path`` can be written as a file: not an existing folder, and in a folder
     that exists or can be made and is writable (``example``: a file name to suggest)."""
     path = Path(path)
-    if path.is_dir():
-        raise SegpipeError(f"{what} '{path}': expected a file to write, found a folder; give a file name, e.g. '{path / example}'")
+    _not_a_folder(path, what, example)
     ensure_writable_dir(path.parent, what=f"{what} '{path}': the folder")
     return path
+
+
+def _not_a_folder(path: Path, what: str, example: str) -> None:
+    if path.is_dir():
+        raise SegpipeError(f"{what} '{path}': expected a file to write, found a folder; give a file name, e.g. '{path / example}'")
 
 
 _UMASK: int | None = None
@@ -88,7 +92,7 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
     final = Path(final)
     parent = final.parent
     if not directory:
-        ensure_writable_file(final, what="file", example=final.name)
+        _not_a_folder(final, "file", final.name)
     ensure_writable_dir(parent)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=parent))

@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.errors import SegpipeError
+from segpipe.errors import SegpipeError, UsageError
 from segpipe.io.nifti import Volume
 
 __all__ = [
     "DEFAULT_RULES",
     "SeriesInfo",
+    "check_series_choice",
     "find_series",
     "format_series_table",
     "is_dicom_folder",
@@ -297,12 +298,7 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
     table = format_series_table(series)
     if not series:
         raise SegpipeError(f"DICOM input '{where}': no image series found; point at the folder the scanner export was unpacked into")
-    by_number: dict[int, str] = {}
-    for ch in (c for c in channels if c in forced):
-        if forced[ch] in by_number:
-            raise SegpipeError(f"--series {by_number[forced[ch]]}={forced[ch]} and --series {ch}={forced[ch]}: one series for two "
-                               "channels; give each channel a series of its own", details=table)
-        by_number[forced[ch]] = ch
+    check_series_choice(forced, details=table)
     chosen: dict[str, tuple[SeriesInfo, list[str]]] = {}
     # the series chosen by hand first, so that no rule picks one of them for another channel
     for ch in sorted(channels, key=lambda c: c not in forced):
@@ -347,6 +343,16 @@ def select_series(series: Sequence[SeriesInfo], channels: Sequence[str], rules: 
     for ch, (s, files) in chosen.items():
         log.info("channel %s <- series %s", ch, s.label)
     return chosen
+
+
+def check_series_choice(forced: Mapping[str, int], details: Sequence[str] = ()) -> None:
+    """``--series`` gives each channel a series of its own (the same number twice is refused)."""
+    by_number: dict[int, str] = {}
+    for ch, number in forced.items():
+        if number in by_number:
+            raise UsageError(f"--series {by_number[number]}={number} and --series {ch}={number}: one series for two channels; "
+                             "give each channel a series of its own", details=list(details))
+        by_number[number] = ch
 
 
 def _frame_item(ds: Any, frame: int, name: str) -> Any:
