@@ -57,7 +57,7 @@ def preprocess(
 
 @handle_errors
 def inspect(
-    cache: Annotated[Path, typer.Argument(help="Cache folder made by `segpipe preprocess`, or a run folder of `segpipe train`.",
+    cache: Annotated[Path, typer.Argument(help="Cache folder made by `segpipe preprocess`, a run folder of `segpipe train`, or a DICOM export.",
                                           show_default=False)],
     case: Annotated[str | None, typer.Argument(help="A case id: show it, and export it with the options below.")] = None,
     export_nifti: Annotated[
@@ -66,7 +66,8 @@ def inspect(
     png: Annotated[Path | None, typer.Option("--png", help="Write a PNG panel of a lesion slice of the case.")] = None,
 ) -> None:
     """Summarise a preprocessed cache (cases, shapes, spacing, lesions), or look at one case; or summarise a
-    training run (fold, loss, progress, best validation score, the last epochs).
+    training run (fold, loss, progress, best validation score, the last epochs); or list the series of a DICOM
+    export and the ones `segpipe infer` would choose.
 
     For a case, --export-nifti writes image_<channel>.nii.gz, label.nii.gz and sdm_<class>.nii.gz with the
     preprocessed affine (open them in ITK-SNAP or 3D Slicer), and --png draws the channels, the label and the
@@ -88,6 +89,15 @@ def inspect(
         return
     if cache.is_file():
         raise UsageError(f"'{cache}': a file; give the cache folder `segpipe preprocess --out` made, or a run folder of `segpipe train`")
+    from segpipe.io.dicom import is_dicom_folder
+
+    if cache.is_dir() and not (cache / "cache.json").is_file() and is_dicom_folder(cache):
+        if case is not None or export_nifti or png:
+            raise UsageError(f"'{cache}' is a DICOM export: CASE, --export-nifti and --png are for a cache")
+        from segpipe.data.inspect import summarize_dicom
+
+        typer.echo(summarize_dicom(cache))
+        return
     if cache.is_dir() and not (cache / "cache.json").is_file():
         runs = sorted(d.name for d in cache.iterdir() if is_run_folder(d))
         hint = f"; it holds the runs {', '.join(runs)}: inspect one of them" if runs else ""

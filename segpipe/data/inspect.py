@@ -12,7 +12,7 @@ from segpipe.errors import SegpipeError, did_you_mean
 from segpipe.io.atomic import atomic_path, ensure_writable_dir
 from segpipe.io.nifti import save_nifti
 
-__all__ = ["case_summary", "export_case_nifti", "render_case_png", "summarize_cache"]
+__all__ = ["case_summary", "export_case_nifti", "render_case_png", "summarize_cache", "summarize_dicom"]
 
 
 def _index(cache: CaseCache) -> dict:
@@ -55,6 +55,43 @@ def summarize_cache(root: str | os.PathLike) -> str:
     if index.get("failed"):
         lines.append("")
         lines += [f"failed: {cid}: {msg}" for cid, msg in index["failed"].items()]
+    return "\n".join(lines)
+
+
+def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] = ("dwi", "adc", "flair", "t1", "t2", "ct")) -> str:
+    """The image series of a DICOM export, per study, and the series the built-in rules would choose for each
+    channel: what to check, and what to give ``segpipe infer --series``, before running a model on it."""
+    import logging
+
+    from segpipe.io.dicom import find_series, format_series_table, select_series
+
+    root = Path(root)
+    series = find_series(root)
+    if not series:
+        raise SegpipeError(f"'{root}': no DICOM image series found; point at the folder the scanner export was unpacked into")
+    studies: dict[tuple[str, str], list] = {}
+    for s in series:
+        studies.setdefault((s.study_uid, s.patient), []).append(s)
+    lines = [f"DICOM export {root}: {len(series)} image series in {len(studies)} {'study' if len(studies) == 1 else 'studies'}"]
+    quiet = logging.getLogger("segpipe.io.dicom")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # select_series tells what it chose at INFO: said below, once
+    try:
+        for (uid, patient), group in studies.items():
+            lines += ["", f"study {group[0].study or uid} (patient {patient or 'unknown'}):"]
+            lines += [f"  {line}" for line in format_series_table(group)]
+            picks = []
+            for ch in channels:
+                try:
+                    picked, _ = select_series(group, [ch], where=str(root))[ch]
+                    picks.append(f"{ch} <- #{picked.number}")
+                except SegpipeError as exc:
+                    if "candidate" in str(exc):
+                        picks.append(f"{ch}: {len(exc.details)} candidates")
+            lines.append(f"  the built-in rules would choose: {', '.join(picks) if picks else 'nothing'}")
+    finally:
+        quiet.setLevel(level)
+    lines.append("choose others with `segpipe infer ... --series CHANNEL=NUMBER`, or rules in a config's infer.dicom_rules")
     return "\n".join(lines)
 
 

@@ -1349,3 +1349,20 @@ def test_bare_dicom_files_without_the_part10_header(tiny_model, tmp_path):
     assert not report.failed, report.failed
     masks = [np.asanyarray(nib.load(str(tmp_path / "out" / f"{name}.nii.gz")).dataobj) for name in ("original", "bare")]
     assert np.array_equal(*masks) and (tmp_path / "out" / "bare_seg.dcm").is_file()
+
+
+def test_inspect_lists_the_series_of_an_export_and_what_infer_would_choose(cli, tmp_path):
+    """`segpipe inspect DICOM_FOLDER`: the series per study and the rules' choice per channel, before any model
+    runs; several candidates are counted, not hidden."""
+    export, _ = _dicom_export(tmp_path / "study", oblique=False)
+    r = cli("inspect", export)
+    assert r.exit_code == 0, r.output
+    assert "3 image series in 1 study" in r.output and "#7 'ep2d_diff_3scan_trace_p2 TRACEW' (MR, 24 files), b=1000" in r.output
+    assert "the built-in rules would choose: dwi <- #7, adc <- #8, flair <- #4" in r.output
+    write_dicom_series(*_case(4).images["flair"], export / "DICOM" / "0003", description="t2_tirm_tra_dark-fluid repeat",
+                       series_number=5, study_uid=pydicom.dcmread(str(next((export / "DICOM" / "0002").iterdir()))).StudyInstanceUID,
+                       frame_uid=generate_uid())
+    r = cli("inspect", export)
+    assert "dwi <- #7, adc <- #8, flair: 2 candidates" in r.output and "--series CHANNEL=NUMBER" in r.output
+    r = cli("inspect", export, "case1")
+    assert r.exit_code == 2 and "is a DICOM export" in r.output
