@@ -132,8 +132,9 @@ def _scan_file(path: Path) -> tuple[Any, str]:
     if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
         return None, "none"  # force=True reads any file: this one is not DICOM
     pixels = ds.get_item(0x7FE00010, keep_deferred=True)
-    if pixels is None:  # a truncated file loses its pixel data element
-        return ds, "damaged" if ("Rows" in ds or "NumberOfFrames" in ds) else "other"
+    if pixels is None:  # a truncated file loses its pixel data element (cut inside the header: more than that)
+        image_class = "Image Storage" in str(getattr(ds.get("SOPClassUID"), "name", ""))
+        return ds, "damaged" if ("Rows" in ds or "NumberOfFrames" in ds or image_class) else "other"
     length, start = getattr(pixels, "length", None), getattr(pixels, "value_tell", None)
     if length not in (None, 0xFFFFFFFF) and start is not None and start + length > path.stat().st_size:
         return ds, "damaged"

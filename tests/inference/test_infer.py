@@ -1113,6 +1113,13 @@ def test_a_damaged_file_that_gdcm_leaves_out_is_named(tmp_path, caplog):
         series = find_series(export)
     assert "1 DICOM file(s)" in caplog.text and adc[7].name in caplog.text and "cut short" in caplog.text
     assert len(next(s for s in series if s.description.endswith("_ADC")).files) == len(adc) - 1
+    # cut inside its header (before Rows and the series' UID): its SOP class still says it is an image
+    adc[8].write_bytes(adc[8].read_bytes()[:500])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        series = find_series(export)
+    assert "2 DICOM file(s)" in caplog.text and "cannot be read" in caplog.text
+    assert len(next(s for s in series if s.description.endswith("_ADC")).files) == len(adc) - 2
 
 
 def _to_mosaic(files: list[Path], out: Path, *, count_tag: bool = True) -> Path:
