@@ -33,6 +33,7 @@ from segpipe.data.cache import CaseCache
 from segpipe.losses import CompositeLoss
 from segpipe.models import build_network
 from segpipe.planning import make_plan
+from segpipe.precision import autocast_dtype
 from segpipe.training.loader import BatchFinisher, PatchBatches, make_loader
 from segpipe.training.trainer import validate
 
@@ -54,7 +55,7 @@ def validation_seconds_per_case(net: torch.nn.Module, cache: Path, patch: int, d
     """The trainer's validation (sliding window over a whole case, 160x192x160 by default, overlap 0.5, no TTA, then Dice,
     HD95, lesion F1, volume difference on the CPU), per case: what ``train.validate_every`` costs an epoch."""
     cfg, plan = _plan(patch)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    amp = autocast_dtype(dev)  # what the trainer computes in
     validate(net, CaseCache(cache), CASES[:1], plan, cfg, dev, amp)  # warm-up
     _sync(dev)
     t = time.perf_counter()

@@ -26,6 +26,7 @@ from segpipe.inference.sliding import predict_volume
 from segpipe.io.nifti import save_nifti
 from segpipe.models import build_network
 from segpipe.planning import make_plan
+from segpipe.precision import autocast_dtype
 from segpipe.training.checkpoint import save_checkpoint
 from segpipe.transforms.preprocessing import build_preprocessing, channel_key, run_chain
 
@@ -80,7 +81,7 @@ def main(argv=None) -> dict | None:
         # the network alone on the preprocessed tensor (what the end-to-end time is compared with)
         image = run_chain(build_preprocessing(plan, with_label=False), {channel_key(c): str(p) for c, p in files.items()})["image"]
         net = build_network(plan).to(args.device)
-        amp = torch.bfloat16 if args.device.startswith("cuda") else None
+        amp = autocast_dtype(torch.device(args.device))  # what the predictor computes in
         for tta in {"both": (False, True), "on": (True,), "off": (False,)}[args.tta]:
             predict_volume(net, image.as_tensor(), plan.patch_size, device=args.device, tta=tta, amp_dtype=amp)  # warm-up
             t = time.perf_counter()

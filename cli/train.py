@@ -34,7 +34,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (bfloat16 by default).")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (bfloat16 where the GPU computes in it, else float16 with a gradient scaler).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms (reproducible, slower).")] = False,
     overrides: Annotated[

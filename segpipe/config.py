@@ -152,7 +152,9 @@ class TrainConfig:
     #: CUDA the machine's cores less two, shared by the local ranks, at most 12 (nnU-Net's default)
     num_workers: int | None = _ranged(None, 0)
     amp: bool = True
-    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    #: auto: bfloat16 on GPUs that compute in it (NVIDIA compute capability 8.0 and up), else float16 with a
+    #: gradient scaler (V100, T4: cuDNN has no bfloat16 convolutions there)
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     compile: bool = False
     deterministic: bool = False
     seed: int = _ranged(0, 0, 2**32 - 1)

@@ -33,6 +33,7 @@ from segpipe.inference.sliding import class_argmax, predict_volume
 from segpipe.io.nifti import Geometry, read_geometry
 from segpipe.models import build_network
 from segpipe.planning import Plan
+from segpipe.precision import autocast_dtype
 from segpipe.training.checkpoint import CHECKPOINT_NAMES, load_checkpoint, resolve_checkpoint, run_subfolders
 from segpipe.transforms.preprocessing import build_preprocessing, channel_key, run_chain
 
@@ -160,7 +161,7 @@ class Predictor:
         self.device = device
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
-        self.amp_dtype = torch.bfloat16 if amp and device.type == "cuda" else None
+        self.amp_dtype = autocast_dtype(device) if amp else None  # bfloat16, or float16 where that is only emulated
         self.sources = [source] if isinstance(source, str) else list(source)  # one per member
         # per member: the cases its training held out (its fold's validation cases), None where not recorded
         self.held_out = list(held_out) or [None] * len(self.members)

@@ -2,7 +2,7 @@
 
 One epoch = ``train.iterations_per_epoch`` batches from :class:`~segpipe.training.loader.PatchBatches`;
 SGD with Nesterov momentum and the poly learning rate (nnU-Net's default) or AdamW; mixed precision on CUDA
-(bfloat16, or float16 with a gradient scaler); gradient clipping; optional ``torch.compile``; validation by
+(bfloat16, or float16 with a gradient scaler where the GPU only emulates bfloat16); gradient clipping; optional ``torch.compile``; validation by
 sliding window on the fold's validation cases every ``train.validate_every`` epochs; ``checkpoint_latest.pt``
 after every epoch and ``checkpoint_best.pt`` on improvement, both written atomically. ``--resume`` continues
 exactly where the last checkpoint left off (model, optimiser, scaler, epoch, RNG states; the learning rate
@@ -43,6 +43,7 @@ from segpipe.io.atomic import ensure_writable_dir
 from segpipe.losses import CompositeLoss, parse_loss_spec, parse_schedule
 from segpipe.models import build_network
 from segpipe.planning import Plan, load_plan, make_plan
+from segpipe.precision import training_precision
 from segpipe.progress import track
 from segpipe.resources import usable_cores
 from segpipe.training.checkpoint import (
@@ -366,8 +367,8 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         else:
             opt = torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         use_amp = t.amp and dev.type == "cuda"
-        amp_dtype = (torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16) if use_amp else None
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        # bfloat16, or float16 with a gradient scaler where the GPU only emulates bfloat16 (V100, T4)
+        amp_dtype, scaler = training_precision(dev, use_amp, t.amp_dtype, announce=dist.is_main)
         if t.amp and dev.type != "cuda" and dist.is_main:
             log.info("mixed precision is for CUDA GPUs: training in float32 on %s", dev.type)
         if ckpt is not None:
