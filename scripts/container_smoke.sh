@@ -70,12 +70,15 @@ run() {  # no network, read-only model and input, non-root user
 echo "== segment the DICOM export in the container (--network none)"
 run -v "$work/dicom/strokecase0001":/input:ro -v "$work/out_dicom":/output segpipe:cpu \
   infer --model /model /input --out /output --no-tta
-test -s "$work/out_dicom/input.nii.gz" && test -s "$work/out_dicom/input_seg.dcm"
-$PYTHON - "$work/out_dicom/input_seg.dcm" <<'PY'
+test -s "$work/out_dicom/input.nii.gz" && test -s "$work/out_dicom/input_seg.dcm" && test -s "$work/out_dicom/input_sr.dcm"
+$PYTHON - "$work/out_dicom/input_seg.dcm" "$work/out_dicom/input_sr.dcm" <<'PY'
 import sys, pydicom
 ds = pydicom.dcmread(sys.argv[1])
 assert ds.Modality == "SEG" and int(ds.NumberOfFrames) > 0, ds.Modality
 print(f"DICOM SEG ok: {ds.NumberOfFrames} frames, segment '{ds.SegmentSequence[0].SegmentLabel}'")
+sr = pydicom.dcmread(sys.argv[2])
+assert sr.Modality == "SR" and sr.StudyInstanceUID == ds.StudyInstanceUID, sr.Modality
+print("DICOM SR ok")
 PY
 
 sample="$repo/../shared/data/isles22_sample/rawdata/sub-strokecase0009/ses-0001"

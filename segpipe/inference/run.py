@@ -3,11 +3,11 @@
 Inputs (see :mod:`segpipe.inference.inputs`): manifests, folders and files of NIfTI images, DICOM exports.
 For a DICOM export one series per model channel is chosen (see :mod:`segpipe.io.dicom`), converted to NIfTI
 in a temporary folder and segmented; the result is written as NIfTI and as a DICOM SEG that references the
-reference channel's series.
+reference channel's series, with a DICOM SR (TID 1500) giving each segment's lesion volume and count.
 
 Outputs in ``--out``: ``<case>.nii.gz`` (uint8 mask, the reference channel's affine and header codes),
-``<case>_probabilities.nii.gz`` with ``--save-probabilities``, ``<case>_seg.dcm`` for DICOM input, and
-``summary.json``. The model is loaded once; a case that fails is reported and the others go on; the exit code
+``<case>_probabilities.nii.gz`` with ``--save-probabilities``, ``<case>_seg.dcm`` and ``<case>_sr.dcm`` for
+DICOM input, and ``summary.json``. The model is loaded once; a case that fails is reported and the others go on; the exit code
 is 1 when any case failed.
 
 Several cases on a GPU go through three overlapping stages, as in nnU-Net's predictor: preprocessing
@@ -18,6 +18,7 @@ the network. On the CPU the network needs every core, and the cases run one afte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -58,7 +59,7 @@ def _expected_outputs(case: CaseInput, opt: _Options) -> list[str]:
     if opt.save_probabilities:
         names.append(f"{case.id}_probabilities.nii.gz")
     if case.dicom is not None and opt.dicom_seg:
-        names.append(f"{case.id}_seg.dcm")
+        names += [f"{case.id}_seg.dcm", f"{case.id}_sr.dcm"]
     return names
 
 
@@ -102,6 +103,7 @@ class _Options:
     allow_uneven: bool
     dicom_seg: bool
     overlap: float | None = None  # None: the model's (or --config's) infer.overlap
+    model_sha256: tuple[str, ...] = ()  # one per model, recorded in the DICOM SEG and SR
 
 
 def _guarded(case: CaseInput, step: Any, *args: Any) -> tuple[str, Any]:
@@ -156,12 +158,18 @@ def _write(plan: Any, case: CaseInput, ref_files: list[str], ref_index: list[int
         fg = fg[0] if fg.shape[0] == 1 else np.moveaxis(fg, 0, -1)
         written.append(save_nifti(out / f"{case.id}_probabilities.nii.gz", fg, pred.reference.affine, header=header,
                                   dtype=np.float32))
-    if case.dicom is not None and opt.dicom_seg:
-        from segpipe.io.dicom import write_dicom_seg
-
-        written.append(write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes,
-                                       source_index=ref_index))
     stats = pred.lesion_stats(plan.classes)
+    if case.dicom is not None and opt.dicom_seg:
+        from segpipe import __version__
+        from segpipe.io.dicom import write_dicom_report, write_dicom_seg
+
+        # which model(s) made it, in the files themselves
+        used = [opt.model_sha256[i] for i in case.members] if case.members is not None else list(opt.model_sha256)
+        params = {"model_sha256": " ".join(used)} if used else None
+        seg = write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes,
+                              source_index=ref_index, version=__version__, parameters=params)
+        written += [seg, write_dicom_report(seg, ref_files, out / f"{case.id}_sr.dcm", lesions=stats, classes=plan.classes,
+                                            version=__version__, parameters=params)]
     seconds = {**pred.seconds, "write": time.perf_counter() - t}
     seconds["total"] = sum(seconds.values())
     total = ", ".join(f"{k} {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in stats.items())
@@ -392,7 +400,7 @@ def infer(
     predictions, to score with ``segpipe evaluate``."""
     from segpipe.inference.predictor import Predictor, held_out_cases, resolve_model_paths
     from segpipe.planning import Plan
-    from segpipe.training.checkpoint import load_checkpoint
+    from segpipe.training.checkpoint import file_sha256, load_checkpoint
 
     if workers < 1:
         raise UsageError(f"--workers: expected at least 1, got {workers}")
@@ -425,6 +433,8 @@ def infer(
         ckpts = [load_checkpoint(p, mmap=True) for p in (paths if cross_validation else paths[:1])]  # metadata only
         plan, held_out = Plan.from_json(ckpts[0]["plan"]), [held_out_cases(c) for c in ckpts]
         del ckpts
+    digests = [file_sha256(p) for p in sources]
+    opt = dataclasses.replace(opt, model_sha256=tuple(digests))
     unknown = [ch for ch in (series or {}) if ch not in plan.channels]
     if unknown:
         raise UsageError(f"--series: the model has no channel {', '.join(unknown)}; its channels are {', '.join(plan.channels)}"
@@ -481,7 +491,8 @@ def infer(
         else:
             report.failed[cid] = payload
     report.seconds = time.perf_counter() - start
-    summary = {"model": sources[0] if len(sources) == 1 else sources, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "overlap": opt.overlap,
+    summary = {"model": sources[0] if len(sources) == 1 else sources,
+               "model_sha256": digests[0] if len(digests) == 1 else digests, "tta": opt.tta, "min_lesion_mm3": opt.min_mm3, "overlap": opt.overlap,
                "workers": workers,
                "preprocess_workers": pre if workers == 1 else 0, "cross_validation": cross_validation, "cases": report.done,
                "failed": report.failed, "skipped": report.skipped, "seconds": round(report.seconds, 2)}

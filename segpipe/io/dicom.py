@@ -45,6 +45,7 @@ __all__ = [
     "mosaic_tiles",
     "read_series",
     "select_series",
+    "write_dicom_report",
     "write_dicom_seg",
     "write_dicom_series",
     "write_enhanced_dicom",
@@ -935,10 +936,12 @@ def write_dicom_seg(
     algorithm: str = "segpipe",
     version: str = "0",
     source_index: Sequence[int] | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> Path:
     """A binary DICOM SEG (one segment per foreground class) that references the source series. ``mask`` is
     on the source series' grid as :func:`read_series` gives it ((x, y, z), z in ``source_files`` order, or
-    the slice ``source_index`` gives for each file (each frame of a multi-frame file; -1: empty))."""
+    the slice ``source_index`` gives for each file (each frame of a multi-frame file; -1: empty)). ``parameters``
+    go into the algorithm's identification (AlgorithmParameters, ``key=value`` joined by commas)."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -982,7 +985,8 @@ def write_dicom_seg(
             if shifts is not None:
                 mask = _shift_slices(mask, -shifts[1:], order=0)
     frames = np.transpose(mask, (2, 1, 0))  # (slices, rows, columns)
-    algo = hd.AlgorithmIdentificationSequence(name=algorithm, version=version, family=codes.cid7162.ArtificialIntelligence)
+    algo = hd.AlgorithmIdentificationSequence(name=algorithm, version=version, family=codes.cid7162.ArtificialIntelligence,
+                                              parameters=dict(parameters) if parameters else None)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=k, segment_label=classes[k][:64], segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -1014,4 +1018,74 @@ def write_dicom_seg(
     out = Path(out)
     with atomic_path(out) as tmp:
         seg.save_as(tmp)
+    return out
+
+
+#: the lesion count's concept: no standard code names it, so a private coding scheme (DICOM PS3.16 allows
+#: "99" + an organisation's name) says plainly what it is
+LESION_COUNT = ("lesion-count", "99SEGPIPE", "Number of lesions")
+
+
+def write_dicom_report(
+    seg_file: str | os.PathLike,
+    source_files: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    lesions: Mapping[str, Mapping[str, float]],
+    classes: Sequence[str],
+    series_number: int = 901,
+    algorithm: str = "segpipe",
+    version: str = "0",
+    parameters: Mapping[str, str] | None = None,
+) -> Path:
+    """A DICOM Structured Report (Comprehensive 3D SR, TID 1500 measurement report) that gives, per segment
+    of the DICOM SEG ``seg_file``, the lesion volume in ml (SNOMED CT "Volume", UCUM "ml") and the number of
+    lesions (26-connected), each group referencing its segment and the source series: the numbers a stroke
+    team reads, in the form PACS and reporting systems take in. ``lesions`` maps a class name to
+    ``{"lesions": n, "volume_ml": v}`` (:meth:`segpipe.inference.predictor.Prediction.lesion_stats`);
+    ``parameters`` are the algorithm's, one text item ``key=value`` each."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from segpipe.io.atomic import atomic_path
+
+    seg = pydicom.dcmread(seg_file)
+    # the evidence: the SEG and the source images it references (their headers are enough)
+    sources = [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in dict.fromkeys(source_files)]
+    series_uid = str(sources[0].SeriesInstanceUID)
+    algo = hd.sr.AlgorithmIdentification(name=algorithm, version=version,
+                                         parameters=[f"{k}={v}" for k, v in parameters.items()] if parameters else None)
+    milliliter = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+    count = hd.sr.CodedConcept(*LESION_COUNT)
+    groups = []
+    for k in range(1, len(classes)):
+        stats = lesions[classes[k]]
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{classes[k]} (all lesions)"[:64]),
+            referenced_segment=hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                                       segment_number=k, source_series=hd.sr.SourceSeriesForSegmentation(series_uid)),
+            finding_type=codes.SCT.Lesion, algorithm_id=algo,
+            measurements=[
+                hd.sr.Measurement(name=codes.SCT.Volume, value=float(stats["volume_ml"]), unit=milliliter, algorithm_id=algo),
+                hd.sr.Measurement(name=count, value=float(stats["lesions"]), unit=hd.sr.CodedConcept("{lesions}", "UCUM", "lesions"),
+                                  algorithm_id=algo),
+            ],
+        ))
+    modality = str(sources[0].get("Modality", ""))
+    procedure = {"MR": codes.cid100.MRIUnspecifiedBodyRegion, "CT": codes.cid100.CTUnspecifiedBodyRegion}.get(modality,
+                                                                                                                codes.cid100.ImagingProcedure)
+    device = hd.sr.ObserverContext(observer_type=codes.DCM.Device,
+                                   observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), name=algorithm))
+    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
+                                     procedure_reported=procedure, imaging_measurements=groups,
+                                     title=codes.cid7021.ImagingMeasurementReport)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg, *sources], content=report[0], series_instance_uid=hd.UID(), series_number=series_number,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="segpipe", is_complete=True,
+        series_description=f"{algorithm} lesion volumes",
+    )
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        sr.save_as(tmp)
     return out

@@ -7,6 +7,7 @@ metric so far. It is written under a temporary name and renamed: a ``kill -9`` n
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import zipfile
@@ -19,10 +20,20 @@ import torch
 from segpipe.errors import SegpipeError
 from segpipe.io.atomic import atomic_path
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAMES", "load_checkpoint", "resolve_checkpoint", "rng_state", "run_subfolders", "save_checkpoint",
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAMES", "file_sha256", "load_checkpoint", "resolve_checkpoint", "rng_state", "run_subfolders", "save_checkpoint",
            "set_rng_state"]
 
 CHECKPOINT_FORMAT = "segpipe-checkpoint-v1"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file (hex): which model made a result, in the result's own records (a checkpoint's path
+    says nothing once it is copied into a container or renamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:

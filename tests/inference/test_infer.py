@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -17,7 +18,15 @@ from segpipe.data.synthetic import make_head_case
 from segpipe.errors import SegpipeError, UsageError
 from segpipe.inference.predictor import Predictor, remove_small_components
 from segpipe.inference.run import infer, resolve_inputs
-from segpipe.io.dicom import find_series, read_series, select_series, write_dicom_seg, write_dicom_series, write_enhanced_dicom
+from segpipe.io.dicom import (
+    find_series,
+    read_series,
+    select_series,
+    write_dicom_report,
+    write_dicom_seg,
+    write_dicom_series,
+    write_enhanced_dicom,
+)
 from segpipe.io.nifti import save_nifti
 from tests.conftest import write_dicom_series_sitk
 
@@ -125,6 +134,29 @@ def test_dicom_export_segmented_and_seg_reads_back(tiny_model, tmp_path, oblique
     frames = seg.pixel_array
     nii = nib.load(str(out / "study.nii.gz"))
     assert frames.shape == (24, 40, 40) and int(frames.sum()) == int(np.asanyarray(nii.dataobj).sum())
+    # the structured report: the lesion volume and count of the summary, tied to the SEG's segment and the series
+    stats = json.loads((out / "summary.json").read_text())["cases"]["study"]["lesions"]["lesion"]
+    assert stats["lesions"] > 0
+    sr = hd.sr.srread(str(out / "study_sr.dcm"))
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == seg.StudyInstanceUID and sr.PatientID == seg.PatientID
+    (group,) = sr.content.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert group.referenced_segment.referenced_segment_numbers == [1]
+    assert group.referenced_segment.source_series_for_segmentation.value == info["dwi_uid"]
+    measured = {m.name.meaning: (m.value, m.unit.value) for m in group.get_measurements()}
+    assert measured["Volume"][1] == "ml" and measured["Volume"][0] == pytest.approx(stats["volume_ml"], rel=1e-6)
+    assert measured["Number of lesions"][0] == stats["lesions"]
+    # which model made them: the checkpoint's SHA-256, in the summary, the SEG and the SR
+    import hashlib
+
+    summary = json.loads((out / "summary.json").read_text())
+    digest = hashlib.sha256(Path(summary["model"]).read_bytes()).hexdigest()
+    assert summary["model_sha256"] == digest
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters == f"model_sha256={digest}"
+    assert f"model_sha256={digest}" in _sr_texts(sr)
+    # the lesion volume read from the SEG itself: voxel count x voxel volume
+    voxel_ml = float(np.prod(nii.header.get_zooms()[:3])) / 1000
+    assert measured["Volume"][0] == pytest.approx(int(frames.sum()) * voxel_ml, rel=1e-5)
 
 
 def test_dicom_selection_errors(tmp_path):
@@ -472,9 +504,27 @@ def _mixed_inputs(tmp_path):
     return [a, bad, export, b]
 
 
+def _sr_texts(items) -> list[str]:
+    """Every TEXT value of a structured report's content tree."""
+    found = []
+    for item in items.ContentSequence if hasattr(items, "ContentSequence") else items:
+        if item.ValueType == "TEXT":
+            found.append(str(item.TextValue))
+        if "ContentSequence" in item:
+            found += _sr_texts(item.ContentSequence)
+    return found
+
+
 def _outputs(folder):
-    return {p.name: (np.asanyarray(nib.load(str(p)).dataobj) if p.name.endswith(".nii.gz") else pydicom.dcmread(str(p)).pixel_array)
-            for p in sorted(folder.iterdir()) if not p.name.startswith("summary.")}
+    def content(p: Path):
+        if p.name.endswith(".nii.gz"):
+            return np.asanyarray(nib.load(str(p)).dataobj)
+        if p.name.endswith("_sr.dcm"):  # the measurements
+            groups = hd.sr.srread(str(p)).content.get_volumetric_roi_measurement_groups()
+            return np.array([[m.value for m in g.get_measurements()] for g in groups])
+        return pydicom.dcmread(str(p)).pixel_array
+
+    return {p.name: content(p) for p in sorted(folder.iterdir()) if not p.name.startswith("summary.")}
 
 
 def test_preprocessing_processes_give_the_same_outputs(tiny_model, tmp_path):
@@ -484,7 +534,7 @@ def test_preprocessing_processes_give_the_same_outputs(tiny_model, tmp_path):
     assert list(par.done) == list(seq.done) == ["a", "study", "b"]
     assert list(par.failed) == ["bad"] and "cannot be read" in par.failed["bad"] and par.failed == seq.failed
     one, two = _outputs(tmp_path / "seq"), _outputs(tmp_path / "par")
-    assert sorted(one) == sorted(two) and "study_seg.dcm" in two and "b_probabilities.nii.gz" in two
+    assert sorted(one) == sorted(two) and {"study_seg.dcm", "study_sr.dcm", "b_probabilities.nii.gz"} <= set(two)
     for name in one:
         assert np.array_equal(one[name], two[name]), name
     summary = json.loads((tmp_path / "par" / "summary.json").read_text())
@@ -1373,3 +1423,29 @@ def test_inspect_lists_the_series_of_an_export_and_what_infer_would_choose(cli, 
     assert "dwi <- #7, adc <- #8, flair: 2 candidates" in r.output and "--series CHANNEL=NUMBER" in r.output
     r = cli("inspect", export, "case1")
     assert r.exit_code == 2 and "is a DICOM export" in r.output
+
+
+def test_dicom_report_has_one_group_per_segment(tmp_path):
+    """Several foreground classes: the SR's groups follow the SEG's segments one to one, each with its own
+    volume and count, and reads back as the values given; a CT source is reported as a CT procedure."""
+    arr = np.zeros((16, 16, 6), np.float32) + 100
+    files = [str(f) for f in write_dicom_series(arr, np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "ct", description="head",
+                                                series_number=2, study_uid=generate_uid(), frame_uid=generate_uid())]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.Modality = "CT"
+        ds.save_as(f)
+    mask = np.zeros(arr.shape, np.uint8)
+    mask[2:5, 2:5, 1:3], mask[10:12, 10:12, 4] = 1, 2
+    classes = ["background", "core", "penumbra"]
+    seg = write_dicom_seg(mask, files, tmp_path / "seg.dcm", classes=classes)
+    lesions = {"core": {"lesions": 1, "volume_ml": 0.036}, "penumbra": {"lesions": 1, "volume_ml": 0.008}}
+    out = write_dicom_report(seg, files, tmp_path / "sr.dcm", lesions=lesions, classes=classes, version="9.9")
+    sr = hd.sr.srread(str(out))
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    got = {g.referenced_segment.referenced_segment_numbers[0]: {m.name.meaning: m.value for m in g.get_measurements()} for g in groups}
+    assert got == {1: {"Volume": 0.036, "Number of lesions": 1.0}, 2: {"Volume": 0.008, "Number of lesions": 1.0}}
+    assert sr.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning.startswith("English")  # language, then the rest
+    procedure = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeMeaning == "Procedure reported"]
+    assert procedure and "CT" in procedure[0].ConceptCodeSequence[0].CodeMeaning
+    assert {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence for r in s.ReferencedSeriesSequence[0].ReferencedSOPSequence} >= {pydicom.dcmread(str(seg)).SOPInstanceUID}
