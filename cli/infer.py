@@ -39,7 +39,7 @@ def infer(
         typer.Option("--model", "-m", help="Run folder of `segpipe train`, or a checkpoint file. Repeat for an ensemble (e.g. the "
                      "folds): the class probabilities are averaged.", show_default=False),
     ] = ...,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the masks, DICOM SEGs and summary.json.", show_default=False)] = ...,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the masks, DICOM SEGs and SRs (DICOM input) and summary.json.", show_default=False)] = ...,
     channel: Annotated[list[str] | None, typer.Option("--channel", help="NAME=PATH: the file of one channel (repeat for each).")] = None,
     tta: Annotated[
         bool | None, typer.Option("--tta/--no-tta", help="Mirror test-time augmentation (8 flips; --no-tta is about 8x faster). Default: infer.tta (on).")

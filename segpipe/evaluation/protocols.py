@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from segpipe.errors import SegpipeError, UsageError, did_you_mean, problems_error
@@ -42,12 +41,15 @@ from segpipe.evaluation.metrics import (
     lesion_f1,
 )
 from segpipe.io.atomic import atomic_write_text
+from segpipe.io.nifti import read_volume, spacing_of
 from segpipe.resources import process_pool, usable_cores
 
 __all__ = ["HIGHER_IS_BETTER", "PROTOCOLS", "best_in_sweep", "evaluate", "evaluate_isles22", "evaluate_wmh17", "pair_cases", "write_report"]
 
 log = logging.getLogger(__name__)
 NIFTI = (".nii.gz", ".nii")
+#: what a mask may be stored as (read by nibabel, the others by SimpleITK: :func:`segpipe.io.nifti.read_volume`)
+MASK_SUFFIXES = (*NIFTI, ".mha", ".mhd", ".nrrd")
 
 
 def evaluate_isles22(gt: np.ndarray, pred: np.ndarray, voxel_ml: float) -> dict[str, float]:
@@ -136,14 +138,20 @@ PROTOCOLS: dict[str, tuple[str, ...]] = {
 
 
 def _strip(name: str) -> str:
-    for ext in NIFTI:
+    for ext in MASK_SUFFIXES:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
 
 
-def _nifti_files(folder: Path) -> dict[str, Path]:
-    return {_strip(p.name): p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(NIFTI)}
+def _mask_files(folder: Path) -> dict[str, Path]:
+    """The masks of a folder by case id: NIfTI, and MetaImage or NRRD (3D Slicer, ITK-SNAP, ISLES 2015) where
+    no NIfTI file has the same case id."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir(), key=lambda p: (not p.name.lower().endswith(NIFTI), p.name)):
+        if p.is_file() and p.name.lower().endswith(MASK_SUFFIXES):
+            found.setdefault(_strip(p.name), p)
+    return dict(sorted(found.items()))
 
 
 def _dataset_labels(root: Path) -> dict[str, Path]:
@@ -154,22 +162,22 @@ def _dataset_labels(root: Path) -> dict[str, Path]:
         m = discover(root)
     except SegpipeError as exc:
         reason = (str(exc).strip().splitlines() or [""])[0]
-        raise SegpipeError(f"--gt '{root}': no NIfTI masks named by case id in it, and not a dataset of a known layout ({reason}); "
+        raise SegpipeError(f"--gt '{root}': no masks named by case id in it (NIfTI, .mha, .nrrd), and not a dataset of a known layout ({reason}); "
                            "give the folder of masks or a manifest") from None
     return {c.id: m.label_path(c) for c in m.labelled}
 
 
 def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tuple[str, Path, Path]]:
-    """(case id, prediction, ground truth) triples. ``gt`` is a folder of NIfTI files named by case id, a
+    """(case id, prediction, ground truth) triples. ``gt`` is a folder of masks named by case id (NIfTI, MetaImage, NRRD), a
     dataset folder in a known layout, or a manifest (its labelled cases). Predictions are
     ``<case id>.nii.gz`` (what ``segpipe infer`` writes)."""
     if not pred.is_dir():
         raise SegpipeError(f"--pred '{pred}': folder not found; give the folder `segpipe infer --out` wrote")
-    preds = _nifti_files(pred)
+    preds = _mask_files(pred)
     # `segpipe infer --save-probabilities` writes <case>_probabilities beside <case>: not a prediction of its own
     preds = {c: p for c, p in preds.items() if not (c.endswith("_probabilities") and c[: -len("_probabilities")] in preds)}
     if gt.is_dir():
-        gts = _nifti_files(gt) or _dataset_labels(gt)
+        gts = _mask_files(gt) or _dataset_labels(gt)
     elif gt.is_file() and gt.suffix.lower() == ".json":
         from segpipe.data.manifest import load_manifest
 
@@ -177,7 +185,7 @@ def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tu
         gts = {c.id: m.label_path(c) for c in m.labelled}
     else:
         found = "not found" if not gt.exists() else "found a file that is not a .json manifest"
-        raise SegpipeError(f"--gt '{gt}': expected a folder of NIfTI masks named by case id, or a manifest (.json); {found}")
+        raise SegpipeError(f"--gt '{gt}': expected a folder of masks named by case id (NIfTI, .mha, .nrrd), or a manifest (.json); {found}")
     missing_pred = sorted(set(gts) - set(preds))
     missing_gt = sorted(set(preds) - set(gts))
     if (missing_pred or missing_gt) and not ignore_missing:
@@ -191,14 +199,11 @@ def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tu
 
 
 def _load(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    try:
-        img = nib.load(str(path))
-        arr = np.asanyarray(img.dataobj)
-    except Exception as exc:
-        raise SegpipeError(f"{what} '{path}': cannot be read ({type(exc).__name__}: {exc})") from None
-    if arr.ndim == 4 and arr.shape[3] == 1:
-        arr = arr[..., 0]
-    return arr, np.asarray(img.affine), tuple(float(z) for z in img.header.get_zooms()[:3])
+    """A mask as stored (NIfTI by nibabel; MetaImage and NRRD by SimpleITK, in the same voxel and world
+    convention), its affine and voxel size: the header's for NIfTI, as the challenges' scripts take it."""
+    vol = read_volume(path, what=what, dtype=None)
+    zooms = vol.header.get_zooms()[:3] if vol.header is not None else spacing_of(vol.affine)
+    return np.asarray(vol.array), vol.affine, tuple(float(z) for z in zooms)
 
 
 #: the direction in which each key is better

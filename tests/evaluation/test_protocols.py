@@ -245,3 +245,36 @@ def test_isles22_warns_about_a_probability_map(tmp_path, caplog):
     assert report["cases"]["a"]["dice"] < 0.5 and report["cases"]["b"]["dice"] == 1.0  # the official binarisation
     warned = [r.getMessage() for r in caplog.records if "fractional values" in r.getMessage()]
     assert len(warned) == 1 and "case 'a'" in warned[0] and "a.nii.gz" in warned[0]
+
+
+@pytest.mark.parametrize("protocol", ["isles22", "wmh17"])
+def test_ground_truth_as_metaimage_or_nrrd_scores_as_nifti(tmp_path, protocol):
+    """Masks drawn in 3D Slicer or ITK-SNAP (NRRD, MetaImage) and ISLES 2015's .mha labels were refused as
+    ground truth ('no NIfTI masks named by case id'), and read by nibabel alone when a manifest named them.
+    Written by SimpleITK from the NIfTI ones (LPS on disk), they score as the NIfTI ones, number for number."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(5)
+    cases = {}
+    for k in range(3):
+        gt = np.zeros((14, 12, 10), np.uint8)
+        gt[2 + k:7, 3:8, 2:6] = 1
+        pred = np.where(rng.random(gt.shape) > 0.1, gt, 0).astype(np.uint8)
+        cases[f"c{k}"] = (gt, pred, (0.9, 1.1, 3.0))
+    pred, gtd = _folders(tmp_path, cases)
+    other = tmp_path / "gt_other"
+    other.mkdir()
+    for cid, suffix in zip(cases, (".mha", ".nrrd", ".mha")):
+        sitk.WriteImage(sitk.ReadImage(str(gtd / f"{cid}.nii.gz")), str(other / f"{cid}{suffix}"))
+    want = evaluate(pred, gtd, protocol)
+    got = evaluate(pred, other, protocol)
+    assert list(got["cases"]) == list(want["cases"]) and want["mean"]["dice"] > 0.5
+    for cid, metrics in want["cases"].items():  # the voxel size comes in float64 here: the last digit of a volume may differ
+        assert got["cases"][cid] == pytest.approx(metrics, rel=1e-9, nan_ok=True), cid
+    # a NIfTI mask of the same case id is taken before the others
+    write_nifti(other / "c0.nii.gz", np.zeros((14, 12, 10), np.uint8), np.diag([0.9, 1.1, 3.0, 1.0]))
+    assert evaluate(pred, other, "isles22")["cases"]["c0"]["dice"] == 0.0
+    # a damaged one is one line naming it
+    (other / "c1.nrrd").write_bytes(b"NRRD0004\nnot really\n")
+    with pytest.raises(SegpipeError, match=r"ground truth '.*c1.nrrd': cannot be read"):
+        evaluate(pred, other, "isles22", workers=1)
