@@ -144,13 +144,20 @@ def _strip(name: str) -> str:
     return name
 
 
-def _mask_files(folder: Path) -> dict[str, Path]:
+def _mask_files(folder: Path, dicom_seg: bool = False) -> dict[str, Path]:
     """The masks of a folder by case id: NIfTI, and MetaImage or NRRD (3D Slicer, ITK-SNAP, ISLES 2015) where
-    no NIfTI file has the same case id."""
+    no NIfTI file has the same case id; with ``dicom_seg`` also DICOM SEG files, ``<case>.dcm`` or
+    ``<case>_seg.dcm`` (what ``segpipe infer`` writes beside its ``<case>_sr.dcm`` reports, which are left out)."""
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir(), key=lambda p: (not p.name.lower().endswith(NIFTI), p.name)):
-        if p.is_file() and p.name.lower().endswith(MASK_SUFFIXES):
+        name = p.name.lower()
+        if not p.is_file():
+            continue
+        if name.endswith(MASK_SUFFIXES):
             found.setdefault(_strip(p.name), p)
+        elif dicom_seg and name.endswith(".dcm") and not name.endswith("_sr.dcm"):
+            stem = p.name[: -len(".dcm")]
+            found.setdefault(stem[: -len("_seg")] if stem.lower().endswith("_seg") else stem, p)
     return dict(sorted(found.items()))
 
 
@@ -177,7 +184,7 @@ def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tu
     # `segpipe infer --save-probabilities` writes <case>_probabilities beside <case>: not a prediction of its own
     preds = {c: p for c, p in preds.items() if not (c.endswith("_probabilities") and c[: -len("_probabilities")] in preds)}
     if gt.is_dir():
-        gts = _mask_files(gt) or _dataset_labels(gt)
+        gts = _mask_files(gt, dicom_seg=True) or _dataset_labels(gt)
     elif gt.is_file() and gt.suffix.lower() == ".json":
         from segpipe.data.manifest import load_manifest
 
@@ -229,7 +236,12 @@ def _score_case(cid: str, p_path: Path, g_path: Path, protocol: str, sizes: Sequ
 
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     p, p_aff, p_zoom = _load(p_path, "prediction")
-    g, g_aff, g_zoom = _load(g_path, "ground truth")
+    if g_path.name.lower().endswith(".dcm"):  # a DICOM SEG: its frames placed on the prediction's grid
+        from segpipe.io.dicom import read_dicom_seg
+
+        g, g_aff, g_zoom = read_dicom_seg(g_path, p.shape, p_aff, what="ground truth"), p_aff, p_zoom
+    else:
+        g, g_aff, g_zoom = _load(g_path, "ground truth")
     if p.shape != g.shape or not np.allclose(p_zoom, g_zoom, rtol=1e-3):
         raise SegpipeError(
             f"case '{cid}': prediction '{p_path}' is {p.shape} at {tuple(round(z, 4) for z in p_zoom)} mm but the ground truth "

@@ -43,6 +43,7 @@ __all__ = [
     "format_series_table",
     "is_dicom_folder",
     "mosaic_tiles",
+    "read_dicom_seg",
     "read_series",
     "select_series",
     "write_dicom_report",
@@ -1019,6 +1020,35 @@ def write_dicom_seg(
     with atomic_path(out) as tmp:
         seg.save_as(tmp)
     return out
+
+
+def read_dicom_seg(path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray, *, what: str = "mask") -> np.ndarray:
+    """The label map of a DICOM SEG (OHIF, 3D Slicer, MONAI Label, segpipe itself) on the grid ``shape`` /
+    ``affine`` (NIfTI's world convention) of an image of the same series: its segment numbers are the labels,
+    frames it leaves out (empty slices, as many writers omit them) are background. The SEG must lie on that
+    grid up to axis order, flips, padding and cropping (highdicom's ``Volume.match_geometry``; no resampling)."""
+    import highdicom as hd
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as exc:  # pydicom and highdicom raise many types for files that are not a SEG
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SegpipeError(f"{what} '{path}': not a readable DICOM SEG ({reason}); export the mask again (DICOM SEG or NIfTI)") from None
+    try:
+        volume = seg.get_volume(combine_segments=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SegpipeError(f"{what} '{path}': its segments cannot be combined into one label map ({reason}); a voxel may belong "
+                           "to two segments: export one label per voxel") from None
+    grid = hd.Volume.from_nibabel(nib.Nifti1Image(np.zeros(tuple(shape), np.uint8), np.asarray(affine, np.float64)))
+    try:
+        matched = volume.match_geometry(grid, tol=1e-3)
+    except RuntimeError:
+        raise SegpipeError(f"{what} '{path}': its frames do not lie on the grid {tuple(shape)} of the image it is compared with "
+                           "(another series, or resampled); the SEG must refer to the same series as the prediction") from None
+    return np.asarray(matched.to_nibabel().dataobj).astype(np.uint8)
 
 
 #: the lesion count's concept: no standard code names it, so a private coding scheme (DICOM PS3.16 allows

@@ -278,3 +278,50 @@ def test_ground_truth_as_metaimage_or_nrrd_scores_as_nifti(tmp_path, protocol):
     (other / "c1.nrrd").write_bytes(b"NRRD0004\nnot really\n")
     with pytest.raises(SegpipeError, match=r"ground truth '.*c1.nrrd': cannot be read"):
         evaluate(pred, other, "isles22", workers=1)
+
+
+def test_ground_truth_as_dicom_seg(tmp_path):
+    """Annotations drawn on the DICOM images (OHIF, 3D Slicer, MONAI Label export DICOM SEG, often without the
+    empty frames) score against NIfTI predictions on that series' grid as the same mask in NIfTI does; a SEG
+    of another grid is one line; segpipe's own <case>_sr.dcm reports are not taken for masks."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    from segpipe.io.dicom import find_series, read_series, write_dicom_series
+
+    affine = np.array([[-0.9, 0, 0, 60.0], [0, -0.9, 0, 50.0], [0, 0, 3.0, -20.0], [0, 0, 0, 1]])
+    image = np.random.default_rng(0).random((20, 18, 8)).astype(np.float32) * 100
+    write_dicom_series(image, affine, tmp_path / "dicom", description="t2_flair", series_number=3, study_uid=generate_uid(),
+                       frame_uid=generate_uid())
+    info = find_series(tmp_path / "dicom")[0]
+    volume, files, index = read_series(info, [str(f) for f in sorted((tmp_path / "dicom").iterdir())])
+    gt = np.zeros(volume.array.shape, np.uint8)
+    gt[4:9, 5:10, 2:4] = 1
+    gt[14:16, 3:5, 6] = 1
+    pred = gt.copy()
+    pred[4:9, 5:10, 4] = 1  # one slice too many
+    write_nifti(tmp_path / "pred" / "c1.nii.gz", pred, volume.affine)
+    write_nifti(tmp_path / "gt_nifti" / "c1.nii.gz", gt, volume.affine)
+    # the SEG as a viewer writes it: frames in the files' order, empty ones left out
+    sources = [pydicom.dcmread(f) for f in files]
+    frames = np.transpose(gt[:, :, index], (2, 1, 0))
+    desc = hd.seg.SegmentDescription(1, "lesion", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion,
+                                     hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    seg = hd.seg.Segmentation(sources, frames, hd.seg.SegmentationTypeValues.BINARY, [desc], generate_uid(), 9, generate_uid(), 1,
+                              "hospital", "viewer", "1", "0", omit_empty_frames=True)
+    assert int(seg.NumberOfFrames) == 3  # of 8 slices
+    (tmp_path / "gt").mkdir()
+    seg.save_as(tmp_path / "gt" / "c1_seg.dcm")
+    (tmp_path / "gt" / "c1_sr.dcm").write_bytes(b"a report, not a mask")
+    want = evaluate(tmp_path / "pred", tmp_path / "gt_nifti", "isles22")["cases"]["c1"]
+    got = evaluate(tmp_path / "pred", tmp_path / "gt", "isles22")["cases"]["c1"]
+    assert got == pytest.approx(want) and 0.5 < got["dice"] < 1.0
+    # a SEG of another series' grid (shifted by half a voxel): refused, naming it
+    write_nifti(tmp_path / "pred" / "c1.nii.gz", pred, volume.affine @ np.array([[1, 0, 0, 0.5], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    with pytest.raises(SegpipeError, match=r"ground truth '.*c1_seg.dcm': its frames do not lie on the grid"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", "isles22", workers=1)
+    (tmp_path / "gt" / "c1_seg.dcm").write_bytes(b"not DICOM at all")
+    with pytest.raises(SegpipeError, match=r"ground truth '.*c1_seg.dcm': not a readable DICOM SEG"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", "isles22", workers=1)
