@@ -152,6 +152,9 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
+    # the level on the handler too: a training run lowers the logger's to INFO for its train.log, which must not
+    # bring INFO back to a terminal that asked for -q
+    handler.setLevel(level)
     handler._segpipe_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
@@ -178,3 +181,20 @@ def parse_names(text: str | None, option: str) -> tuple[str, ...] | None:
     if not names:
         raise UsageError(f"{option}: expected names separated by commas, got '{text}'")
     return names
+
+
+def parse_pairs(values: list[str] | None, option: str, *, as_int: bool = False) -> dict:
+    """``NAME=VALUE`` options (``--channel``, ``--series``) as a dict."""
+    out = {}
+    for v in values or []:
+        name, eq, rest = v.partition("=")
+        if not eq or not name or not rest:
+            raise UsageError(f"{option}: expected NAME=VALUE, got '{v}'")
+        if as_int:
+            try:
+                out[name] = int(rest)
+            except ValueError:
+                raise UsageError(f"{option}: expected NAME=SERIESNUMBER (a whole number), got '{v}'") from None
+        else:
+            out[name] = rest
+    return out

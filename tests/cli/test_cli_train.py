@@ -14,6 +14,14 @@ def test_train_short_run(cli, tiny_cache, tmp_path):
     assert "ce,dice,boundary" in header
 
 
+def test_quiet_training_prints_no_epochs_but_logs_them(cli, tiny_cache, tmp_path):
+    """-q showed every epoch line anyway: the run's log file lowered the logger's level to INFO."""
+    r = cli("-q", "train", "--cache", tiny_cache, "--out", tmp_path / "run", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert "epoch 0:" not in r.output and "training fold" not in r.output
+    assert "epoch 0:" in (tmp_path / "run" / "train.log").read_text()
+
+
 @pytest.mark.parametrize(
     "args, code, needle",
     [
