@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import handle_errors, parse_ints, parse_names
+from cli._common import handle_errors, parse_ints, parse_names, parse_pairs
 
 log = logging.getLogger("segpipe")
 
@@ -93,3 +93,40 @@ def synth(
 
     names = synthesize(root, layout, cases, seed, parse_ints(shape, "--shape", 3), fmt=fmt)
     typer.echo(f"wrote {len(names)} synthetic {layout} cases under {root}" + (" as DICOM exports" if fmt == "dicom" else ""))
+
+
+@handle_errors
+def convert(
+    exports: Annotated[list[Path], typer.Argument(help="DICOM export folders (any tree of series; one case per study).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the dataset (nnU-Net raw format, e.g. Dataset501_Site).",
+                                      show_default=False)],
+    channels: Annotated[str, typer.Option(help="Channels, in the model's order, comma-separated (e.g. dwi,adc,flair); annotations "
+                                          "must be drawn on the first one's series.", show_default=False)],
+    classes: Annotated[str, typer.Option(help="Label names by segment number, background first.")] = "background,lesion",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="A config (YAML file or built-in name) whose "
+                                                "infer.dicom_rules choose the series (as for `segpipe infer`).")] = None,
+    series: Annotated[list[str] | None, typer.Option("--series", help="CHANNEL=SERIESNUMBER: that channel's series in every study.")] = None,
+    allow_uneven: Annotated[bool, typer.Option("--allow-uneven", help="Resample series with uneven slices instead of failing.")] = False,
+    dicom_case: Annotated[str, typer.Option("--dicom-case", help="One case per study ('study'), or each EXPORT one case ('folder').")] = "study",
+) -> None:
+    """Turn DICOM exports and their DICOM SEG annotations into a dataset (nnU-Net's raw format) to train on.
+
+    Each study's series are chosen per channel as `segpipe infer` chooses them; the SEG drawn on the first
+    channel's series becomes its label (studies without one go to imagesTs). `segpipe manifest OUT` then
+    discovers it, as nnU-Net does. A study that cannot be converted is named and left out (exit code 1).
+    """
+    from segpipe.config import load_config
+    from segpipe.data.convert import convert_dicom
+    from segpipe.errors import SegpipeError, UsageError
+
+    if dicom_case not in ("study", "folder"):
+        raise UsageError(f"--dicom-case: expected study or folder, got '{dicom_case}'")
+    rules = load_config(config).infer.dicom_rules if config is not None else None
+    report = convert_dicom(exports, out, parse_names(channels, "--channels") or (), classes=parse_names(classes, "--classes") or (),
+                           rules=rules, series=parse_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven,
+                           by_study=dicom_case == "study")
+    typer.echo(f"wrote {out}: {len(report.labelled)} annotated studies (imagesTr, labelsTr), {len(report.unlabelled)} without "
+               f"annotation (imagesTs); next: segpipe manifest {out} --out data_manifests/{out.name}.json")
+    if report.failed:
+        raise SegpipeError(f"{len(report.failed)} stud{'y' if len(report.failed) == 1 else 'ies'} left out (listed above; also in "
+                           f"{out / 'dataset.json'} under left_out)")

@@ -7,25 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import handle_errors
-
-
-def _pairs(values: list[str] | None, option: str, *, as_int: bool = False) -> dict:
-    from segpipe.errors import UsageError
-
-    out = {}
-    for v in values or []:
-        name, eq, rest = v.partition("=")
-        if not eq or not name or not rest:
-            raise UsageError(f"{option}: expected NAME=VALUE, got '{v}'")
-        if as_int:
-            try:
-                out[name] = int(rest)
-            except ValueError:
-                raise UsageError(f"{option}: expected NAME=SERIESNUMBER (a whole number), got '{v}'") from None
-        else:
-            out[name] = rest
-    return out
+from cli._common import handle_errors, parse_pairs
 
 
 @handle_errors
@@ -88,9 +70,9 @@ def infer(
     from segpipe.progress import track
 
     infer_config = load_config(config).infer if config is not None else None
-    report = run(model, inputs or [], out, channel_map=_pairs(channel, "--channel"), tta=tta, device=device,
+    report = run(model, inputs or [], out, channel_map=parse_pairs(channel, "--channel"), tta=tta, device=device,
                  min_lesion_mm3=min_lesion_mm3, save_probabilities=save_probabilities,
-                 series=_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers,
+                 series=parse_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers,
                  preprocess_workers=preprocess_workers, skip_existing=skip_existing, cross_validation=cross_validation,
                  dicom_case=dicom_case, overlap=overlap,
                  infer_config=infer_config, progress=track)

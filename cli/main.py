@@ -46,6 +46,7 @@ def _main(
 
 app.command("manifest")(data.manifest)
 app.command("synth")(data.synth)
+app.command("convert")(data.convert)
 app.command("preprocess")(preprocess.preprocess)
 app.command("inspect")(preprocess.inspect)
 app.command("train")(train.train)

@@ -26,7 +26,7 @@ from typing import Any
 
 from segpipe.errors import SegpipeError, UsageError, did_you_mean
 
-__all__ = ["NIFTI", "CaseInput", "resolve_inputs"]
+__all__ = ["NIFTI", "CaseInput", "dicom_cases", "resolve_inputs"]
 
 log = logging.getLogger(__name__)
 NIFTI = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
@@ -241,7 +241,7 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
             cases += [CaseInput(c.id, {ch: m.image_path(c, ch) for ch in channels}, source=str(p)) for c in m.cases]
         elif p.is_dir():
             if is_dicom_folder(p):
-                cases += _dicom_cases(p, by_study=dicom_case == "study")
+                cases += dicom_cases(p, by_study=dicom_case == "study")
             else:
                 files = _nifti_files(p)
                 cases += _folder_cases(p, files, channels) if files else _dataset_cases(p, channels)
@@ -260,7 +260,7 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
     return cases
 
 
-def _dicom_cases(folder: Path, by_study: bool = True) -> list[CaseInput]:
+def dicom_cases(folder: Path, by_study: bool = True) -> list[CaseInput]:
     """A DICOM folder: one case per study in it (a PACS export of several examinations is a batch). Each is
     named after the subfolder that holds it when the studies have subfolders of their own, else numbered.
     Not ``by_study``: the folder is one case."""

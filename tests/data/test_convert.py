@@ -1,0 +1,99 @@
+"""``segpipe convert``: DICOM exports with DICOM SEG annotations -> an nnU-Net raw dataset segpipe discovers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from segpipe.data.convert import convert_dicom
+from segpipe.data.layouts import discover
+from segpipe.data.synthetic import synthesize
+from segpipe.errors import SegpipeError, UsageError
+from segpipe.io.dicom import find_series, read_series, select_series, write_dicom_seg
+
+CHANNELS = ["dwi", "adc", "flair"]
+
+
+def _annotate(export, label, name="annotation_seg.dcm", channel="dwi"):
+    """A DICOM SEG of ``label`` drawn on the export's ``channel`` series (as a viewer would store it beside the
+    images); the label must be on that series' grid."""
+    info, files = select_series(find_series(export), [channel])[channel]
+    volume, ordered, index = read_series(info, files)
+    assert volume.array.shape == label.shape
+    (export / "SEG").mkdir(exist_ok=True)
+    return write_dicom_seg(label, ordered, export / "SEG" / name, classes=["background", "lesion"], source_index=index), volume
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    synthesize(root, "isles22", 2, 0, (24, 24, 16), fmt="dicom")
+    return root
+
+
+def test_studies_and_their_seg_become_an_nnunet_dataset(exports, tmp_path, cli):
+    one, two = tmp_path / "strokecase0001", tmp_path / "strokecase0002"
+    shutil.copytree(exports / "strokecase0001", one)
+    shutil.copytree(exports / "strokecase0002", two)
+    label_img = nib.load(str(exports / "labels" / "strokecase0001.nii.gz"))
+    label = (np.asarray(label_img.dataobj) > 0).astype(np.uint8)
+    assert label.sum() > 0
+    _, dwi = _annotate(one, label)
+    out = tmp_path / "Dataset501_Site"
+    r = cli("convert", one, two, "--out", out, "--channels", "dwi,adc,flair")
+    assert r.exit_code == 0, r.output
+    assert "1 annotated studies" in r.output and f"segpipe manifest {out}" in r.output
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "dwi", "1": "adc", "2": "flair"} and meta["labels"] == {"background": 0, "lesion": 1}
+    assert meta["numTraining"] == 1 and meta["file_ending"] == ".nii.gz"
+    # the label: the SEG on the DWI's grid, voxel for voxel; the images: the series as infer reads them
+    converted = nib.load(str(out / "labelsTr" / "strokecase0001.nii.gz"))
+    assert np.array_equal(np.asarray(converted.dataobj), label)
+    assert np.allclose(converted.affine, dwi.affine, atol=1e-4)
+    image = nib.load(str(out / "imagesTr" / "strokecase0001_0000.nii.gz"))
+    assert np.allclose(np.asarray(image.dataobj), dwi.array, atol=1e-3) and np.allclose(image.affine, dwi.affine, atol=1e-4)
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [f"strokecase0002_000{i}.nii.gz" for i in range(3)]
+    # what segpipe (and nnU-Net) read from it
+    m = discover(out)
+    assert m.layout == "nnunet" and list(m.channels) == CHANNELS
+    assert [c.id for c in m.labelled] == ["strokecase0001"] and len(m.cases) == 2
+
+
+def test_studies_that_cannot_be_converted_are_named_and_left_out(exports, tmp_path, caplog):
+    one, two = tmp_path / "strokecase0001", tmp_path / "strokecase0002"
+    shutil.copytree(exports / "strokecase0001", one)
+    shutil.copytree(exports / "strokecase0002", two)
+    label = (np.asarray(nib.load(str(exports / "labels" / "strokecase0001.nii.gz")).dataobj) > 0).astype(np.uint8)
+    _annotate(one, label)
+    _annotate(one, label, name="second_seg.dcm")  # two readers' annotations of one series: which one?
+    out = tmp_path / "ds"
+    report = convert_dicom([one, two], out, CHANNELS)
+    assert list(report.failed) == ["strokecase0001"] and "2 DICOM SEGs refer to the dwi series" in report.failed["strokecase0001"]
+    assert report.unlabelled == ["strokecase0002"]
+    assert not any(p.name.startswith("strokecase0001") for p in out.rglob("*"))  # nothing of the failed study
+    assert json.loads((out / "dataset.json").read_text())["left_out"] == report.failed
+    # an annotation drawn on another channel than the first: say which to list first
+    (one / "SEG" / "second_seg.dcm").unlink()
+    with pytest.raises(SegpipeError, match="none of the 1 studies could be converted"):
+        convert_dicom([one], tmp_path / "ds2", ["flair", "dwi"])
+    assert "drawn on the dwi series, not on the flair series of the first channel; list dwi first" in caplog.text
+    assert not (tmp_path / "ds2").exists()  # nothing converted: no folder
+
+
+def test_bad_options_are_one_line(exports, tmp_path, cli):
+    export = exports / "strokecase0001"
+    with pytest.raises(UsageError, match="--classes: expected background first"):
+        convert_dicom([export], tmp_path / "a", CHANNELS, classes=["lesion"])
+    with pytest.raises(UsageError, match="--series: t1 is not among --channels"):
+        convert_dicom([export], tmp_path / "a", CHANNELS, series={"t1": 3})
+    with pytest.raises(SegpipeError, match="expected a folder of DICOM series"):
+        convert_dicom([tmp_path / "nothing"], tmp_path / "a", CHANNELS)
+    (tmp_path / "taken").mkdir()
+    r = cli("convert", export, "--out", tmp_path / "taken", "--channels", "dwi")
+    assert r.exit_code == 1 and "already exists" in r.output and "Traceback" not in r.output
+    r = cli("convert", export, "--out", tmp_path / "b", "--channels", "dwi", "--dicom-case", "series")
+    assert r.exit_code == 2 and "--dicom-case: expected study or folder" in r.output
