@@ -63,10 +63,12 @@ def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] = ("dwi",
     channel: what to check, and what to give ``segpipe infer --series``, before running a model on it."""
     import logging
 
+    from segpipe.data.convert import find_segmentations
     from segpipe.io.dicom import find_series, format_series_table, select_series
 
     root = Path(root)
     series = find_series(root)
+    segs = find_segmentations(root)
     if not series:
         raise SegpipeError(f"'{root}': no DICOM image series found; point at the folder the scanner export was unpacked into")
     studies: dict[tuple[str, str], list] = {}
@@ -89,6 +91,11 @@ def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] = ("dwi",
                     if "candidate" in str(exc):
                         picks.append(f"{ch}: {len(exc.details)} candidates")
             lines.append(f"  the built-in rules would choose: {', '.join(picks) if picks else 'nothing'}")
+            numbers = {g.uid: g.number for g in group}
+            for seg in (s for s in segs if s.study_uid == uid):  # annotations, for `segpipe convert` (or a SEG of ours)
+                on = [f"#{numbers[r]}" for r in seg.referenced_series if r in numbers] or ["a series not in this export"]
+                lines.append(f"  DICOM SEG {seg.path.relative_to(root) if seg.path.is_relative_to(root) else seg.path} "
+                             f"drawn on {', '.join(on)}")
     finally:
         quiet.setLevel(level)
     lines.append("choose others with `segpipe infer ... --series CHANNEL=NUMBER`, or rules in a config's infer.dicom_rules")

@@ -43,6 +43,9 @@ def test_studies_and_their_seg_become_an_nnunet_dataset(exports, tmp_path, cli):
     label = (np.asarray(label_img.dataobj) > 0).astype(np.uint8)
     assert label.sum() > 0
     _, dwi = _annotate(one, label)
+    r = cli("inspect", one)  # the annotation is listed with the series it is drawn on
+    dwi_number = select_series(find_series(one), ["dwi"])["dwi"][0].number
+    assert r.exit_code == 0 and f"DICOM SEG SEG/annotation_seg.dcm drawn on #{dwi_number}" in r.output, r.output
     out = tmp_path / "Dataset501_Site"
     r = cli("convert", one, two, "--out", out, "--channels", "dwi,adc,flair")
     assert r.exit_code == 0, r.output
