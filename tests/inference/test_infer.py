@@ -159,6 +159,13 @@ def test_dicom_export_segmented_and_seg_reads_back(tiny_model, tmp_path, oblique
     assert measured["Volume"][0] == pytest.approx(int(frames.sum()) * voxel_ml, rel=1e-5)
 
 
+def test_no_dicom_seg_writes_nifti_only(cli, tiny_model, tmp_path):
+    export, _ = _dicom_export(tmp_path / "study")
+    r = cli("infer", "--model", tiny_model, export, "--out", tmp_path / "out", "--no-tta", "--no-dicom-seg")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["study.nii.gz", "summary.csv", "summary.json"]
+
+
 def test_dicom_selection_errors(tmp_path):
     export, _ = _dicom_export(tmp_path / "study")
     series = find_series(export)
