@@ -5,8 +5,8 @@ DICOM series, with the lesions drawn in OHIF, 3D Slicer or MONAI Label and store
 This writes what both segpipe and nnU-Net read (``segpipe manifest DATASET`` discovers it as it is):
 
 - ``imagesTr/{case}_{XXXX}.nii.gz``: per study, one series per channel, chosen and read exactly as
-  ``segpipe infer`` chooses and reads them (description rules, b-values, mosaics, tilt; ``--series``-style
-  overrides through the config's ``infer.dicom_rules``); XXXX is the channel's index;
+  ``segpipe infer`` chooses and reads them (description rules, b-values, mosaics, tilt; ``--series
+  CHANNEL=NUMBER`` for every study, or a config's ``infer.dicom_rules``); XXXX is the channel's index;
 - ``labelsTr/{case}.nii.gz``: the study's SEG that refers to the first channel's series (the reference
   channel, on whose grid segpipe expects labels), its segment numbers as label values, on that series' grid
   (no resampling; frames a viewer left out are background);

@@ -1045,7 +1045,7 @@ def read_dicom_seg(path: str | os.PathLike, shape: Sequence[int], affine: np.nda
     grid = hd.Volume.from_nibabel(nib.Nifti1Image(np.zeros(tuple(shape), np.uint8), np.asarray(affine, np.float64)))
     try:
         matched = volume.match_geometry(grid, tol=1e-3)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise SegpipeError(f"{what} '{path}': its frames do not lie on the grid {tuple(shape)} of the image it is compared with "
                            "(another series, or resampled); the SEG must refer to the same series as the prediction") from None
     return np.asarray(matched.to_nibabel().dataobj).astype(np.uint8)
