@@ -599,27 +599,23 @@ def test_ctrl_c_with_preprocessing_processes_is_one_line(tiny_model, tmp_path):
     cases = [_nifti_case(tmp_path / f"c{i}", seed=i + 1) for i in range(5)]
     cmd = [sys.executable, "-c", "from cli.main import main; main()", "infer", "--model", str(tiny_model), *map(str, cases),
            "--out", str(tmp_path / "out"), "--no-tta", "--preprocess-workers", "2"]
-    # what the command inherits (an ignored or blocked SIGINT would make it deaf to Ctrl-C): said if it fails
-    inherited = f"parent's SIGINT handler {signal.getsignal(signal.SIGINT)}, blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
+    # as from a terminal: Ctrl-C live in the command, whatever this process has (a shell's background job, `cmd &`,
+    # starts with SIGINT ignored and Python keeps it so: the command then rightly ignores Ctrl-C; CI runs had
+    # failed that way, the command segmenting every case and ending with 0)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    seen, sent = [], []
+                            text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen, sent = [], None
     for line in proc.stdout:
         seen.append(line)
         if line.startswith("c0:"):  # the first case is done: the processes are still starting
             os.killpg(proc.pid, signal.SIGINT)
-            sent.append(round(time.monotonic() - start, 1))
+            sent = time.monotonic() - start
             break
-    try:  # a second Ctrl-C, as a user would press it, if the first went unheard (seen twice in ~10 full runs, cause unknown)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGINT)
-        sent.append(round(time.monotonic() - start, 1))
     seen.append(proc.stdout.read())
     proc.wait(timeout=60)
     text = "".join(seen)
-    assert proc.returncode == 130, f"SIGINT sent at {sent} s, ended at {time.monotonic() - start:.1f} s; {inherited}\n{text}"
+    assert proc.returncode == 130, f"SIGINT sent at {sent} s, ended at {time.monotonic() - start:.1f} s\n{text}"
     assert "Traceback" not in text and "KeyboardInterrupt" not in text and "interrupted" in text
     assert (tmp_path / "out" / "c0.nii.gz").is_file()
 
