@@ -32,16 +32,9 @@ import numpy as np
 
 from segpipe.errors import SegpipeError, UsageError
 
-__all__ = ["ConvertReport", "convert_dicom", "find_segmentations"]
+__all__ = ["ConvertReport", "convert_dicom"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SegFile:
-    path: Path
-    study_uid: str
-    referenced_series: tuple[str, ...]
 
 
 @dataclass
@@ -50,24 +43,6 @@ class ConvertReport:
     labelled: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
-
-
-def find_segmentations(folder: str | os.PathLike) -> list[SegFile]:
-    """The DICOM SEG files under ``folder``, with their study and the series they refer to (headers only)."""
-    import pydicom
-
-    found = []
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                                 specific_tags=["Modality", "StudyInstanceUID", "ReferencedSeriesSequence"])
-        except Exception:  # not DICOM, or damaged: find_series names the damaged ones
-            continue
-        if str(ds.get("Modality", "")) != "SEG":
-            continue
-        refs = tuple(str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in item)
-        found.append(SegFile(path, str(ds.get("StudyInstanceUID", "")), refs))
-    return found
 
 
 def convert_dicom(
@@ -85,7 +60,7 @@ def convert_dicom(
     module's docstring). The first channel is the reference: annotations must refer to its series."""
     from segpipe.inference.inputs import dicom_cases
     from segpipe.io.atomic import atomic_path
-    from segpipe.io.dicom import check_series_choice, is_dicom_folder
+    from segpipe.io.dicom import check_series_choice, find_segmentations, is_dicom_folder
 
     channels = [c.lower() for c in channels]
     series = dict(series or {})
@@ -137,17 +112,13 @@ def convert_dicom(
     return report
 
 
-def _convert_case(case: Any, segs: Sequence[SegFile], tmp: Path, channels: Sequence[str], classes: Sequence[str],
+def _convert_case(case: Any, segs: Sequence[Any], tmp: Path, channels: Sequence[str], classes: Sequence[str],
                   rules: Mapping[str, Mapping[str, Any]] | None, forced: Mapping[str, int], allow_uneven: bool) -> bool:
     """Write one study's images (and label); whether it had a label. Nothing of it is left when it fails."""
     from segpipe.io.dicom import read_dicom_seg, read_series, select_series
     from segpipe.io.nifti import save_nifti
 
     chosen = select_series(case.series or [], channels, rules, forced, where=str(case.dicom), one_study=case.one_study)
-    volumes = {}
-    for ch, (info, files) in chosen.items():
-        vol, _, _ = read_series(info, files, allow_uneven=allow_uneven, what=f"channel '{ch}' series")
-        volumes[ch] = vol
     ref_info = chosen[channels[0]][0]
     studies = {info.study_uid for info, _ in chosen.values()}
     mine = [s for s in segs if s.study_uid in studies]
@@ -161,6 +132,10 @@ def _convert_case(case: Any, segs: Sequence[SegFile], tmp: Path, channels: Seque
         if names:
             raise SegpipeError(f"its DICOM SEG ({mine[0].path}) is drawn on the {names[0]} series, not on the {channels[0]} series "
                                f"of the first channel; list {names[0]} first in --channels (labels lie on the first channel's grid)")
+    volumes = {}  # read once the annotations are known to fit
+    for ch, (info, files) in chosen.items():
+        vol, _, _ = read_series(info, files, allow_uneven=allow_uneven, what=f"channel '{ch}' series")
+        volumes[ch] = vol
     written = []
     try:
         label = None

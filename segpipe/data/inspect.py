@@ -63,14 +63,13 @@ def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] = ("dwi",
     channel: what to check, and what to give ``segpipe infer --series``, before running a model on it."""
     import logging
 
-    from segpipe.data.convert import find_segmentations
-    from segpipe.io.dicom import find_series, format_series_table, select_series
+    from segpipe.io.dicom import find_segmentations, find_series, format_series_table, select_series
 
     root = Path(root)
     series = find_series(root)
-    segs = find_segmentations(root)
     if not series:
         raise SegpipeError(f"'{root}': no DICOM image series found; point at the folder the scanner export was unpacked into")
+    segs = find_segmentations(root)
     studies: dict[tuple[str, str], list] = {}
     for s in series:
         studies.setdefault((s.study_uid, s.patient), []).append(s)

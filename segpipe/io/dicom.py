@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_RULES",
     "SeriesInfo",
     "check_series_choice",
+    "find_segmentations",
     "find_series",
     "format_series_table",
     "is_dicom_folder",
@@ -1020,6 +1021,34 @@ def write_dicom_seg(
     with atomic_path(out) as tmp:
         seg.save_as(tmp)
     return out
+
+
+@dataclass
+class SegFile:
+    """A DICOM SEG file: its study and the series it refers to."""
+
+    path: Path
+    study_uid: str
+    referenced_series: tuple[str, ...]
+
+
+
+def find_segmentations(folder: str | os.PathLike) -> list[SegFile]:
+    """The DICOM SEG files under ``folder``, with their study and the series they refer to (headers only)."""
+    import pydicom
+
+    found = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                 specific_tags=["Modality", "StudyInstanceUID", "ReferencedSeriesSequence"])
+        except Exception:  # not DICOM, or damaged: find_series names the damaged ones
+            continue
+        if str(ds.get("Modality", "")) != "SEG":
+            continue
+        refs = tuple(str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in item)
+        found.append(SegFile(path, str(ds.get("StudyInstanceUID", "")), refs))
+    return found
 
 
 def read_dicom_seg(path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray, *, what: str = "mask") -> np.ndarray:
