@@ -12,7 +12,7 @@ from cli._common import handle_errors
 
 @handle_errors
 def evaluate(
-    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted masks, <case id>.nii.gz (what `segpipe infer` writes).", show_default=False)],
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted masks named by case id: CASE.nii.gz (what `segpipe infer` writes), or another tool's (NRRD, MetaImage, DICOM SEG CASE.dcm).", show_default=False)],
     gt: Annotated[Path, typer.Option("--gt", help="Folder of ground-truth masks named by case id (NIfTI, NRRD, MetaImage or DICOM SEG), a dataset folder in a known layout, or a manifest.", show_default=False)],
     protocol: Annotated[str, typer.Option(help="isles22 (Dice, AVD ml, lesion count difference, lesion F1) or wmh17 (Dice, HD95, AVD %, lesion recall, lesion F1).")] = "isles22",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the per-case and mean metrics as JSON.")] = None,

@@ -69,7 +69,7 @@ def inspect(
     training run (fold, loss, progress, best validation score, the last epochs); or list the series of a DICOM
     export and the ones `segpipe infer` would choose.
 
-    For a case, --export-nifti writes image_<channel>.nii.gz, label.nii.gz and sdm_<class>.nii.gz with the
+    For a case, --export-nifti writes image_CHANNEL.nii.gz, label.nii.gz and sdm_CLASS.nii.gz with the
     preprocessed affine (open them in ITK-SNAP or 3D Slicer), and --png draws the channels, the label and the
     distance map (diverging colours) through the slice with the most lesion.
     """

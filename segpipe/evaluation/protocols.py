@@ -175,12 +175,13 @@ def _dataset_labels(root: Path) -> dict[str, Path]:
 
 
 def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tuple[str, Path, Path]]:
-    """(case id, prediction, ground truth) triples. ``gt`` is a folder of masks named by case id (NIfTI, MetaImage, NRRD), a
-    dataset folder in a known layout, or a manifest (its labelled cases). Predictions are
-    ``<case id>.nii.gz`` (what ``segpipe infer`` writes)."""
+    """(case id, prediction, ground truth) triples. ``gt`` is a folder of masks named by case id (NIfTI, MetaImage, NRRD,
+    DICOM SEG), a dataset folder in a known layout, or a manifest (its labelled cases). Predictions are masks named by
+    case id: ``<case id>.nii.gz`` as ``segpipe infer`` writes them, or another tool's (MetaImage, NRRD, DICOM SEG
+    ``<case id>.dcm``/``<case id>_seg.dcm``); NIfTI first where a case has several."""
     if not pred.is_dir():
         raise SegpipeError(f"--pred '{pred}': folder not found; give the folder `segpipe infer --out` wrote")
-    preds = _mask_files(pred)
+    preds = _mask_files(pred, dicom_seg=True)
     # `segpipe infer --save-probabilities` writes <case>_probabilities beside <case>: not a prediction of its own
     preds = {c: p for c, p in preds.items() if not (c.endswith("_probabilities") and c[: -len("_probabilities")] in preds)}
     if gt.is_dir():
@@ -213,6 +214,28 @@ def _load(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[float, .
     return np.asarray(vol.array), vol.affine, tuple(float(z) for z in zooms)
 
 
+def _is_seg(path: Path) -> bool:
+    return path.name.lower().endswith(".dcm")
+
+
+def _load_pair(p_path: Path, g_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Prediction and ground truth (array, affine, voxel size each). A DICOM SEG on one side is placed on the
+    other side's grid; two SEGs on the grid that holds the frames of both."""
+    from segpipe.io.dicom import read_dicom_seg, read_dicom_seg_pair
+
+    if _is_seg(p_path) and _is_seg(g_path):
+        p, g, aff = read_dicom_seg_pair(p_path, g_path, what=("prediction", "ground truth"))
+        zoom = tuple(float(z) for z in spacing_of(aff))
+        return p, aff, zoom, g, aff, zoom
+    if _is_seg(p_path):
+        g, g_aff, g_zoom = _load(g_path, "ground truth")
+        return read_dicom_seg(p_path, g.shape, g_aff, what="prediction"), g_aff, g_zoom, g, g_aff, g_zoom
+    p, p_aff, p_zoom = _load(p_path, "prediction")
+    if _is_seg(g_path):
+        return p, p_aff, p_zoom, read_dicom_seg(g_path, p.shape, p_aff, what="ground truth"), p_aff, p_zoom
+    return (p, p_aff, p_zoom, *_load(g_path, "ground truth"))
+
+
 #: the direction in which each key is better
 HIGHER_IS_BETTER = {"dice": True, "lesion_f1": True, "lesion_recall": True, "avd_ml": False, "avd_pct": False,
                     "lesion_count_diff": False, "hd95": False}
@@ -235,13 +258,7 @@ def _score_case(cid: str, p_path: Path, g_path: Path, protocol: str, sizes: Sequ
         import SimpleITK as sitk
 
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    p, p_aff, p_zoom = _load(p_path, "prediction")
-    if g_path.name.lower().endswith(".dcm"):  # a DICOM SEG: its frames placed on the prediction's grid
-        from segpipe.io.dicom import read_dicom_seg
-
-        g, g_aff, g_zoom = read_dicom_seg(g_path, p.shape, p_aff, what="ground truth"), p_aff, p_zoom
-    else:
-        g, g_aff, g_zoom = _load(g_path, "ground truth")
+    p, p_aff, p_zoom, g, g_aff, g_zoom = _load_pair(p_path, g_path)
     if p.shape != g.shape or not np.allclose(p_zoom, g_zoom, rtol=1e-3):
         raise SegpipeError(
             f"case '{cid}': prediction '{p_path}' is {p.shape} at {tuple(round(z, 4) for z in p_zoom)} mm but the ground truth "

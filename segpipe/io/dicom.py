@@ -1051,6 +1051,31 @@ def find_segmentations(folder: str | os.PathLike) -> list[SegFile]:
     return found
 
 
+def _seg_volume(path: Path, what: str) -> Any:
+    """A DICOM SEG as one highdicom label volume on its own grid (segment numbers as labels)."""
+    import highdicom as hd
+
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as exc:  # pydicom and highdicom raise many types for files that are not a SEG
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SegpipeError(f"{what} '{path}': not a readable DICOM SEG ({reason}); export the mask again (DICOM SEG or NIfTI)") from None
+    try:
+        return seg.get_volume(combine_segments=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SegpipeError(f"{what} '{path}': its segments cannot be combined into one label map ({reason}); a voxel may belong "
+                           "to two segments: export one label per voxel") from None
+
+
+def _to_grid(volume: Any, grid: Any, path: Path, what: str, other: str) -> Any:
+    try:
+        return volume.match_geometry(grid, tol=1e-3)
+    except (RuntimeError, ValueError):
+        raise SegpipeError(f"{what} '{path}': its frames do not lie on the grid {tuple(grid.spatial_shape)} of {other} "
+                           "(another series, or resampled); both must refer to the same series") from None
+
+
 def read_dicom_seg(path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray, *, what: str = "mask") -> np.ndarray:
     """The label map of a DICOM SEG (OHIF, 3D Slicer, MONAI Label, segpipe itself) on the grid ``shape`` /
     ``affine`` (NIfTI's world convention) of an image of the same series: its segment numbers are the labels,
@@ -1060,24 +1085,39 @@ def read_dicom_seg(path: str | os.PathLike, shape: Sequence[int], affine: np.nda
     import nibabel as nib
 
     path = Path(path)
-    try:
-        seg = hd.seg.segread(str(path))
-    except Exception as exc:  # pydicom and highdicom raise many types for files that are not a SEG
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SegpipeError(f"{what} '{path}': not a readable DICOM SEG ({reason}); export the mask again (DICOM SEG or NIfTI)") from None
-    try:
-        volume = seg.get_volume(combine_segments=True)
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SegpipeError(f"{what} '{path}': its segments cannot be combined into one label map ({reason}); a voxel may belong "
-                           "to two segments: export one label per voxel") from None
+    volume = _seg_volume(path, what)
     grid = hd.Volume.from_nibabel(nib.Nifti1Image(np.zeros(tuple(shape), np.uint8), np.asarray(affine, np.float64)))
-    try:
-        matched = volume.match_geometry(grid, tol=1e-3)
-    except (RuntimeError, ValueError):
-        raise SegpipeError(f"{what} '{path}': its frames do not lie on the grid {tuple(shape)} of the image it is compared with "
-                           "(another series, or resampled); the SEG must refer to the same series as the prediction") from None
+    matched = _to_grid(volume, grid, path, what, "the image it is compared with")
     return np.asarray(matched.to_nibabel().dataobj).astype(np.uint8)
+
+
+def read_dicom_seg_pair(first: str | os.PathLike, second: str | os.PathLike, *, what: tuple[str, str] = ("mask", "mask"),
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two DICOM SEGs of the same series (a prediction and its ground truth, say) as label maps on one grid:
+    the smallest box of that series' grid that holds the frames of both (each SEG alone spans only the frames
+    it stores), and that grid's affine (NIfTI's world convention), axes (column, row, frame) as a series is read.
+    Frames neither stores are background."""
+    a_path, b_path = Path(first), Path(second)
+    a, b = _seg_volume(a_path, what[0]), _seg_volume(b_path, what[1])
+    # b's corners in a's voxel indices: both lie on one series' grid, so they are whole numbers
+    corners = np.array([[i, j, k, 1.0] for i in (0, b.spatial_shape[0] - 1) for j in (0, b.spatial_shape[1] - 1)
+                        for k in (0, b.spatial_shape[2] - 1)]).T
+    index = (np.linalg.inv(a.affine) @ b.affine @ corners)[:3]
+    if not np.allclose(index, np.round(index), atol=1e-2):
+        raise SegpipeError(f"{what[1]} '{b_path}': its frames do not lie on the grid of {what[0]} '{a_path}' (another series, or "
+                           "resampled); both must refer to the same series")
+    index = np.round(index).astype(int)
+    shape = np.asarray(a.spatial_shape)
+    before = np.maximum(-index.min(axis=1), 0)
+    after = np.maximum(index.max(axis=1) - (shape - 1), 0)
+    union = a.pad([[int(x), int(y)] for x, y in zip(before, after)], constant_value=0)
+    b = _to_grid(b, union, b_path, what[1], f"{what[0]} '{a_path}'")
+    # highdicom's axes are (frame, row, column); the arrays come out as a series is read (and as dcm2niix
+    # stores it): (column, row, frame), so that slice-wise measures (WMH's in-plane borders) see the slices
+    a_img, b_img = union.to_nibabel(), b.to_nibabel()
+    swap = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], np.float64)
+    return (np.asarray(a_img.dataobj).astype(np.uint8).transpose(2, 1, 0), np.asarray(b_img.dataobj).astype(np.uint8).transpose(2, 1, 0),
+            np.asarray(a_img.affine, np.float64) @ swap)
 
 
 #: the lesion count's concept: no standard code names it, so a private coding scheme (DICOM PS3.16 allows

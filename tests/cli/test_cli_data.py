@@ -23,11 +23,29 @@ def test_version_and_help(cli):
     assert r.exit_code == 0 and "manifest" in r.output and "synth" in r.output
 
 
-@pytest.mark.parametrize("command", ["manifest", "synth", "preprocess", "inspect", "train", "infer", "evaluate"])
+@pytest.mark.parametrize("command", ["manifest", "synth", "convert", "preprocess", "inspect", "train", "infer", "evaluate", "demo"])
 def test_every_command_has_help(cli, command):
     r = cli(command, "--help")
     assert r.exit_code == 0
     assert "Usage" in r.output and len(r.output.splitlines()) > 8
+
+
+def test_help_texts_keep_their_placeholders():
+    """The help is rendered as Markdown, where `<case>` is an HTML tag and vanishes ("image_.nii.gz"): the
+    texts name placeholders in capitals (CASE.nii.gz) or inside backticks."""
+    import re
+
+    import typer
+
+    from cli.main import app
+
+    group = typer.main.get_command(app)
+    texts = []
+    for name, command in group.commands.items():
+        texts.append((name, command.help or ""))
+        texts += [(f"{name} {p.name}", getattr(p, "help", None) or "") for p in command.params]
+    eaten = [(where, m.group(0)) for where, text in texts for m in re.finditer(r"<[A-Za-z][^>]*>", re.sub(r"`[^`]*`", "", text))]
+    assert not eaten
 
 
 def test_synth_then_manifest(cli, tmp_path):

@@ -280,10 +280,8 @@ def test_ground_truth_as_metaimage_or_nrrd_scores_as_nifti(tmp_path, protocol):
         evaluate(pred, other, "isles22", workers=1)
 
 
-def test_ground_truth_as_dicom_seg(tmp_path):
-    """Annotations drawn on the DICOM images (OHIF, 3D Slicer, MONAI Label export DICOM SEG, often without the
-    empty frames) score against NIfTI predictions on that series' grid as the same mask in NIfTI does; a SEG
-    of another grid is one line; segpipe's own <case>_sr.dcm reports are not taken for masks."""
+def _dicom_case(tmp_path):
+    """A DICOM series (8 slices), its grid, and a function writing a mask as a viewer's SEG on it."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -297,6 +295,27 @@ def test_ground_truth_as_dicom_seg(tmp_path):
                        frame_uid=generate_uid())
     info = find_series(tmp_path / "dicom")[0]
     volume, files, index = read_series(info, [str(f) for f in sorted((tmp_path / "dicom").iterdir())])
+    sources = [pydicom.dcmread(f) for f in files]
+
+    def write_seg(mask, path):
+        """as a viewer writes it: frames in the files' order, empty ones left out; returns the frames kept"""
+        frames = np.transpose(mask[:, :, index], (2, 1, 0))
+        desc = hd.seg.SegmentDescription(1, "lesion", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion,
+                                         hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        seg = hd.seg.Segmentation(sources, frames, hd.seg.SegmentationTypeValues.BINARY, [desc], generate_uid(), 9, generate_uid(),
+                                  1, "hospital", "viewer", "1", "0", omit_empty_frames=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seg.save_as(path)
+        return int(seg.NumberOfFrames)
+
+    return volume, write_seg
+
+
+def test_ground_truth_as_dicom_seg(tmp_path):
+    """Annotations drawn on the DICOM images (OHIF, 3D Slicer, MONAI Label export DICOM SEG, often without the
+    empty frames) score against NIfTI predictions on that series' grid as the same mask in NIfTI does; a SEG
+    of another grid is one line; segpipe's own <case>_sr.dcm reports are not taken for masks."""
+    volume, write_seg = _dicom_case(tmp_path)
     gt = np.zeros(volume.array.shape, np.uint8)
     gt[4:9, 5:10, 2:4] = 1
     gt[14:16, 3:5, 6] = 1
@@ -304,16 +323,7 @@ def test_ground_truth_as_dicom_seg(tmp_path):
     pred[4:9, 5:10, 4] = 1  # one slice too many
     write_nifti(tmp_path / "pred" / "c1.nii.gz", pred, volume.affine)
     write_nifti(tmp_path / "gt_nifti" / "c1.nii.gz", gt, volume.affine)
-    # the SEG as a viewer writes it: frames in the files' order, empty ones left out
-    sources = [pydicom.dcmread(f) for f in files]
-    frames = np.transpose(gt[:, :, index], (2, 1, 0))
-    desc = hd.seg.SegmentDescription(1, "lesion", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion,
-                                     hd.seg.SegmentAlgorithmTypeValues.MANUAL)
-    seg = hd.seg.Segmentation(sources, frames, hd.seg.SegmentationTypeValues.BINARY, [desc], generate_uid(), 9, generate_uid(), 1,
-                              "hospital", "viewer", "1", "0", omit_empty_frames=True)
-    assert int(seg.NumberOfFrames) == 3  # of 8 slices
-    (tmp_path / "gt").mkdir()
-    seg.save_as(tmp_path / "gt" / "c1_seg.dcm")
+    assert write_seg(gt, tmp_path / "gt" / "c1_seg.dcm") == 3  # of 8 slices
     (tmp_path / "gt" / "c1_sr.dcm").write_bytes(b"a report, not a mask")
     want = evaluate(tmp_path / "pred", tmp_path / "gt_nifti", "isles22")["cases"]["c1"]
     got = evaluate(tmp_path / "pred", tmp_path / "gt", "isles22")["cases"]["c1"]
@@ -325,3 +335,40 @@ def test_ground_truth_as_dicom_seg(tmp_path):
     (tmp_path / "gt" / "c1_seg.dcm").write_bytes(b"not DICOM at all")
     with pytest.raises(SegpipeError, match=r"ground truth '.*c1_seg.dcm': not a readable DICOM SEG"):
         evaluate(tmp_path / "pred", tmp_path / "gt", "isles22", workers=1)
+
+
+@pytest.mark.parametrize("protocol", ["isles22", "wmh17"])
+def test_predictions_as_dicom_seg_score_as_nifti(tmp_path, protocol):
+    """Another tool's results as DICOM SEG (a vendor's AI, a viewer) score as the same masks in NIfTI do, against
+    NIfTI or DICOM SEG ground truth. Two SEGs that store different frames are compared on the grid holding both:
+    a false positive on a slice the ground truth's SEG leaves out still counts."""
+    volume, write_seg = _dicom_case(tmp_path)
+    gt = np.zeros(volume.array.shape, np.uint8)
+    gt[4:9, 5:10, 2:4] = 1
+    gt[14:16, 3:5, 5] = 1
+    pred = gt.copy()
+    pred[4:9, 5:10, 4] = 1
+    pred[12:14, 12:15, 0] = 1  # a false positive on a slice outside the ground truth's frames (2-5)
+    pred[14:16, 3:5, 5] = 0  # a missed lesion
+    for name, mask in (("pred_nifti", pred), ("gt_nifti", gt)):
+        write_nifti(tmp_path / name / "c1.nii.gz", mask, volume.affine)
+    assert write_seg(pred, tmp_path / "pred_seg" / "c1.dcm") == 4
+    assert write_seg(gt, tmp_path / "gt_seg" / "c1_seg.dcm") == 3
+    want = evaluate(tmp_path / "pred_nifti", tmp_path / "gt_nifti", protocol)["cases"]["c1"]
+    assert 0.3 < want["dice"] < 0.9 and want["lesion_f1"] < 1
+    for gt_dir in ("gt_nifti", "gt_seg"):
+        got = evaluate(tmp_path / "pred_seg", tmp_path / gt_dir, protocol, workers=1)["cases"]["c1"]
+        assert got == pytest.approx(want, nan_ok=True), gt_dir
+    # both SEGs, but of different series (the prediction's drawn on a shifted grid): one line naming the files
+    shifted = tmp_path / "shifted"
+    _, write_other = _dicom_case(shifted)
+    import pydicom
+
+    write_other(pred, tmp_path / "pred_other" / "c1.dcm")
+    ds = pydicom.dcmread(tmp_path / "pred_other" / "c1.dcm")
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        pos = item.PlanePositionSequence[0].ImagePositionPatient
+        item.PlanePositionSequence[0].ImagePositionPatient = [float(pos[0]) + 0.45, pos[1], pos[2]]
+    ds.save_as(tmp_path / "pred_other" / "c1.dcm")
+    with pytest.raises(SegpipeError, match=r"ground truth '.*c1_seg.dcm': its frames do not lie on the grid of prediction '.*c1.dcm'"):
+        evaluate(tmp_path / "pred_other", tmp_path / "gt_seg", protocol, workers=1)
