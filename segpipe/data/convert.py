@@ -60,7 +60,7 @@ def convert_dicom(
     module's docstring). The first channel is the reference: annotations must refer to its series."""
     from segpipe.inference.inputs import dicom_cases
     from segpipe.io.atomic import atomic_path
-    from segpipe.io.dicom import check_series_choice, find_segmentations, is_dicom_folder
+    from segpipe.io.dicom import check_series_choice, is_dicom_folder, scan_export
 
     channels = [c.lower() for c in channels]
     series = dict(series or {})
@@ -88,8 +88,8 @@ def convert_dicom(
         (tmp / "labelsTr").mkdir()
         (tmp / "imagesTs").mkdir()
         for folder in folders:
-            segs = find_segmentations(folder)
-            for case in dicom_cases(folder, by_study=by_study):
+            found, segs = scan_export(folder)  # one pass over the headers: series and annotations
+            for case in dicom_cases(folder, by_study=by_study, series=found):
                 if case.id in report.labelled or case.id in report.unlabelled:
                     report.failed[f"{case.id} ({folder})"] = f"case id '{case.id}' taken by a study of an earlier EXPORT"
                     log.error("case '%s' of '%s' left out: the id is taken by a study of an earlier EXPORT", case.id, folder)

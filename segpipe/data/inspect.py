@@ -63,13 +63,12 @@ def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] = ("dwi",
     channel: what to check, and what to give ``segpipe infer --series``, before running a model on it."""
     import logging
 
-    from segpipe.io.dicom import find_segmentations, find_series, format_series_table, select_series
+    from segpipe.io.dicom import format_series_table, scan_export, select_series
 
     root = Path(root)
-    series = find_series(root)
+    series, segs = scan_export(root)
     if not series:
         raise SegpipeError(f"'{root}': no DICOM image series found; point at the folder the scanner export was unpacked into")
-    segs = find_segmentations(root)
     studies: dict[tuple[str, str], list] = {}
     for s in series:
         studies.setdefault((s.study_uid, s.patient), []).append(s)

@@ -260,13 +260,14 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
     return cases
 
 
-def dicom_cases(folder: Path, by_study: bool = True) -> list[CaseInput]:
+def dicom_cases(folder: Path, by_study: bool = True, series: list[Any] | None = None) -> list[CaseInput]:
     """A DICOM folder: one case per study in it (a PACS export of several examinations is a batch). Each is
     named after the subfolder that holds it when the studies have subfolders of their own, else numbered.
-    Not ``by_study``: the folder is one case."""
+    Not ``by_study``: the folder is one case. ``series``: the folder's, when already found."""
     from segpipe.io.dicom import find_series
 
-    series = find_series(folder)
+    if series is None:
+        series = find_series(folder)
     if not by_study:
         return [CaseInput(folder.resolve().name, dicom=folder, source=str(folder), series=series or None, one_study=False)]
     studies: dict[str, list[Any]] = {}

@@ -45,7 +45,9 @@ __all__ = [
     "is_dicom_folder",
     "mosaic_tiles",
     "read_dicom_seg",
+    "read_dicom_seg_pair",
     "read_series",
+    "scan_export",
     "select_series",
     "write_dicom_report",
     "write_dicom_seg",
@@ -199,8 +201,15 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
     folders), grouped by SeriesInstanceUID. Each file's header is read once (pydicom, without its pixel
     data): a flat export of many series costs one pass, where asking GDCM for each series' files rescanned the
     folder once per series (2000 files in 20 series: 14 s, now 1.5; `python -m benchmarks.dicom_scan`)."""
+    return scan_export(root)[0]
+
+
+def scan_export(root: str | os.PathLike) -> tuple[list[SeriesInfo], list[SegFile]]:
+    """The image series under ``root`` (:func:`find_series`) and its DICOM SEG files
+    (:func:`find_segmentations`), from one pass over the headers."""
     root = Path(root)
     found: dict[str, SeriesInfo] = {}
+    segs: list[SegFile] = []
     unreadable: list[Path] = []
     for dirpath, dirnames, files in os.walk(root):
         dirnames.sort()
@@ -212,6 +221,10 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
             if kind == "damaged":
                 unreadable.append(path)
             if kind != "image":
+                continue
+            if str(ds.get("Modality", "")) == "SEG":
+                refs = tuple(str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in item)
+                segs.append(SegFile(path, str(ds.get("StudyInstanceUID", "")), refs))
                 continue
             multiframe = int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds \
                 and str(ds.get("Modality", "")) != "SEG"
@@ -246,7 +259,7 @@ def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
     if unreadable:
         log.warning("%d DICOM file(s) under '%s' cannot be read and belong to no series (damaged or cut short?), e.g. '%s'; "
                     "copy the export again", len(unreadable), root, unreadable[0])
-    return sorted(found.values(), key=lambda s: (s.number if s.number is not None else 1 << 30, s.description))
+    return sorted(found.values(), key=lambda s: (s.number if s.number is not None else 1 << 30, s.description)), segs
 
 
 def format_series_table(series: Sequence[SeriesInfo]) -> list[str]:
@@ -1034,21 +1047,9 @@ class SegFile:
 
 
 def find_segmentations(folder: str | os.PathLike) -> list[SegFile]:
-    """The DICOM SEG files under ``folder``, with their study and the series they refer to (headers only)."""
-    import pydicom
-
-    found = []
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                                 specific_tags=["Modality", "StudyInstanceUID", "ReferencedSeriesSequence"])
-        except Exception:  # not DICOM, or damaged: find_series names the damaged ones
-            continue
-        if str(ds.get("Modality", "")) != "SEG":
-            continue
-        refs = tuple(str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in item)
-        found.append(SegFile(path, str(ds.get("StudyInstanceUID", "")), refs))
-    return found
+    """The DICOM SEG files under ``folder``, with their study and the series they refer to (headers only;
+    :func:`scan_export` gives them with the image series from the same pass)."""
+    return scan_export(folder)[1]
 
 
 def _seg_volume(path: Path, what: str) -> Any:

@@ -35,7 +35,7 @@ def exports(tmp_path_factory):
     return root
 
 
-def test_studies_and_their_seg_become_an_nnunet_dataset(exports, tmp_path, cli):
+def test_studies_and_their_seg_become_an_nnunet_dataset(exports, tmp_path, cli, monkeypatch):
     one, two = tmp_path / "strokecase0001", tmp_path / "strokecase0002"
     shutil.copytree(exports / "strokecase0001", one)
     shutil.copytree(exports / "strokecase0002", two)
@@ -47,8 +47,18 @@ def test_studies_and_their_seg_become_an_nnunet_dataset(exports, tmp_path, cli):
     dwi_number = select_series(find_series(one), ["dwi"])["dwi"][0].number
     assert r.exit_code == 0 and f"DICOM SEG SEG/annotation_seg.dcm drawn on #{dwi_number}" in r.output, r.output
     out = tmp_path / "Dataset501_Site"
+    import collections
+
+    import pydicom
+
+    opened: collections.Counter = collections.Counter()
+    dcmread = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda fp, *a, **k: opened.update([str(fp)]) or dcmread(fp, *a, **k))
     r = cli("convert", one, two, "--out", out, "--channels", "dwi,adc,flair")
     assert r.exit_code == 0, r.output
+    # one pass over the headers finds the series and the SEGs (then the chosen series are read): a PACS export of
+    # thousands of files is not scanned twice
+    assert max(opened.values()) <= 2, opened.most_common(3)
     assert "1 annotated studies" in r.output and f"segpipe manifest {out}" in r.output
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "dwi", "1": "adc", "2": "flair"} and meta["labels"] == {"background": 0, "lesion": 1}
