@@ -60,12 +60,17 @@ def infer(
     dicom_seg: Annotated[
         bool, typer.Option("--dicom-seg/--no-dicom-seg", help="For DICOM input, also write the DICOM SEG and the SR with the lesion volumes.")
     ] = True,
+    dicom_overlay: Annotated[
+        bool, typer.Option("--dicom-overlay", help="For DICOM input, also write CASE_overlay/: a copy of the series with the lesion "
+                           "outlines as DICOM overlay planes, for PACS viewers that do not show DICOM SEG.")
+    ] = False,
 ) -> None:
     """Segment scans with a trained model; masks come out in each input's own geometry.
 
     The checkpoint holds the preprocessing plan, so nothing else is needed. NIfTI outputs keep the input's
     affine and header codes; DICOM exports also get a DICOM SEG referencing the source series and a DICOM SR
-    with each segment's lesion volume and count (--no-dicom-seg: NIfTI only). A failing case
+    with each segment's lesion volume and count (--no-dicom-seg: NIfTI only); --dicom-overlay adds a copy of
+    the series with the outlines as overlay planes, for viewers without DICOM SEG. A failing case
     is reported and the others go on (exit code 1 at the end).
     """
     from segpipe.config import load_config
@@ -77,6 +82,7 @@ def infer(
     report = run(model, inputs or [], out, channel_map=parse_pairs(channel, "--channel"), tta=tta, device=device,
                  min_lesion_mm3=min_lesion_mm3, save_probabilities=save_probabilities,
                  series=parse_pairs(series, "--series", as_int=True), allow_uneven=allow_uneven, workers=workers, dicom_seg=dicom_seg,
+                 dicom_overlay=dicom_overlay,
                  preprocess_workers=preprocess_workers, skip_existing=skip_existing, cross_validation=cross_validation,
                  dicom_case=dicom_case, overlap=overlap,
                  infer_config=infer_config, progress=track)

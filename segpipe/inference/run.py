@@ -60,6 +60,8 @@ def _expected_outputs(case: CaseInput, opt: _Options) -> list[str]:
         names.append(f"{case.id}_probabilities.nii.gz")
     if case.dicom is not None and opt.dicom_seg:
         names += [f"{case.id}_seg.dcm", f"{case.id}_sr.dcm"]
+    if case.dicom is not None and opt.dicom_overlay:
+        names.append(f"{case.id}_overlay")  # a folder
     return names
 
 
@@ -104,6 +106,7 @@ class _Options:
     dicom_seg: bool
     overlap: float | None = None  # None: the model's (or --config's) infer.overlap
     model_sha256: tuple[str, ...] = ()  # one per model, recorded in the DICOM SEG and SR
+    dicom_overlay: bool = False
 
 
 def _guarded(case: CaseInput, step: Any, *args: Any) -> tuple[str, Any]:
@@ -159,17 +162,26 @@ def _write(plan: Any, case: CaseInput, ref_files: list[str], ref_index: list[int
         written.append(save_nifti(out / f"{case.id}_probabilities.nii.gz", fg, pred.reference.affine, header=header,
                                   dtype=np.float32))
     stats = pred.lesion_stats(plan.classes)
+    from segpipe import __version__
+
+    # which model(s) made it, in the DICOM files themselves
+    used = [opt.model_sha256[i] for i in case.members] if case.members is not None else list(opt.model_sha256)
+    params = {"model_sha256": " ".join(used)} if used else None
     if case.dicom is not None and opt.dicom_seg:
-        from segpipe import __version__
         from segpipe.io.dicom import write_dicom_report, write_dicom_seg
 
-        # which model(s) made it, in the files themselves
-        used = [opt.model_sha256[i] for i in case.members] if case.members is not None else list(opt.model_sha256)
-        params = {"model_sha256": " ".join(used)} if used else None
         seg = write_dicom_seg(pred.mask, ref_files, out / f"{case.id}_seg.dcm", classes=plan.classes,
                               source_index=ref_index, version=__version__, parameters=params)
         written += [seg, write_dicom_report(seg, ref_files, out / f"{case.id}_sr.dcm", lesions=stats, classes=plan.classes,
                                             version=__version__, parameters=params)]
+    if case.dicom is not None and opt.dicom_overlay:
+        from segpipe.io.dicom import write_dicom_overlay
+
+        try:
+            written.append(write_dicom_overlay(pred.mask, ref_files, out / f"{case.id}_overlay", classes=plan.classes,
+                                               source_index=ref_index, version=__version__, parameters=params))
+        except SegpipeError as exc:  # a series DICOM gives no overlay planes: the other outputs stand
+            log.warning("case '%s': no overlay series: %s", case.id, exc)
     seconds = {**pred.seconds, "write": time.perf_counter() - t}
     seconds["total"] = sum(seconds.values())
     total = ", ".join(f"{k} {v['lesions']} lesions, {v['volume_ml']:.2f} ml" for k, v in stats.items())
@@ -395,6 +407,7 @@ def infer(
     series: Mapping[str, int] | None = None,
     allow_uneven: bool = False,
     dicom_seg: bool = True,
+    dicom_overlay: bool = False,
     workers: int = 1,
     preprocess_workers: int | None = None,
     skip_existing: bool = False,
@@ -439,7 +452,8 @@ def infer(
         raise UsageError(f"--overlap: expected a fraction of the window in [0, 1) (nnU-Net and the default: 0.5), got {overlap:g}")
     start = time.perf_counter()
     opt = _Options(tta, float(min_lesion_mm3) if min_lesion_mm3 is not None else None, save_probabilities,
-                   dict(series or {}), allow_uneven, dicom_seg, float(overlap) if overlap is not None else None)
+                   dict(series or {}), allow_uneven, dicom_seg, float(overlap) if overlap is not None else None,
+                   dicom_overlay=dicom_overlay)
     report = InferReport()
     pre = 0
     if workers == 1:
@@ -472,7 +486,7 @@ def infer(
         if made_by is not None and made_by != list(sources):
             log.warning("--skip-existing: the outputs in %s were made with %s, this run uses %s; the cases left as they are "
                         "keep the other model's masks", out, ", ".join(made_by), ", ".join(sources))
-        todo = [c for c in cases if not all((out / f).is_file() for f in _expected_outputs(c, opt))]
+        todo = [c for c in cases if not all((out / f).exists() for f in _expected_outputs(c, opt))]
         left = {c.id for c in todo}
         report.skipped = {c.id: previous.get(c.id, {"input": c.source, "outputs": _expected_outputs(c, opt)})
                           for c in cases if c.id not in left}

@@ -49,6 +49,7 @@ __all__ = [
     "read_series",
     "scan_export",
     "select_series",
+    "write_dicom_overlay",
     "write_dicom_report",
     "write_dicom_seg",
     "write_dicom_series",
@@ -941,35 +942,13 @@ def _share_geometry(sources: Sequence[Any]) -> None:
                 ds[key].value = first[key].value
 
 
-def write_dicom_seg(
-    mask: np.ndarray,
-    source_files: Sequence[str],
-    out: str | os.PathLike,
-    *,
-    classes: Sequence[str],
-    series_number: int = 900,
-    algorithm: str = "segpipe",
-    version: str = "0",
-    source_index: Sequence[int] | None = None,
-    parameters: Mapping[str, str] | None = None,
-) -> Path:
-    """A binary DICOM SEG (one segment per foreground class) that references the source series. ``mask`` is
-    on the source series' grid as :func:`read_series` gives it ((x, y, z), z in ``source_files`` order, or
-    the slice ``source_index`` gives for each file (each frame of a multi-frame file; -1: empty)). ``parameters``
-    go into the algorithm's identification (AlgorithmParameters, ``key=value`` joined by commas)."""
+def _source_frames(mask: np.ndarray, sources: Sequence[Any], source_index: Sequence[int] | None) -> tuple[np.ndarray, Any, list[int]]:
+    """``mask`` (on the grid :func:`read_series` gives) as the source images' own frames, (frames, rows,
+    columns): one per classic file, the tiled frame of a Siemens mosaic, or the segmented frames of an
+    enhanced multi-frame file (then also their plane positions and frame numbers, 0-based). A tilted series
+    was shifted onto a grid square to its slices when read: the mask is shifted back onto them."""
     import highdicom as hd
-    import pydicom
-    from pydicom.sr.codedict import codes
 
-    from segpipe.io.atomic import atomic_path
-
-    sources = [pydicom.dcmread(f, force=True) for f in source_files]
-    for ds in sources:  # highdicom copies these; anonymised exports may lack them (type 2: present, possibly empty)
-        for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
-                    "AccessionNumber", "ReferringPhysicianName"):
-            if key not in ds:
-                setattr(ds, key, "")
-    _share_geometry(sources)
     mask = np.asarray(mask, dtype=np.uint8)
     positions, used = None, []
     tiles = mosaic_tiles(sources[0]) if len(sources) == 1 else None
@@ -999,7 +978,39 @@ def write_dicom_seg(
             shifts = tilt_shifts([planes[index.index(0)][1], *(p[1] for p in planes)], iop, ps)  # type: ignore[index]
             if shifts is not None:
                 mask = _shift_slices(mask, -shifts[1:], order=0)
-    frames = np.transpose(mask, (2, 1, 0))  # (slices, rows, columns)
+    return np.transpose(mask, (2, 1, 0)), positions, used  # (frames, rows, columns)
+
+
+def write_dicom_seg(
+    mask: np.ndarray,
+    source_files: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    classes: Sequence[str],
+    series_number: int = 900,
+    algorithm: str = "segpipe",
+    version: str = "0",
+    source_index: Sequence[int] | None = None,
+    parameters: Mapping[str, str] | None = None,
+) -> Path:
+    """A binary DICOM SEG (one segment per foreground class) that references the source series. ``mask`` is
+    on the source series' grid as :func:`read_series` gives it ((x, y, z), z in ``source_files`` order, or
+    the slice ``source_index`` gives for each file (each frame of a multi-frame file; -1: empty)). ``parameters``
+    go into the algorithm's identification (AlgorithmParameters, ``key=value`` joined by commas)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from segpipe.io.atomic import atomic_path
+
+    sources = [pydicom.dcmread(f, force=True) for f in source_files]
+    for ds in sources:  # highdicom copies these; anonymised exports may lack them (type 2: present, possibly empty)
+        for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+                    "AccessionNumber", "ReferringPhysicianName"):
+            if key not in ds:
+                setattr(ds, key, "")
+    _share_geometry(sources)
+    frames, positions, used = _source_frames(mask, sources, source_index)
     algo = hd.AlgorithmIdentificationSequence(name=algorithm, version=version, family=codes.cid7162.ArtificialIntelligence,
                                               parameters=dict(parameters) if parameters else None)
     descriptions = [
@@ -1033,6 +1044,83 @@ def write_dicom_seg(
     out = Path(out)
     with atomic_path(out) as tmp:
         seg.save_as(tmp)
+    return out
+
+
+def write_dicom_overlay(
+    mask: np.ndarray,
+    source_files: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    classes: Sequence[str],
+    series_number: int = 902,
+    algorithm: str = "segpipe",
+    version: str = "0",
+    source_index: Sequence[int] | None = None,
+    parameters: Mapping[str, str] | None = None,
+) -> Path:
+    """A derived copy of the source series in the folder ``out``: each image as it was (pixels, geometry,
+    window), in a new series, with each foreground class's outline as a DICOM overlay plane (groups 6000,
+    6002, ...; drawn just outside the lesion, so that its own pixels stay visible). For PACS viewers that do
+    not display DICOM SEG: overlays are part of the MR and CT image objects since ACR-NEMA, and viewers show
+    and hide them. ``mask`` and ``source_index`` as for :func:`write_dicom_seg`. Classic series (one file
+    per slice) and Siemens mosaics; enhanced multi-frame images have no overlay planes in DICOM: refused."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import pack_bits
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import generate_uid
+    from scipy import ndimage
+
+    from segpipe.io.atomic import atomic_path
+
+    if len(classes) - 1 > 16:
+        raise SegpipeError(f"DICOM overlay: {len(classes) - 1} classes, but DICOM has 16 overlay planes; write the DICOM SEG instead")
+    sources = [pydicom.dcmread(f, force=True) for f in source_files]
+    if len(sources) == 1 and "PerFrameFunctionalGroupsSequence" in sources[0]:
+        raise SegpipeError(f"DICOM overlay: the series of '{source_files[0]}' is an enhanced multi-frame image, which has no overlay "
+                           "planes in DICOM; its DICOM SEG holds the mask")
+    frames, _, _ = _source_frames(mask, sources, source_index)
+    tiles = mosaic_tiles(sources[0]) if len(sources) == 1 and source_index is not None else None
+    grid = int(np.ceil(np.sqrt(tiles))) if tiles else 1
+    cross = ndimage.generate_binary_structure(2, 1)[None, None]  # in-plane, and within a mosaic's tile
+
+    def outline(lesion: np.ndarray) -> np.ndarray:  # the pixels just outside the lesion
+        rows, cols = lesion.shape
+        split = lesion.reshape(grid, rows // grid, grid, cols // grid).transpose(0, 2, 1, 3)
+        ring = ndimage.binary_dilation(split, cross) & ~split
+        return ring.transpose(0, 2, 1, 3).reshape(rows, cols)
+    series_uid = generate_uid()
+    described = "; ".join(f"{k}={v}" for k, v in (parameters or {}).items())
+    out = Path(out)
+    with atomic_path(out, directory=True) as tmp:
+        for n, (ds, frame) in enumerate(zip(sources, frames)):
+            ref_class, ref_uid = ds.SOPClassUID, ds.SOPInstanceUID
+            for tag in [t for t in ds.keys() if 0x6000 <= t.group <= 0x601E]:  # overlays the image had: not ours
+                del ds[tag]
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.SeriesInstanceUID = series_uid
+            ds.SeriesNumber = series_number
+            ds.SeriesDescription = f"{algorithm} lesion outline (overlay)"[:64]
+            ds.ImageType = ["DERIVED", "SECONDARY", *list(ds.get("ImageType", []))[2:]]
+            ds.DerivationDescription = f"{algorithm} {version} lesion outlines as overlay planes{'; ' + described if described else ''}"[:1024]
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ref_class, ref_uid
+            ds.SourceImageSequence = DicomSequence([ref])
+            for k in range(1, len(classes)):
+                ring = outline(frame == k)
+                group = 0x6000 + 2 * (k - 1)
+                ds.add_new((group, 0x0010), "US", int(ds.Rows))
+                ds.add_new((group, 0x0011), "US", int(ds.Columns))
+                ds.add_new((group, 0x0022), "LO", f"{algorithm} {classes[k]} outline"[:64])
+                ds.add_new((group, 0x0040), "CS", "G")
+                ds.add_new((group, 0x0050), "SS", [1, 1])
+                ds.add_new((group, 0x0100), "US", 1)
+                ds.add_new((group, 0x0102), "US", 0)
+                ds.add_new((group, 0x1500), "LO", classes[k][:64])
+                ds.add_new((group, 0x3000), "OW", pack_bits(ring.astype(np.uint8).ravel()))
+            ds.save_as(tmp / f"IM{n + 1:04d}.dcm", enforce_file_format=True)
     return out
 
 

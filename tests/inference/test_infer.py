@@ -166,6 +166,47 @@ def test_no_dicom_seg_writes_nifti_only(cli, tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["study.nii.gz", "summary.csv", "summary.json"]
 
 
+def _outline(mask2d: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask2d, ndimage.generate_binary_structure(2, 1)) & ~mask2d
+
+
+def test_dicom_overlay_outlines_the_seg_on_a_copy_of_the_series(cli, tiny_model, tmp_path):
+    """--dicom-overlay: for viewers without DICOM SEG, a new series of the reference images, pixel for pixel and
+    place for place, with the outline around each SEG lesion as an overlay plane."""
+    export, info = _dicom_export(tmp_path / "study")
+    out = tmp_path / "out"
+    r = cli("infer", "--model", tiny_model, export, "--out", out, "--no-tta", "--dicom-overlay")
+    assert r.exit_code == 0, r.output
+    seg = pydicom.dcmread(str(out / "study_seg.dcm"))
+    seg_frame = {item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: frame
+                 for item, frame in zip(seg.PerFrameFunctionalGroupsSequence, seg.pixel_array)}
+    sources = {}
+    for f in (export / "DICOM" / "0001").iterdir():
+        ds = pydicom.dcmread(str(f))
+        sources[ds.SOPInstanceUID] = ds
+    files = sorted((out / "study_overlay").iterdir())
+    assert len(files) == 24
+    copies = [pydicom.dcmread(str(f)) for f in files]
+    assert len({c.SeriesInstanceUID for c in copies}) == 1 and copies[0].SeriesInstanceUID != info["dwi_uid"]
+    drawn = 0
+    for copy in copies:
+        source = sources[copy.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert copy.SOPInstanceUID != source.SOPInstanceUID and copy.StudyInstanceUID == source.StudyInstanceUID
+        assert copy.PixelData == source.PixelData and copy.ImagePositionPatient == source.ImagePositionPatient
+        assert copy.ImageOrientationPatient == source.ImageOrientationPatient and "DERIVED" in copy.ImageType
+        lesion = seg_frame[source.SOPInstanceUID].astype(bool)
+        overlay = copy.overlay_array(0x6000).astype(bool)
+        assert np.array_equal(overlay, _outline(lesion))
+        assert copy[0x6000, 0x1500].value == "lesion"
+        drawn += int(overlay.sum())
+    assert drawn > 0
+    # --skip-existing counts the overlay folder among the case's outputs
+    r = cli("infer", "--model", tiny_model, export, "--out", out, "--no-tta", "--dicom-overlay", "--skip-existing")
+    assert r.exit_code == 0 and "1 skipped" in r.output, r.output
+
+
 def test_dicom_selection_errors(tmp_path):
     export, _ = _dicom_export(tmp_path / "study")
     series = find_series(export)
@@ -805,15 +846,17 @@ def test_enhanced_multiframe_reads_like_the_classic_series(tmp_path):
 
 
 @pytest.mark.parametrize("per_frame_geometry", [False, True])
-def test_enhanced_multiframe_export_is_segmented_and_seg_references_its_frames(tiny_model, tmp_path, per_frame_geometry):
+def test_enhanced_multiframe_export_is_segmented_and_seg_references_its_frames(tiny_model, tmp_path, per_frame_geometry, caplog):
     """Also with orientation and spacing in every frame's groups (as Philips exports them), where highdicom
-    wants them shared."""
+    wants them shared. An overlay copy (enhanced images have no overlay planes) is left out with a warning."""
     case = _case(3)
     study, frame = generate_uid(), generate_uid()
     enhanced = _export_with_enhanced_dwi(tmp_path / "enh", case, study, frame, per_frame_geometry=per_frame_geometry)
     classic = _export_with_enhanced_dwi(tmp_path / "cls", case, study, frame, enhanced=False)
-    report = infer(tiny_model, [enhanced, classic], tmp_path / "out", tta=False)
+    report = infer(tiny_model, [enhanced, classic], tmp_path / "out", tta=False, dicom_overlay=True)
     assert not report.failed, report.failed
+    assert (tmp_path / "out" / "cls_overlay").is_dir() and not (tmp_path / "out" / "enh_overlay").exists()
+    assert "case 'enh': no overlay series: DICOM overlay: the series of" in caplog.text
     m_e = np.asanyarray(nib.load(str(tmp_path / "out" / "enh.nii.gz")).dataobj)
     m_c = np.asanyarray(nib.load(str(tmp_path / "out" / "cls.nii.gz")).dataobj)
     assert m_e.shape == m_c.shape and (m_e != m_c).mean() < 0.002  # same case; only the 16-bit quantisation differs
@@ -1231,7 +1274,7 @@ def test_siemens_mosaic_unpacked_like_the_slices_it_tiles(tiny_model, tmp_path):
         assert sorted(got[2]) == list(range(24))
     out_classic, out_mosaic = tmp_path / "out_classic", tmp_path / "out_mosaic"
     assert not infer(tiny_model, [classic], out_classic, tta=False).failed
-    report = infer(tiny_model, [mosaic], out_mosaic, tta=False)
+    report = infer(tiny_model, [mosaic], out_mosaic, tta=False, dicom_overlay=True)
     assert not report.failed, report.failed
     mask = np.asanyarray(nib.load(str(out_mosaic / f"{mosaic.name}.nii.gz")).dataobj)
     assert np.array_equal(mask, np.asanyarray(nib.load(str(out_classic / f"{classic.name}.nii.gz")).dataobj)) and mask.any()
@@ -1242,6 +1285,13 @@ def test_siemens_mosaic_unpacked_like_the_slices_it_tiles(tiny_model, tmp_path):
     frame = seg.pixel_array.reshape(5, 40, 5, 40).transpose(0, 2, 1, 3).reshape(25, 40, 40)[:24]  # tiles, each (rows, columns)
     volume = read_series(*select_series(find_series(mosaic), ["dwi"])["dwi"])
     assert np.array_equal(np.transpose(frame, (2, 1, 0))[:, :, np.argsort(volume[2])], mask.astype(bool))
+    # --dicom-overlay on a mosaic: the one image copied, the outlines drawn in its tiles
+    (copy,) = sorted((out_mosaic / f"{mosaic.name}_overlay").iterdir())
+    copy = pydicom.dcmread(str(copy))
+    assert copy.PixelData == source.PixelData
+    tiles = copy.overlay_array(0x6000).reshape(5, 40, 5, 40).transpose(0, 2, 1, 3).reshape(25, 40, 40).astype(bool)
+    expected = seg.pixel_array.reshape(5, 40, 5, 40).transpose(0, 2, 1, 3).reshape(25, 40, 40).astype(bool)
+    assert all(np.array_equal(t, _outline(e)) for t, e in zip(tiles, expected)) and tiles.any()
 
 
 def test_siemens_mosaic_with_the_csa_header_matches_nibabel(tmp_path):
