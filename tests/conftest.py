@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -47,11 +48,20 @@ def cli():
     from cli.main import app
 
     runner = CliRunner()
+    logger = logging.getLogger("segpipe")
+    before = (logger.level, logger.propagate)
 
     def run(*args: str):
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
-    return run
+    yield run
+    # the command's log handler writes to the runner's stream, closed by now: later tests' log records would
+    # print "--- Logging error ---"; and caplog needs the records to propagate again
+    for h in list(logger.handlers):
+        if getattr(h, "_segpipe_cli", False):
+            logger.removeHandler(h)
+    logger.setLevel(before[0])
+    logger.propagate = before[1]
 
 
 @pytest.fixture(scope="session")
