@@ -57,7 +57,8 @@ def preprocess(
 
 @handle_errors
 def inspect(
-    cache: Annotated[Path, typer.Argument(help="Cache folder made by `segpipe preprocess`, a run folder of `segpipe train`, or a DICOM export.",
+    cache: Annotated[Path, typer.Argument(help="Cache folder made by `segpipe preprocess`, a run folder of `segpipe train`, a model "
+                                          "(checkpoint, or a folder of the folds' runs, as `segpipe infer --model` takes it), or a DICOM export.",
                                           show_default=False)],
     case: Annotated[str | None, typer.Argument(help="A case id: show it, and export it with the options below.")] = None,
     export_nifti: Annotated[
@@ -66,8 +67,9 @@ def inspect(
     png: Annotated[Path | None, typer.Option("--png", help="Write a PNG panel of a lesion slice of the case.")] = None,
 ) -> None:
     """Summarise a preprocessed cache (cases, shapes, spacing, lesions), or look at one case; or summarise a
-    training run (fold, loss, progress, best validation score, the last epochs); or list the series of a DICOM
-    export and the ones `segpipe infer` would choose.
+    training run (fold, loss, progress, best validation score, the last epochs); or describe a model as
+    deployed (each checkpoint's SHA-256, fold and score; channels, classes, preprocessing, network, inference
+    settings); or list the series of a DICOM export and the ones `segpipe infer` would choose.
 
     For a case, --export-nifti writes image_CHANNEL.nii.gz, label.nii.gz and sdm_CLASS.nii.gz with the
     preprocessed affine (open them in ITK-SNAP or 3D Slicer), and --png draws the channels, the label and the
@@ -80,7 +82,7 @@ def inspect(
         summarize_cache,
     )
     from segpipe.errors import UsageError
-    from segpipe.training.runlog import is_run_folder, summarize_run
+    from segpipe.training.runlog import is_run_folder, summarize_model, summarize_run
 
     if is_run_folder(cache):
         if case is not None or export_nifti or png:
@@ -88,7 +90,10 @@ def inspect(
         typer.echo(summarize_run(cache))
         return
     if cache.is_file():
-        raise UsageError(f"'{cache}': a file; give the cache folder `segpipe preprocess --out` made, or a run folder of `segpipe train`")
+        if case is not None or export_nifti or png:
+            raise UsageError(f"'{cache}' is a file: CASE, --export-nifti and --png are for a cache")
+        typer.echo(summarize_model(cache))  # a checkpoint (or says clearly what the file is not)
+        return
     from segpipe.io.dicom import is_dicom_folder
 
     if cache.is_dir() and not (cache / "cache.json").is_file() and is_dicom_folder(cache):
@@ -99,9 +104,17 @@ def inspect(
         typer.echo(summarize_dicom(cache))
         return
     if cache.is_dir() and not (cache / "cache.json").is_file():
-        runs = sorted(d.name for d in cache.iterdir() if is_run_folder(d))
-        hint = f"; it holds the runs {', '.join(runs)}: inspect one of them" if runs else ""
-        raise UsageError(f"'{cache}': neither a cache (no cache.json) nor a run folder (no metrics.csv and config.yaml){hint}")
+        from segpipe.training.checkpoint import CHECKPOINT_NAMES, run_subfolders
+
+        runs = run_subfolders(cache)
+        if any((cache / n).is_file() for n in CHECKPOINT_NAMES) or len(runs) > 1:  # a model, as --model takes it
+            if case is not None or export_nifti or png:
+                raise UsageError(f"'{cache}' is a model: CASE, --export-nifti and --png are for a cache")
+            typer.echo(summarize_model(cache))
+            return
+        hint = f"; it holds the run {runs[0].name}: inspect that" if runs else ""
+        raise UsageError(f"'{cache}': neither a cache (no cache.json), a run folder (no metrics.csv and config.yaml), a model "
+                         f"(no checkpoint_best.pt or checkpoint_latest.pt, here or in subfolders) nor a DICOM export{hint}")
     if case is None:
         if export_nifti or png:
             raise UsageError("--export-nifti and --png need a CASE (see `segpipe inspect CACHE` for the ids)")

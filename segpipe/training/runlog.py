@@ -12,7 +12,7 @@ from typing import Any
 
 from segpipe.io.atomic import atomic_path, atomic_write_text
 
-__all__ = ["MetricsLog", "attach_log_file", "is_run_folder", "plot_progress", "summarize_run"]
+__all__ = ["MetricsLog", "attach_log_file", "is_run_folder", "plot_progress", "summarize_model", "summarize_run"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,65 @@ def summarize_run(folder: str | Path, last: int = 10) -> str:
         lines += ["", "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
         for r in rows[-last:]:
             lines.append("  ".join(_short(r.get(c, "")).rjust(w) for c, w in zip(cols, widths)))
+    return "\n".join(lines)
+
+
+def summarize_model(model: str | Path) -> str:
+    """What ``segpipe infer --model MODEL`` would run, for whoever deploys it (a checkpoint baked into a
+    container says nothing by its path): each checkpoint's SHA-256 (the value the DICOM SEG and SR record),
+    fold, training progress and best validation score; then the channels and classes it expects, the
+    preprocessing, the network, the loss, and the inference settings it brings. ``model``: a checkpoint, a
+    run folder, or a folder of the folds' runs (an ensemble), as ``--model`` takes them."""
+    from segpipe.errors import SegpipeError
+    from segpipe.inference.predictor import resolve_model_paths
+    from segpipe.training.checkpoint import file_sha256, load_checkpoint
+
+    try:
+        paths = resolve_model_paths([model])
+    except SegpipeError as exc:
+        raise SegpipeError(f"{exc} (`segpipe infer` would refuse it too)") from None
+    ckpts = [load_checkpoint(p, mmap=True) for p in paths]  # the metadata: the weights stay on disk
+    root = Path(model) if Path(model).is_dir() else Path(model).parent
+    kind = f"an ensemble of {len(paths)} checkpoints (the folds of one cross-validation)" if len(paths) > 1 else "one checkpoint"
+    lines = [f"model {model}: {kind}"]
+    for path, ckpt in zip(paths, ckpts):
+        epochs = (ckpt.get("config") or {}).get("train", {}).get("epochs", "?")
+        held, trained = ckpt.get("validation_cases"), ckpt.get("training_cases")
+        cases = f", {len(trained)} training / {len(held)} held-out cases" if isinstance(held, list) and isinstance(trained, list) else ""
+        best = (f", best validation {ckpt.get('best_metric_name', 'score')} {ckpt['best_metric']:.4f} at epoch {ckpt.get('best_epoch')}"
+                if isinstance(ckpt.get("best_metric"), float) and not math.isnan(ckpt["best_metric"]) else "")
+        try:
+            name = path.relative_to(root)
+        except ValueError:
+            name = path
+        done = ckpt["epoch"] + 1 if isinstance(ckpt.get("epoch"), int) else "?"  # epochs count from 0, as in metrics.csv
+        lines.append(f"  {name}: fold {ckpt.get('fold', '?')}, saved after {done} of {epochs} epochs{cases}{best}")
+        lines.append(f"    sha256 {file_sha256(path)}, {path.stat().st_size / 1e6:.1f} MB")
+    plan, config = ckpts[0].get("plan") or {}, ckpts[0].get("config") or {}
+    differ = [str(p.relative_to(root) if p.is_relative_to(root) else p) for p, c in zip(paths[1:], ckpts[1:])
+              if (c.get("plan") or {}).get("channels") != plan.get("channels") or (c.get("plan") or {}).get("classes") != plan.get("classes")]
+    if differ:
+        lines.append(f"  warning: {', '.join(differ)} expect other channels or classes than the first: `segpipe infer` refuses the ensemble")
+    network = plan.get("network") or {}
+    spacing = "x".join(f"{v:g}" for v in plan.get("target_spacing", []))
+    lines.append(f"channels {', '.join(plan.get('channels', []))} (reference {plan.get('reference_channel')}); "
+                 f"classes {', '.join(plan.get('classes', []))}" + (f"; label {plan['ignore_value']} ignored" if plan.get("ignore_value") is not None else ""))
+    lines.append(f"preprocessing: {spacing} mm, {plan.get('orientation')}, {plan.get('image_interpolation')} interpolation, "
+                 f"{plan.get('normalization')} normalisation in the head mask")
+    residual = f", residual encoder {network['encoder_blocks']}" if network.get("encoder_blocks") else ""
+    lines.append(f"network: {len(network.get('filters', []))} stages, features {network.get('filters')}{residual}, "
+                 f"patch {'x'.join(map(str, plan.get('patch_size', [])))}, batch {plan.get('batch_size')}")
+    loss = config.get("loss") or {}
+    schedule = ckpts[0].get("schedule") or {}
+    params = ", ".join(f"{k}={v}" for k, v in (schedule.get("params") or {}).items())
+    lines.append(f"trained with {ckpts[0].get('loss_spec', loss.get('spec', '?'))} under "
+                 f"{schedule.get('name', loss.get('schedule', '?'))}{f'({params})' if params else ''}")
+    icfg = config.get("infer") or {}
+    if icfg:
+        rules = f", DICOM series rules for {', '.join(icfg['dicom_rules'])}" if icfg.get("dicom_rules") else ""
+        lines.append(f"inference defaults: TTA {'on' if icfg.get('tta') else 'off'}, overlap {icfg.get('overlap')}, "
+                     + (f"lesions under {icfg['min_lesion_mm3']:g} mm^3 removed" if icfg.get("min_lesion_mm3") else "no lesion removed by size")
+                     + rules)
     return "\n".join(lines)
 
 

@@ -55,6 +55,23 @@ def test_inspect_a_run_folder(cli, tiny_model, tmp_path):
     r = cli("inspect", tiny_model, "some_case")
     assert r.exit_code == 2 and "is a run folder" in r.output
     r = cli("inspect", tiny_model.parent)  # the folder above the run
-    assert r.exit_code == 2 and "neither a cache" in r.output and f"it holds the runs {tiny_model.name}" in r.output
-    r = cli("inspect", tiny_model / "config.yaml")  # a file of the run, not a folder
-    assert r.exit_code == 2 and "a file; give the cache folder" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "neither a cache" in r.output and f"it holds the run {tiny_model.name}: inspect that" in r.output
+    r = cli("inspect", tiny_model / "config.yaml")  # a file of the run, not a checkpoint
+    assert r.exit_code == 1 and "config.yaml': not a readable PyTorch checkpoint" in r.output and "Traceback" not in r.output
+
+
+def test_inspect_a_model_says_what_infer_would_run(cli, tiny_model, tmp_path):
+    """A checkpoint as deployed (renamed, copied into a container): its SHA-256, the value the DICOM SEG and
+    SR record, and what it expects."""
+    import hashlib
+
+    ckpt = tmp_path / "deployed.pt"
+    ckpt.write_bytes((tiny_model / "checkpoint_best.pt").read_bytes())
+    r = cli("inspect", ckpt)
+    assert r.exit_code == 0, r.output
+    assert f"sha256 {hashlib.sha256(ckpt.read_bytes()).hexdigest()}" in r.output
+    assert "one checkpoint" in r.output and "fold 0, saved after 1 of 1 epochs, 2 training / 1 held-out cases" in r.output
+    assert "channels dwi, adc, flair (reference dwi); classes background, lesion" in r.output
+    assert "trained with dice+boundary under rebalance(" in r.output and "inference defaults: TTA" in r.output
+    r = cli("inspect", ckpt, "some_case")
+    assert r.exit_code == 2 and "is a file" in r.output

@@ -1010,12 +1010,21 @@ def test_a_folder_of_fold_runs_is_their_ensemble(cli, tiny_model, tiny_cache, tm
     assert len(json.loads((tmp_path / "folder" / "summary.json").read_text())["model"]) == 3
     r = cli("infer", "--model", runs, manifest, "--out", tmp_path / "cv", "--no-tta", "--cross-validation")
     assert r.exit_code == 0 and "3 done" in r.output, r.output
+    r = cli("inspect", runs)  # the ensemble as deployed: each member, its fold and its SHA-256
+    assert r.exit_code == 0 and "an ensemble of 3 checkpoints" in r.output, r.output
+    import hashlib
+
+    for f, model in enumerate(models):
+        assert f"fold_{f}/checkpoint_best.pt: fold {f}," in r.output
+        assert f"sha256 {hashlib.sha256(model.read_bytes()).hexdigest()}" in r.output
     ckpt = load_checkpoint(models[2])  # a --fold all run among them: refused, named
     ckpt.pop("format")
     ckpt.update(fold="all", validation_cases=[])
     save_checkpoint(runs / "fold_2" / "checkpoint_best.pt", ckpt)
     r = cli("infer", "--model", runs, manifest, "--out", tmp_path / "x")
     assert r.exit_code == 1 and "(fold_2 was trained on every case (--fold all))" in r.output
+    r = cli("inspect", runs)
+    assert r.exit_code == 1 and "(fold_2 was trained on every case (--fold all))" in r.output and "would refuse it too" in r.output
 
 
 def test_cross_validation_with_some_folds_and_bad_inputs(cli, tiny_model, tiny_cache, tmp_path):
