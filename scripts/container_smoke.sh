@@ -69,17 +69,23 @@ run() {  # no network, read-only model and input, non-root user
 }
 echo "== segment the DICOM export in the container (--network none)"
 run -v "$work/dicom/strokecase0001":/input:ro -v "$work/out_dicom":/output segpipe:cpu \
-  infer --model /model /input --out /output --no-tta
+  infer --model /model /input --out /output --no-tta --dicom-overlay
 test -s "$work/out_dicom/input.nii.gz" && test -s "$work/out_dicom/input_seg.dcm" && test -s "$work/out_dicom/input_sr.dcm"
-$PYTHON - "$work/out_dicom/input_seg.dcm" "$work/out_dicom/input_sr.dcm" <<'PY'
-import sys, pydicom
+$PYTHON - "$work/out_dicom/input_seg.dcm" "$work/out_dicom/input_sr.dcm" "$work/out_dicom/input_overlay" <<'PY'
+import pathlib, sys, pydicom
 ds = pydicom.dcmread(sys.argv[1])
 assert ds.Modality == "SEG" and int(ds.NumberOfFrames) > 0, ds.Modality
 print(f"DICOM SEG ok: {ds.NumberOfFrames} frames, segment '{ds.SegmentSequence[0].SegmentLabel}'")
 sr = pydicom.dcmread(sys.argv[2])
 assert sr.Modality == "SR" and sr.StudyInstanceUID == ds.StudyInstanceUID, sr.Modality
 print("DICOM SR ok")
+copies = [pydicom.dcmread(f) for f in sorted(pathlib.Path(sys.argv[3]).iterdir())]
+assert len(copies) == int(ds.NumberOfFrames) and all(c.overlay_array(0x6000).shape == c.pixel_array.shape for c in copies)
+print(f"overlay series ok: {len(copies)} images")
 PY
+echo "== which model the container runs"
+run segpipe:cpu inspect /model | tee "$work/inspect.txt"
+grep -q "sha256 $($PYTHON -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$work/run/checkpoint_best.pt")" "$work/inspect.txt"
 
 sample="$repo/../shared/data/isles22_sample/rawdata/sub-strokecase0009/ses-0001"
 if [ -d "$sample" ]; then

@@ -118,7 +118,7 @@ def summarize_run(folder: str | Path, last: int = 10) -> str:
     import yaml
 
     from segpipe.errors import SegpipeError
-    from segpipe.training.checkpoint import load_checkpoint
+    from segpipe.training.checkpoint import CHECKPOINT_NAMES, file_sha256, load_checkpoint
 
     folder = Path(folder)
     if not is_run_folder(folder):
@@ -151,6 +151,9 @@ def summarize_run(folder: str | Path, last: int = 10) -> str:
     if ckpt.get("best_metric") is not None:
         lines.append(f"best validation {ckpt.get('best_metric_name', 'score')} {ckpt['best_metric']:.4f} at epoch {ckpt.get('best_epoch')} "
                      "(checkpoint_best.pt)")
+    model = next((folder / n for n in CHECKPOINT_NAMES if (folder / n).is_file()), None)
+    if model is not None:  # what `segpipe infer --model` takes from the folder; its results record this digest
+        lines.append(f"model for `segpipe infer`: {model.name}, sha256 {file_sha256(model)}")
     if rows:
         cols = [c for c in ("epoch", "lr", "loss", "regional_weight", "boundary_weight", "val_dice", "val_hd95", "val_lesion_f1",
                             "epoch_seconds", "val_seconds") if c in rows[0]]

@@ -50,6 +50,10 @@ def test_inspect_a_run_folder(cli, tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     assert "fold 0 (2 training, 1 validation cases), dice+boundary under rebalance" in r.output
     assert "1 of 1 epochs (finished)" in r.output and "best validation dice" in r.output
+    import hashlib
+
+    digest = hashlib.sha256((tiny_model / "checkpoint_best.pt").read_bytes()).hexdigest()
+    assert f"model for `segpipe infer`: checkpoint_best.pt, sha256 {digest}" in r.output
     header = next(line for line in r.output.splitlines() if line.strip().startswith("epoch"))
     assert "val_dice" in header and "boundary_weight" in header and "val_seconds" in header
     r = cli("inspect", tiny_model, "some_case")
