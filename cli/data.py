@@ -97,7 +97,7 @@ def synth(
 
 @handle_errors
 def convert(
-    exports: Annotated[list[Path], typer.Argument(help="DICOM export folders (any tree of series; one case per study).", show_default=False)],
+    exports: Annotated[list[Path], typer.Argument(help="DICOM export folders (any tree of series; one case per study), or their ZIP archives.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the dataset (nnU-Net raw format, e.g. Dataset501_Site).",
                                       show_default=False)],
     channels: Annotated[str, typer.Option(help="Channels, in the model's order, comma-separated (e.g. dwi,adc,flair); annotations "

@@ -14,7 +14,7 @@ from cli._common import handle_errors, parse_pairs
 def infer(
     inputs: Annotated[
         list[str] | None,
-        typer.Argument(help="Manifest (.json), DICOM export folder, folder of NIfTI files, or NIfTI files of one case.", show_default=False),
+        typer.Argument(help="Manifest (.json), DICOM export folder (or its ZIP archive), folder of NIfTI files, or NIfTI files of one case.", show_default=False),
     ] = None,
     model: Annotated[
         list[str],

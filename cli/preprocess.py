@@ -58,7 +58,7 @@ def preprocess(
 @handle_errors
 def inspect(
     cache: Annotated[Path, typer.Argument(help="Cache folder made by `segpipe preprocess`, a run folder of `segpipe train`, a model "
-                                          "(checkpoint, or a folder of the folds' runs, as `segpipe infer --model` takes it), or a DICOM export.",
+                                          "(checkpoint, or a folder of the folds' runs, as `segpipe infer --model` takes it), or a DICOM export (folder or ZIP archive).",
                                           show_default=False)],
     case: Annotated[str | None, typer.Argument(help="A case id: show it, and export it with the options below.")] = None,
     export_nifti: Annotated[
@@ -92,6 +92,18 @@ def inspect(
     if cache.is_file():
         if case is not None or export_nifti or png:
             raise UsageError(f"'{cache}' is a file: CASE, --export-nifti and --png are for a cache")
+        from segpipe.io.archive import is_zip
+
+        if is_zip(cache) or cache.name.lower().endswith(".zip"):  # a DICOM export as a PACS portal hands it out
+            import tempfile
+
+            from segpipe.data.inspect import summarize_dicom
+            from segpipe.io.archive import unpack_zip
+
+            with tempfile.TemporaryDirectory(prefix="segpipe-unpacked-") as tmp:
+                folder = unpack_zip(cache, tmp, what="EXPORT")
+                typer.echo(summarize_dicom(folder).replace(str(folder), str(cache)))
+            return
         typer.echo(summarize_model(cache))  # a checkpoint (or says clearly what the file is not)
         return
     from segpipe.io.dicom import is_dicom_folder

@@ -20,9 +20,11 @@ not at all (written under a temporary name, then renamed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,7 @@ def convert_dicom(
     """Convert the studies of the DICOM folders ``inputs`` into an nnU-Net raw dataset at ``out`` (see the
     module's docstring). The first channel is the reference: annotations must refer to its series."""
     from segpipe.inference.inputs import dicom_cases
+    from segpipe.io.archive import is_zip, unpack_zip
     from segpipe.io.atomic import atomic_path
     from segpipe.io.dicom import check_series_choice, is_dicom_folder, scan_export
 
@@ -77,39 +80,45 @@ def convert_dicom(
     out = Path(out)
     if out.exists():
         raise SegpipeError(f"--out '{out}': already exists; give a new folder for the dataset (e.g. Dataset501_Site)")
-    folders = [Path(p) for p in inputs]
-    for folder in folders:
-        if not folder.is_dir() or not is_dicom_folder(folder):
-            found = "not found" if not folder.exists() else ("a file" if folder.is_file() else "a folder without DICOM files")
-            raise SegpipeError(f"EXPORT '{folder}': expected a folder of DICOM series (a PACS export), found {found}")
-    report = ConvertReport(out)
-    with atomic_path(out, directory=True) as tmp:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
-        (tmp / "imagesTs").mkdir()
-        for folder in folders:
-            found, segs = scan_export(folder)  # one pass over the headers: series and annotations
-            for case in dicom_cases(folder, by_study=by_study, series=found):
-                if case.id in report.labelled or case.id in report.unlabelled:
-                    report.failed[f"{case.id} ({folder})"] = f"case id '{case.id}' taken by a study of an earlier EXPORT"
-                    log.error("case '%s' of '%s' left out: the id is taken by a study of an earlier EXPORT", case.id, folder)
-                    continue
-                try:
-                    labelled = _convert_case(case, segs, tmp, channels, classes, rules, series, allow_uneven)
-                except SegpipeError as exc:
-                    report.failed[case.id] = str(exc)
-                    log.error("case '%s' left out: %s", case.id, exc)
-                    continue
-                (report.labelled if labelled else report.unlabelled).append(case.id)
-        if not report.labelled and not report.unlabelled:
-            raise SegpipeError(f"convert: none of the {len(report.failed)} studies could be converted (each is named above); "
-                               "nothing was written")
-        meta = {"name": out.name, "channel_names": {str(i): c for i, c in enumerate(channels)},
-                "labels": {c: i for i, c in enumerate(classes)}, "numTraining": len(report.labelled), "file_ending": ".nii.gz",
-                "description": "converted from DICOM by segpipe convert",
-                "left_out": report.failed}
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return report
+    with contextlib.ExitStack() as stack:  # unpacked ZIP archives, until the dataset is written
+        folders = []
+        for given in map(Path, inputs):
+            folder = given
+            if given.is_file() and (is_zip(given) or given.name.lower().endswith(".zip")):  # a PACS portal's download
+                folder = unpack_zip(given, stack.enter_context(tempfile.TemporaryDirectory(prefix="segpipe-unpacked-")), what="EXPORT")
+            if not folder.is_dir() or not is_dicom_folder(folder):
+                found = ("not found" if not given.exists() else "a ZIP archive without DICOM files" if folder != given else
+                         "a file" if given.is_file() else "a folder without DICOM files")
+                raise SegpipeError(f"EXPORT '{given}': expected a folder of DICOM series (a PACS export) or its ZIP archive, found {found}")
+            folders.append(folder)
+        report = ConvertReport(out)
+        with atomic_path(out, directory=True) as tmp:
+            (tmp / "imagesTr").mkdir()
+            (tmp / "labelsTr").mkdir()
+            (tmp / "imagesTs").mkdir()
+            for folder in folders:
+                found, segs = scan_export(folder)  # one pass over the headers: series and annotations
+                for case in dicom_cases(folder, by_study=by_study, series=found):
+                    if case.id in report.labelled or case.id in report.unlabelled:
+                        report.failed[f"{case.id} ({folder})"] = f"case id '{case.id}' taken by a study of an earlier EXPORT"
+                        log.error("case '%s' of '%s' left out: the id is taken by a study of an earlier EXPORT", case.id, folder)
+                        continue
+                    try:
+                        labelled = _convert_case(case, segs, tmp, channels, classes, rules, series, allow_uneven)
+                    except SegpipeError as exc:
+                        report.failed[case.id] = str(exc)
+                        log.error("case '%s' left out: %s", case.id, exc)
+                        continue
+                    (report.labelled if labelled else report.unlabelled).append(case.id)
+            if not report.labelled and not report.unlabelled:
+                raise SegpipeError(f"convert: none of the {len(report.failed)} studies could be converted (each is named above); "
+                                   "nothing was written")
+            meta = {"name": out.name, "channel_names": {str(i): c for i, c in enumerate(channels)},
+                    "labels": {c: i for i, c in enumerate(classes)}, "numTraining": len(report.labelled), "file_ending": ".nii.gz",
+                    "description": "converted from DICOM by segpipe convert",
+                    "left_out": report.failed}
+            (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return report
 
 
 def _convert_case(case: Any, segs: Sequence[Any], tmp: Path, channels: Sequence[str], classes: Sequence[str],

@@ -5,6 +5,7 @@ Inputs, each argument one of:
 - a manifest (``.json``): every case in it;
 - a folder holding a DICOM export (a tree of several series): one case per study in it (named after the
   study's own subfolder, else numbered; one study: the folder's name), or one case (``dicom_case="folder"``);
+  or such an export as a ZIP archive (a PACS portal's or a viewer's download), read as its folder;
 - NIfTI files given together, or a folder of them: one case; a file belongs to the channel whose name
   appears in its file name as a word (``..._dwi.nii.gz``, ``flair.nii.gz``), or ``--channel NAME=PATH``;
 - a folder holding several cases: files named as nnU-Net names them (``CASE_0000.nii.gz``, ``CASE_0001...``:
@@ -16,6 +17,7 @@ Inputs, each argument one of:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -196,12 +198,15 @@ DICOM_CASE = ("study", "folder")
 
 
 def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channel_map: Mapping[str, str] | None = None, *,
-                   dicom_case: str = "study") -> list[CaseInput]:
+                   dicom_case: str = "study", unpack_to: Path | None = None) -> list[CaseInput]:
     """Turn the command line's inputs into cases (see the module docstring). ``dicom_case``: a DICOM folder
     is one case per study ("study"), or one case whatever its studies and patients ("folder": for exports an
-    anonymiser gave a study per series)."""
+    anonymiser gave a study per series). A ZIP archive of a DICOM export is unpacked into a folder under
+    ``unpack_to`` (the caller's temporary folder, which must outlive the cases) and read as that folder; its
+    cases are named after the archive."""
     if dicom_case not in DICOM_CASE:
         raise UsageError(f"--dicom-case: expected study or folder, got '{dicom_case}'{did_you_mean(dicom_case, DICOM_CASE)}")
+    from segpipe.io.archive import is_zip, unpack_zip
     from segpipe.io.dicom import is_dicom_folder
 
     cases: list[CaseInput] = []
@@ -247,8 +252,18 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
                 cases += _folder_cases(p, files, channels) if files else _dataset_cases(p, channels)
         elif p.name.lower().endswith(NIFTI):
             loose.append(p)
+        elif is_zip(p) or p.name.lower().endswith(".zip"):  # a damaged archive is named as such by unpack_zip
+            if unpack_to is None:
+                raise UsageError(f"input '{p}': a ZIP archive; unpack it and give the folder")
+            folder = unpack_zip(p, unpack_to / str(len(cases)), what="input")
+            if not is_dicom_folder(folder):
+                raise SegpipeError(f"input '{p}': a ZIP archive without DICOM files; give a DICOM export (folder or ZIP), or "
+                                   "unpack NIfTI files and give them")
+            for c in dicom_cases(folder, by_study=dicom_case == "study"):
+                cases.append(dataclasses.replace(c, source=str(p)))
         else:
-            raise SegpipeError(f"input '{p}': expected a manifest (.json), a folder, or NIfTI/MetaImage/NRRD files")
+            raise SegpipeError(f"input '{p}': expected a manifest (.json), a folder, a DICOM export as ZIP archive, or "
+                               "NIfTI/MetaImage/NRRD files")
     if loose:
         cases.append(CaseInput(_common_id(loose), _match_channels(loose, channels, ", ".join(str(f) for f in loose)), source="files"))
     seen: dict[str, int] = {}

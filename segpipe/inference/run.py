@@ -394,7 +394,12 @@ def _worker(model: list[str], device: str, cases: list[CaseInput], out: str, opt
     return {c.id: _segment(predictor, c, Path(out), opt) for c in cases}
 
 
-def infer(
+def infer(*args: Any, **kwargs: Any) -> InferReport:
+    with tempfile.TemporaryDirectory(prefix="segpipe-unpacked-") as tmp:  # ZIP inputs, for as long as their cases last
+        return _infer(*args, unpack_to=Path(tmp), **kwargs)
+
+
+def _infer(
     model: str | Path | Sequence[str | Path],
     inputs: Sequence[str | Path],
     out: str | Path,
@@ -416,6 +421,7 @@ def infer(
     overlap: float | None = None,
     infer_config: Any = None,
     progress=None,
+    unpack_to: Path | None = None,
 ) -> InferReport:
     """Segment every case of ``inputs`` (see the module docstring) with ``model``, or with several models as an
     ensemble (their class probabilities averaged; see :class:`~segpipe.inference.predictor.Predictor`). With
@@ -471,7 +477,7 @@ def infer(
     if unknown:
         raise UsageError(f"--series: the model has no channel {', '.join(unknown)}; its channels are {', '.join(plan.channels)}"
                          f"{did_you_mean(unknown[0], plan.channels)}")
-    cases = resolve_inputs(inputs, plan.channels, channel_map, dicom_case=dicom_case)
+    cases = resolve_inputs(inputs, plan.channels, channel_map, dicom_case=dicom_case, unpack_to=unpack_to)
     if series and not any(c.dicom for c in cases):
         raise UsageError("--series chooses among the series of a DICOM export, and no INPUT is a DICOM folder; leave it out "
                          "for NIfTI inputs")
@@ -533,6 +539,10 @@ def infer(
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "summary.csv", _summary_csv(report, plan.classes[1:]))
     return report
+
+
+infer.__doc__ = _infer.__doc__
+infer.__wrapped__ = _infer  # type: ignore[attr-defined]  # its signature, for help() and editors
 
 
 def _summary_csv(report: InferReport, classes: Sequence[str]) -> str:

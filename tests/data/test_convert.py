@@ -110,3 +110,21 @@ def test_bad_options_are_one_line(exports, tmp_path, cli):
     assert r.exit_code == 1 and "already exists" in r.output and "Traceback" not in r.output
     r = cli("convert", export, "--out", tmp_path / "b", "--channels", "dwi", "--dicom-case", "series")
     assert r.exit_code == 2 and "--dicom-case: expected study or folder" in r.output
+
+
+def test_an_export_as_zip_archive_converts_as_its_folder(exports, tmp_path):
+    """A PACS portal's download: the studies and SEGs in the archive, the same dataset as from the folder."""
+    one = tmp_path / "strokecase0001"
+    shutil.copytree(exports / "strokecase0001", one)
+    label = (np.asarray(nib.load(str(exports / "labels" / "strokecase0001.nii.gz")).dataobj) > 0).astype(np.uint8)
+    _annotate(one, label)
+    archive = shutil.make_archive(str(tmp_path / "zips" / "strokecase0001"), "zip", root_dir=tmp_path, base_dir="strokecase0001")
+    convert_dicom([one], tmp_path / "from_folder", CHANNELS)
+    report = convert_dicom([archive], tmp_path / "from_zip", CHANNELS)
+    assert report.labelled == ["strokecase0001"]
+    for sub in ("labelsTr/strokecase0001.nii.gz", "imagesTr/strokecase0001_0002.nii.gz"):
+        a, b = (nib.load(str(tmp_path / d / sub)) for d in ("from_folder", "from_zip"))
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.allclose(a.affine, b.affine)
+    (tmp_path / "empty.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty archive
+    with pytest.raises(SegpipeError, match=r"EXPORT '.*empty.zip': expected .* found a ZIP archive without DICOM files"):
+        convert_dicom([tmp_path / "empty.zip"], tmp_path / "c", CHANNELS)

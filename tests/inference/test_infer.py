@@ -207,6 +207,49 @@ def test_dicom_overlay_outlines_the_seg_on_a_copy_of_the_series(cli, tiny_model,
     assert r.exit_code == 0 and "1 skipped" in r.output, r.output
 
 
+def test_dicom_export_as_zip_archive(cli, tiny_model, tmp_path):
+    """A PACS portal's or a viewer's download (a ZIP of the export) segments as the folder does, named after
+    the archive; unsafe, empty, damaged and password-protected archives are one line each."""
+    import shutil
+    import zipfile
+
+    export, _ = _dicom_export(tmp_path / "study")
+    archive = Path(shutil.make_archive(str(tmp_path / "zips" / "patient7"), "zip", root_dir=export))
+    r = cli("infer", "--model", tiny_model, export, archive, "--out", tmp_path / "out", "--no-tta")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    for name in ("patient7.nii.gz", "patient7_seg.dcm", "patient7_sr.dcm"):
+        assert (out / name).is_file(), name
+    mask = np.asanyarray(nib.load(str(out / "patient7.nii.gz")).dataobj)
+    assert np.array_equal(mask, np.asanyarray(nib.load(str(out / "study.nii.gz")).dataobj)) and mask.any()
+    assert json.loads((out / "summary.json").read_text())["cases"]["patient7"]["input"] == str(archive)
+    r = cli("inspect", archive)  # the series in it, as for a folder
+    assert r.exit_code == 0 and f"DICOM export {archive}: 3 image series" in r.output, r.output
+
+    def bad(name, members=(), data=None):
+        path = tmp_path / "zips" / name
+        if data is not None:
+            path.write_bytes(data)
+        else:
+            with zipfile.ZipFile(path, "w") as z:
+                for member, content in members:
+                    z.writestr(member, content)
+        r = cli("infer", "--model", tiny_model, path, "--out", tmp_path / f"out_{name}", "--no-tta")
+        assert r.exit_code == 1 and "Traceback" not in r.output and not (tmp_path / f"out_{name}").exists(), r.output
+        return r.output
+
+    dicom_bytes = next((export / "DICOM" / "0001").iterdir()).read_bytes()
+    assert "names a file outside itself ('../escape.dcm'); refused" in bad("slip.zip", [("../escape.dcm", dicom_bytes)])
+    assert "a ZIP archive without DICOM files" in bad("notes.zip", [("readme.txt", "no images here")])
+    assert "not a readable ZIP archive" in bad("cut.zip", data=archive.read_bytes()[: archive.stat().st_size // 2])
+    # a password-protected archive (zipfile writes none: the encryption flag set by hand, in both headers)
+    raw = bytearray((tmp_path / "zips" / "notes.zip").read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = raw.index(signature) + offset
+        raw[at] |= 0x1
+    assert "password-protected" in bad("locked.zip", data=bytes(raw))
+
+
 def test_dicom_selection_errors(tmp_path):
     export, _ = _dicom_export(tmp_path / "study")
     series = find_series(export)
