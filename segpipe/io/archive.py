@@ -20,8 +20,15 @@ __all__ = ["is_zip", "unpack_zip"]
 
 
 def is_zip(path: Path) -> bool:
-    """A file that is a ZIP archive (by its content, whatever its name)."""
-    return path.is_file() and zipfile.is_zipfile(path)
+    """A file that is a ZIP archive (by its content, whatever its name), and not a PyTorch checkpoint (which
+    ``torch.save`` also writes as a ZIP archive, around its ``data.pkl``)."""
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return not any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return True  # damaged: unpack_zip names it
 
 
 def unpack_zip(path: str | Path, into: str | Path, *, what: str = "input") -> Path:
