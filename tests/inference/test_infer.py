@@ -980,6 +980,7 @@ def test_dicom_case_folder_joins_series_an_anonymiser_split_into_studies(cli, ti
     r = cli("infer", "--model", tiny_model, export, "--out", tmp_path / "one", "--no-tta", "--dicom-case", "folder")
     assert r.exit_code == 0 and "1 done" in r.output, r.output
     assert (tmp_path / "one" / "anon.nii.gz").is_file() and (tmp_path / "one" / "anon_seg.dcm").is_file()
+    logging.getLogger("segpipe").propagate = True  # the commands above made it print on its own: caplog needs the records
     with caplog.at_level(logging.WARNING, logger="segpipe"):
         report = infer([tiny_model], [export], tmp_path / "again", tta=False, dicom_case="folder")
     assert not report.failed and "come from different studies" in caplog.text and "--dicom-case folder" in caplog.text
