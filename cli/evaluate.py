@@ -25,6 +25,9 @@ def evaluate(
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Cases scored in parallel (processes); default: one per CPU core, at most one "
                                                 "per case.", show_default=False)] = None,
+    lesions: Annotated[Path | None, typer.Option("--lesions", help="Write every lesion as CSV (each ground-truth lesion: volume, "
+                                                 "detected or not, centre in mm; each false-positive component) and print the "
+                                                 "detection rate by lesion size.", show_default=False)] = None,
 ) -> None:
     """Score predictions against ground truth with a challenge's own metrics, number for number.
 
@@ -44,12 +47,14 @@ def evaluate(
             raise UsageError(f"--min-lesion-mm3: expected sizes in mm^3, comma-separated (e.g. 0,10,50), got '{min_lesion_mm3}'") from None
     from segpipe.io.atomic import ensure_writable_file
 
-    for option, path in (("--json", json_out), ("--csv", csv_out)):
+    for option, path, example in (("--json", json_out, "evaluation.json"), ("--csv", csv_out, "evaluation.csv"),
+                                  ("--lesions", lesions, "lesions.csv")):
         if path is not None:  # before the scoring, not after it
-            ensure_writable_file(path, what=option, example=f"evaluation.{option[2:]}")
-    report = run(pred, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes, progress=track, workers=workers)
-    write_report(report, json_out, csv_out)
+            ensure_writable_file(path, what=option, example=example)
+    report = run(pred, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes, progress=track, workers=workers,
+                 lesions=lesions is not None)
+    write_report(report, json_out, csv_out, lesions)
     typer.echo(format_table(report))
-    for path in (json_out, csv_out):
+    for path in (json_out, csv_out, lesions):
         if path:
             typer.echo(f"wrote {path}")

@@ -39,6 +39,8 @@ from segpipe.evaluation.metrics import (
     dice,
     lesion_count_difference,
     lesion_f1,
+    lesion_table,
+    lesions_by_size,
 )
 from segpipe.io.atomic import atomic_write_text
 from segpipe.io.nifti import read_volume, spacing_of
@@ -76,10 +78,9 @@ def _sitk(arr: np.ndarray, affine: np.ndarray):
     return img
 
 
-def evaluate_wmh17(gt: np.ndarray, pred: np.ndarray, affine: np.ndarray, case: str = "") -> dict[str, float]:
-    import scipy.spatial
-    import SimpleITK as sitk
-
+def _wmh_masks(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """WMH 2017's binary masks (uint8): the ground truth's label 1, and the prediction with label 2's voxels
+    (other pathology) removed."""
     gt = np.asarray(gt)
     pred = np.asarray(pred)
     wmh = ((gt >= 0.5) & (gt <= 1.5)).astype(np.uint8)
@@ -89,6 +90,14 @@ def evaluate_wmh17(gt: np.ndarray, pred: np.ndarray, affine: np.ndarray, case: s
         res = ((masked >= 1) & (masked <= 1000)).astype(np.uint8)
     else:
         res = ((masked >= 0.5) & (masked <= 1000)).astype(np.uint8)
+    return wmh, res
+
+
+def evaluate_wmh17(gt: np.ndarray, pred: np.ndarray, affine: np.ndarray, case: str = "") -> dict[str, float]:
+    import scipy.spatial
+    import SimpleITK as sitk
+
+    wmh, res = _wmh_masks(gt, pred)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -250,8 +259,10 @@ def _means(cases: dict[str, dict[str, float]], protocol: str) -> dict[str, float
 
 
 def _score_case(cid: str, p_path: Path, g_path: Path, protocol: str, sizes: Sequence[float],
-                single_thread: bool = False) -> list[tuple[dict[str, float], int]]:
-    """One case's metrics and removed lesions, per size of ``sizes``; runs in a worker process too."""
+                single_thread: bool = False, lesions: bool = False) -> tuple[list[tuple[dict[str, float], int]], list[dict[str, Any]]]:
+    """One case's metrics and removed lesions, per size of ``sizes``, and with ``lesions`` its lesion table
+    (:func:`~segpipe.evaluation.metrics.lesion_table`, after the first size's removal); runs in a worker
+    process too."""
     from segpipe.inference.postprocess import remove_small_components
 
     if single_thread:  # one process per core: SimpleITK's own threads would only compete
@@ -269,24 +280,32 @@ def _score_case(cid: str, p_path: Path, g_path: Path, protocol: str, sizes: Sequ
         log.warning("case '%s': prediction '%s' holds fractional values (a probability map?); the ISLES 2022 protocol counts "
                     "every non-zero voxel as lesion: score the masks instead", cid, p_path)
     out = []
-    for size in sizes:
+    rows: list[dict[str, Any]] = []
+    voxel_ml = float(np.prod(g_zoom)) / 1000.0
+    for i, size in enumerate(sizes):
         kept, removed = p, 0
         if size > 0:  # the mask segpipe writes is integer; a probability map is taken from 0.5
             labels = p if np.issubdtype(p.dtype, np.integer) else (p >= 0.5).astype(np.uint8)
             kept, removed = remove_small_components(labels, p_zoom, size)
         if protocol == "isles22":
-            out.append((evaluate_isles22(g, kept, float(np.prod(g_zoom)) / 1000.0), removed))
+            out.append((evaluate_isles22(g, kept, voxel_ml), removed))
         else:
             out.append((evaluate_wmh17(g, kept, g_aff, cid), removed))
-    return out
+        if lesions and i == 0:  # the protocol's own binary masks (WMH: label 1, label 2's voxels left out)
+            g_bin, p_bin = (g != 0, kept != 0) if protocol == "isles22" else _wmh_masks(g, kept)
+            rows = [{"case": cid, **r} for r in lesion_table(g_bin, p_bin, g_aff, voxel_ml)]
+    return out, rows
 
 
 def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, ignore_missing: bool = False,
-             min_lesion_mm3: Sequence[float] = (0.0,), progress: Callable | None = None, workers: int | None = 1) -> dict[str, Any]:
+             min_lesion_mm3: Sequence[float] = (0.0,), progress: Callable | None = None, workers: int | None = 1,
+             lesions: bool = False) -> dict[str, Any]:
     """Score the predictions in ``pred`` against ``gt`` with ``protocol``'s metrics, per size of
     ``min_lesion_mm3`` (predicted lesions smaller than it removed first). ``workers`` processes score the
     cases side by side (None: one per CPU core, at most one per case, as nnU-Net's evaluation does with its
-    8 processes by default); the report is the same whatever their number."""
+    8 processes by default); the report is the same whatever their number. With ``lesions`` the report also
+    holds every lesion (``"lesions"``: :func:`~segpipe.evaluation.metrics.lesion_table`'s rows, with their case)
+    and the detection rate by lesion size (``"lesions_by_size"``)."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got '{protocol}'{did_you_mean(protocol, PROTOCOLS)}")
     sizes = [float(v) for v in min_lesion_mm3] or [0.0]
@@ -301,15 +320,16 @@ def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, i
     if workers is None:
         workers = usable_cores()
     workers = min(workers, len(pairs))
-    scored: dict[str, list[tuple[dict[str, float], int]]] = {}
+    scored: dict[str, tuple[list[tuple[dict[str, float], int]], list[dict[str, Any]]]] = {}
     if workers <= 1:
         for cid, p_path, g_path in (progress(pairs, "evaluating") if progress else pairs):
-            scored[cid] = _score_case(cid, p_path, g_path, protocol, sizes)
+            scored[cid] = _score_case(cid, p_path, g_path, protocol, sizes, lesions=lesions)
     else:
         import concurrent.futures as cf
 
         with process_pool(workers) as pool:
-            futures = {pool.submit(_score_case, cid, p_path, g_path, protocol, sizes, True): cid for cid, p_path, g_path in pairs}
+            futures = {pool.submit(_score_case, cid, p_path, g_path, protocol, sizes, True, lesions): cid
+                       for cid, p_path, g_path in pairs}
             done = cf.as_completed(futures)
             try:
                 for fut in (progress(done, "evaluating", total=len(futures)) if progress else done):
@@ -320,11 +340,16 @@ def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, i
                 raise
     swept: list[dict[str, dict[str, float]]] = [{} for _ in sizes]
     removed = [0] * len(sizes)
+    rows: list[dict[str, Any]] = []
     for cid, _, _ in pairs:  # in the cases' order, whatever order the processes finished in
-        for i, (metrics, n) in enumerate(scored[cid]):
+        for i, (metrics, n) in enumerate(scored[cid][0]):
             swept[i][cid] = metrics
             removed[i] += n
+        rows += scored[cid][1]
     report: dict[str, Any] = {"protocol": protocol, "min_lesion_mm3": sizes[0], "cases": swept[0], "mean": _means(swept[0], protocol)}
+    if lesions:
+        report["lesions"] = rows
+        report["lesions_by_size"] = lesions_by_size(rows)
     if len(sizes) > 1:
         report["sweep"] = [{"min_lesion_mm3": size, "removed_lesions": n, "mean": _means(c, protocol)}
                            for size, n, c in zip(sizes, removed, swept)]
@@ -350,15 +375,30 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def write_report(report: dict[str, Any], json_path: str | os.PathLike | None = None, csv_path: str | os.PathLike | None = None) -> None:
-    """JSON (NaN written as null) and CSV (one row per case, then the mean)."""
+#: the columns of the lesion table (``segpipe evaluate --lesions``)
+LESION_COLUMNS = ("case", "kind", "id", "volume_ml", "detected", "predicted_fraction", "x_mm", "y_mm", "z_mm")
+
+
+def write_report(report: dict[str, Any], json_path: str | os.PathLike | None = None, csv_path: str | os.PathLike | None = None,
+                 lesions_path: str | os.PathLike | None = None) -> None:
+    """JSON (NaN written as null), CSV (one row per case, then the mean) and the lesion table as CSV (one row
+    per ground-truth lesion and per false-positive component)."""
     if json_path:
         out = {"cases": _json_safe(report["cases"]), "mean": _json_safe(report["mean"])}
         if report.get("min_lesion_mm3"):
             out["min_lesion_mm3"] = report["min_lesion_mm3"]
         if "sweep" in report:
             out["sweep"] = [{**r, "mean": _json_safe(r["mean"])} for r in report["sweep"]]
+        if "lesions_by_size" in report:
+            out["lesions_by_size"] = [_json_safe(r) for r in report["lesions_by_size"]]
         atomic_write_text(json_path, json.dumps(out, indent=2) + "\n")
+    if lesions_path and "lesions" in report:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(LESION_COLUMNS)
+        for r in report["lesions"]:
+            w.writerow([_cell(r[k]) for k in LESION_COLUMNS])
+        atomic_write_text(lesions_path, buf.getvalue())
     if csv_path:
         keys = PROTOCOLS[report["protocol"]]
         buf = io.StringIO()
@@ -390,4 +430,10 @@ def format_table(report: dict[str, Any]) -> str:
                          + "".join(_cell(r["mean"][k]).rjust(18) for k in keys))
         best = best_in_sweep(report)
         lines.append("best".ljust(25) + "".join((f"{best[k]:g}" if k in best else "-").rjust(18) for k in keys))
+    if "lesions_by_size" in report:
+        lines += ["", "lesions by size (ground truth; detected: one voxel of it predicted), and false positives of each size:"]
+        for r in report["lesions_by_size"]:
+            rate = "-" if math.isnan(r["sensitivity"]) else f"{100 * r['sensitivity']:.0f} %"
+            lines.append(f"  {r['size']:>12}: {r['detected']:>5} of {r['lesions']:<5} detected ({rate:>5}); "
+                         f"{r['false_positives']} false positives")
     return "\n".join(lines)

@@ -372,3 +372,53 @@ def test_predictions_as_dicom_seg_score_as_nifti(tmp_path, protocol):
     ds.save_as(tmp_path / "pred_other" / "c1.dcm")
     with pytest.raises(SegpipeError, match=r"ground truth '.*c1_seg.dcm': its frames do not lie on the grid of prediction '.*c1.dcm'"):
         evaluate(tmp_path / "pred_other", tmp_path / "gt_seg", protocol, workers=1)
+
+
+def test_lesion_table_hand_computed(cli, tmp_path):
+    """--lesions: every ground-truth lesion (volume, detected, share predicted, centre in mm) and every false
+    positive, consistent with the lesion-wise F1; the detection rate by size. Voxels of 2 mm: 0.008 ml."""
+    gt = np.zeros((20, 20, 20), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[1, 1, 1] = 1  # 1 voxel, missed
+    gt[5:7, 5:7, 5:7] = 1  # 8 voxels, half predicted
+    pred[5:7, 5:7, 5] = 1
+    gt[10:13, 10:13, 10:13] = 1  # 27 voxels, all predicted
+    pred[10:13, 10:13, 10:13] = 1
+    pred[16, 16, 16:18] = 1  # a false positive of 2 voxels
+    pred_dir, gt_dir = _folders(tmp_path, {"c1": (gt, pred, (2, 2, 2))})
+    r = cli("evaluate", "--pred", pred_dir, "--gt", gt_dir, "--lesions", tmp_path / "lesions.csv", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    rows = (tmp_path / "lesions.csv").read_text().splitlines()
+    assert rows[0] == "case,kind,id,volume_ml,detected,predicted_fraction,x_mm,y_mm,z_mm"
+    table = [row.split(",") for row in rows[1:]]
+    assert [(t[1], float(t[3]), int(t[4]), float(t[5])) for t in table] == [
+        ("lesion", 0.008, 0, 0.0), ("lesion", 0.064, 1, 0.5), ("lesion", 0.216, 1, 1.0), ("false_positive", 0.016, 0, 1.0)]
+    assert [float(v) for v in table[2][6:]] == [22.0, 22.0, 22.0]  # the 27-voxel cube's centre: voxel 11, 2 mm each
+    assert [float(v) for v in table[3][6:]] == [32.0, 32.0, 33.0]
+    report = json.loads((tmp_path / "r.json").read_text())
+    tp, fn, fp = 2, 1, 1
+    assert report["cases"]["c1"]["lesion_f1"] == pytest.approx(tp / (tp + (fp + fn) / 2))
+    by_size = {b["size"]: b for b in report["lesions_by_size"]}
+    assert by_size["< 0.01 ml"] == {"size": "< 0.01 ml", "lesions": 1, "detected": 0, "sensitivity": 0.0, "false_positives": 0}
+    assert by_size["0.01-0.1 ml"]["detected"] == 1 and by_size["0.01-0.1 ml"]["false_positives"] == 1
+    assert by_size["1-10 ml"]["sensitivity"] is None  # no lesion of that size: null, not 0
+    assert "0.1-1 ml:     1 of 1     detected (100 %)" in r.output
+
+
+def test_lesion_table_wmh_leaves_out_other_pathology(tmp_path):
+    """WMH 2017: label 2 (other pathology) is neither a lesion nor, where predicted, a false positive; the
+    table is the same whether the cases are scored in one process or several."""
+    gt = np.zeros((16, 16, 8), np.uint8)
+    gt[2:4, 2:4, 2:4] = 1
+    gt[8:12, 8:12, 2:5] = 2
+    pred = np.zeros_like(gt)
+    pred[2:4, 2:4, 2] = 1
+    pred[9:11, 9:11, 3] = 1  # inside label 2: ignored
+    pred[14, 14, 6] = 1  # a false positive
+    pred_dir, gt_dir = _folders(tmp_path, {"a": (gt, pred, (1, 1, 3)), "b": (gt, np.zeros_like(gt), (1, 1, 3))})
+    one = evaluate(pred_dir, gt_dir, "wmh17", lesions=True, workers=1)
+    two = evaluate(pred_dir, gt_dir, "wmh17", lesions=True, workers=2)
+    assert one["lesions"] == two["lesions"]
+    kinds = [(r["case"], r["kind"], r["detected"]) for r in one["lesions"]]
+    assert kinds == [("a", "lesion", 1), ("a", "false_positive", 0), ("b", "lesion", 0)]
+    assert one["lesions"][0]["predicted_fraction"] == pytest.approx(0.5)
