@@ -81,7 +81,7 @@ def convert_dicom(
     if out.exists():
         raise SegpipeError(f"--out '{out}': already exists; give a new folder for the dataset (e.g. Dataset501_Site)")
     with contextlib.ExitStack() as stack:  # unpacked ZIP archives, until the dataset is written
-        folders = []
+        folders = []  # (folder to read, as given)
         for given in map(Path, inputs):
             folder = given
             if given.is_file() and (is_zip(given) or given.name.lower().endswith(".zip")):  # a PACS portal's download
@@ -90,18 +90,18 @@ def convert_dicom(
                 found = ("not found" if not given.exists() else "a ZIP archive without DICOM files" if folder != given else
                          "a file" if given.is_file() else "a folder without DICOM files")
                 raise SegpipeError(f"EXPORT '{given}': expected a folder of DICOM series (a PACS export) or its ZIP archive, found {found}")
-            folders.append(folder)
+            folders.append((folder, given))
         report = ConvertReport(out)
         with atomic_path(out, directory=True) as tmp:
             (tmp / "imagesTr").mkdir()
             (tmp / "labelsTr").mkdir()
             (tmp / "imagesTs").mkdir()
-            for folder in folders:
+            for folder, given in folders:
                 found, segs = scan_export(folder)  # one pass over the headers: series and annotations
                 for case in dicom_cases(folder, by_study=by_study, series=found):
                     if case.id in report.labelled or case.id in report.unlabelled:
-                        report.failed[f"{case.id} ({folder})"] = f"case id '{case.id}' taken by a study of an earlier EXPORT"
-                        log.error("case '%s' of '%s' left out: the id is taken by a study of an earlier EXPORT", case.id, folder)
+                        report.failed[f"{case.id} ({given})"] = f"case id '{case.id}' taken by a study of an earlier EXPORT"
+                        log.error("case '%s' of '%s' left out: the id is taken by a study of an earlier EXPORT", case.id, given)
                         continue
                     try:
                         labelled = _convert_case(case, segs, tmp, channels, classes, rules, series, allow_uneven)

@@ -227,10 +227,9 @@ def scan_export(root: str | os.PathLike) -> tuple[list[SeriesInfo], list[SegFile
                 refs = tuple(str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in item)
                 segs.append(SegFile(path, str(ds.get("StudyInstanceUID", "")), refs))
                 continue
-            multiframe = int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds \
-                and str(ds.get("Modality", "")) != "SEG"
+            multiframe = int(ds.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds
             if "PixelSpacing" not in ds and "ImagePositionPatient" not in ds and not multiframe:
-                continue  # not an image of a volume (a SEG, a secondary capture without geometry)
+                continue  # not an image of a volume (a secondary capture without geometry)
             sid = str(ds.SeriesInstanceUID)
             info = found.get(sid)
             if info is None:
@@ -1090,6 +1089,7 @@ def write_dicom_overlay(
         split = lesion.reshape(grid, rows // grid, grid, cols // grid).transpose(0, 2, 1, 3)
         ring = ndimage.binary_dilation(split, cross) & ~split
         return ring.transpose(0, 2, 1, 3).reshape(rows, cols)
+
     series_uid = generate_uid()
     described = "; ".join(f"{k}={v}" for k, v in (parameters or {}).items())
     out = Path(out)

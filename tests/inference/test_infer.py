@@ -1518,10 +1518,14 @@ def test_bare_dicom_files_without_the_part10_header(tiny_model, tmp_path):
         pydicom.dcmwrite(str(f), ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
         assert f.read_bytes()[128:132] != b"DICM"
     assert [s.number for s in find_series(bare)] == [4, 7, 8]
-    report = infer(tiny_model, [original, bare], tmp_path / "out", tta=False)
+    report = infer(tiny_model, [original, bare], tmp_path / "out", tta=False, dicom_overlay=True)
     assert not report.failed, report.failed
     masks = [np.asanyarray(nib.load(str(tmp_path / "out" / f"{name}.nii.gz")).dataobj) for name in ("original", "bare")]
     assert np.array_equal(*masks) and (tmp_path / "out" / "bare_seg.dcm").is_file()
+    # the overlay copies are proper Part 10 files, whatever their sources were
+    copies = sorted((tmp_path / "out" / "bare_overlay").iterdir())
+    assert len(copies) == 24 and all(f.read_bytes()[128:132] == b"DICM" for f in copies)
+    assert pydicom.dcmread(str(copies[0])).overlay_array(0x6000).shape == (40, 40)
 
 
 def test_inspect_lists_the_series_of_an_export_and_what_infer_would_choose(cli, tmp_path):
