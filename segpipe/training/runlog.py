@@ -182,21 +182,21 @@ def summarize_model(model: str | Path) -> str:
     root = Path(model) if Path(model).is_dir() else Path(model).parent
     kind = f"an ensemble of {len(paths)} checkpoints (the folds of one cross-validation)" if len(paths) > 1 else "one checkpoint"
     lines = [f"model {model}: {kind}"]
+
+    def shown(p: Path) -> Path:
+        return p.relative_to(root) if p.is_relative_to(root) else p
+
     for path, ckpt in zip(paths, ckpts):
         epochs = (ckpt.get("config") or {}).get("train", {}).get("epochs", "?")
         held, trained = ckpt.get("validation_cases"), ckpt.get("training_cases")
         cases = f", {len(trained)} training / {len(held)} held-out cases" if isinstance(held, list) and isinstance(trained, list) else ""
         best = (f", best validation {ckpt.get('best_metric_name', 'score')} {ckpt['best_metric']:.4f} at epoch {ckpt.get('best_epoch')}"
                 if isinstance(ckpt.get("best_metric"), float) and not math.isnan(ckpt["best_metric"]) else "")
-        try:
-            name = path.relative_to(root)
-        except ValueError:
-            name = path
         done = ckpt["epoch"] + 1 if isinstance(ckpt.get("epoch"), int) else "?"  # epochs count from 0, as in metrics.csv
-        lines.append(f"  {name}: fold {ckpt.get('fold', '?')}, saved after {done} of {epochs} epochs{cases}{best}")
+        lines.append(f"  {shown(path)}: fold {ckpt.get('fold', '?')}, saved after {done} of {epochs} epochs{cases}{best}")
         lines.append(f"    sha256 {file_sha256(path)}, {path.stat().st_size / 1e6:.1f} MB")
     plan, config = ckpts[0].get("plan") or {}, ckpts[0].get("config") or {}
-    differ = [str(p.relative_to(root) if p.is_relative_to(root) else p) for p, c in zip(paths[1:], ckpts[1:])
+    differ = [str(shown(p)) for p, c in zip(paths[1:], ckpts[1:])
               if (c.get("plan") or {}).get("channels") != plan.get("channels") or (c.get("plan") or {}).get("classes") != plan.get("classes")]
     if differ:
         lines.append(f"  warning: {', '.join(differ)} expect other channels or classes than the first: `segpipe infer` refuses the ensemble")
