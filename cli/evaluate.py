@@ -25,6 +25,9 @@ def evaluate(
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Cases scored in parallel (processes); default: one per CPU core, at most one "
                                                 "per case.", show_default=False)] = None,
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="A second folder of predictions (another model, loss or "
+                                                  "setting) to compare with, case by case: mean differences with 95 % bootstrap "
+                                                  "intervals and Wilcoxon signed-rank p-values.", show_default=False)] = None,
     lesions: Annotated[Path | None, typer.Option("--lesions", help="Write every lesion as CSV (each ground-truth lesion: volume, "
                                                  "detected or not, centre in mm; each false-positive component) and print the "
                                                  "detection rate by lesion size.", show_default=False)] = None,
@@ -53,8 +56,16 @@ def evaluate(
             ensure_writable_file(path, what=option, example=example)
     report = run(pred, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes, progress=track, workers=workers,
                  lesions=lesions is not None)
+    if baseline is not None:
+        from segpipe.evaluation.protocols import compare, format_comparison
+
+        other = run(baseline, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes[:1], progress=track, workers=workers)
+        report["comparison"] = {"baseline": str(baseline), "metrics": compare(report, other)}
     write_report(report, json_out, csv_out, lesions)
     typer.echo(format_table(report))
+    if baseline is not None:
+        typer.echo("")
+        typer.echo(format_comparison(report["comparison"]["metrics"], Path(pred).name or str(pred), Path(baseline).name or str(baseline)))
     for path in (json_out, csv_out, lesions):
         if path:
             typer.echo(f"wrote {path}")

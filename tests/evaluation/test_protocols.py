@@ -422,3 +422,50 @@ def test_lesion_table_wmh_leaves_out_other_pathology(tmp_path):
     kinds = [(r["case"], r["kind"], r["detected"]) for r in one["lesions"]]
     assert kinds == [("a", "lesion", 1), ("a", "false_positive", 0), ("b", "lesion", 0)]
     assert one["lesions"][0]["predicted_fraction"] == pytest.approx(0.5)
+
+
+def test_paired_comparison_with_a_baseline(cli, tmp_path):
+    """--baseline: the same cases scored for a second set of predictions, and per metric the mean difference,
+    its bootstrap interval, the Wilcoxon p-value (SciPy's, on the per-case differences) and the cases each side
+    wins, in the metric's direction."""
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(0)
+    cases = {}
+    for k in range(8):
+        gt = np.zeros((16, 16, 8), np.uint8)
+        gt[4:12, 4:12, 2:6] = 1
+        better = gt.copy()
+        better[4:12, 4:4 + (k % 3), 2:6] = 0  # a little missed
+        worse = gt.copy()
+        worse[4:12, 4:7 + (k % 4), 2:6] = 0  # more missed
+        worse[14, 14, int(rng.integers(0, 8))] = 1  # and a false positive
+        cases[f"c{k}"] = (gt, better, worse)
+    for cid, (gt, a, b) in cases.items():
+        write_nifti(tmp_path / "gt" / f"{cid}.nii.gz", gt, np.eye(4))
+        write_nifti(tmp_path / "model_a" / f"{cid}.nii.gz", a, np.eye(4))
+        write_nifti(tmp_path / "model_b" / f"{cid}.nii.gz", b, np.eye(4))
+    r = cli("evaluate", "--pred", tmp_path / "model_a", "--baseline", tmp_path / "model_b", "--gt", tmp_path / "gt",
+            "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert "paired comparison, model_a minus model_b" in r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["comparison"]["baseline"] == str(tmp_path / "model_b")
+    rows = {m["metric"]: m for m in report["comparison"]["metrics"]}
+    a = evaluate(tmp_path / "model_a", tmp_path / "gt", "isles22")["cases"]
+    b = evaluate(tmp_path / "model_b", tmp_path / "gt", "isles22")["cases"]
+    d = np.array([a[c]["dice"] - b[c]["dice"] for c in sorted(a)])
+    dice_row = rows["dice"]
+    assert dice_row["cases"] == 8 and dice_row["difference"] == pytest.approx(d.mean()) and dice_row["better"] == 8
+    assert dice_row["p_value"] == pytest.approx(wilcoxon(d).pvalue) and dice_row["p_value"] < 0.01
+    assert dice_row["ci_low"] <= d.mean() <= dice_row["ci_high"] and dice_row["ci_low"] > 0
+    # lower is better for the volume difference: model_a wins there too
+    assert rows["avd_ml"]["difference"] < 0 and rows["avd_ml"]["better"] == 8 and rows["avd_ml"]["worse"] == 0
+    # the same predictions against themselves: no difference, p = 1
+    r = cli("evaluate", "--pred", tmp_path / "model_a", "--baseline", tmp_path / "model_a", "--gt", tmp_path / "gt",
+            "--json", tmp_path / "same.json")
+    same = {m["metric"]: m for m in json.loads((tmp_path / "same.json").read_text())["comparison"]["metrics"]}
+    assert same["dice"]["difference"] == 0 and same["dice"]["p_value"] == 1 and same["dice"]["better"] == same["dice"]["worse"] == 0
+    (tmp_path / "model_b" / "c3.nii.gz").unlink()  # the baseline misses a case: named, as for --pred
+    r = cli("evaluate", "--pred", tmp_path / "model_a", "--baseline", tmp_path / "model_b", "--gt", tmp_path / "gt")
+    assert r.exit_code == 1 and "no prediction for case 'c3'" in r.output and "Traceback" not in r.output
