@@ -54,6 +54,11 @@ def evaluate(
                                   ("--lesions", lesions, "lesions.csv")):
         if path is not None:  # before the scoring, not after it
             ensure_writable_file(path, what=option, example=example)
+    if baseline is not None and not baseline.is_dir():  # before the scoring, not after it
+        from segpipe.errors import SegpipeError
+
+        found = "nothing there" if not baseline.exists() else "a file"
+        raise SegpipeError(f"--baseline '{baseline}': expected a folder of predictions to compare with (`segpipe infer --out`), found {found}")
     report = run(pred, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes, progress=track, workers=workers,
                  lesions=lesions is not None)
     if baseline is not None:

@@ -478,6 +478,9 @@ def _infer(
         raise UsageError(f"--series: the model has no channel {', '.join(unknown)}; its channels are {', '.join(plan.channels)}"
                          f"{did_you_mean(unknown[0], plan.channels)}")
     cases = resolve_inputs(inputs, plan.channels, channel_map, dicom_case=dicom_case, unpack_to=unpack_to)
+    if dicom_overlay and not all(c.dicom for c in cases):
+        log.warning("--dicom-overlay: %d of %d cases are not DICOM exports and get no overlay series (it copies the DICOM images)",
+                    sum(1 for c in cases if not c.dicom), len(cases))
     if series and not any(c.dicom for c in cases):
         raise UsageError("--series chooses among the series of a DICOM export, and no INPUT is a DICOM folder; leave it out "
                          "for NIfTI inputs")

@@ -466,6 +466,8 @@ def test_paired_comparison_with_a_baseline(cli, tmp_path):
             "--json", tmp_path / "same.json")
     same = {m["metric"]: m for m in json.loads((tmp_path / "same.json").read_text())["comparison"]["metrics"]}
     assert same["dice"]["difference"] == 0 and same["dice"]["p_value"] == 1 and same["dice"]["better"] == same["dice"]["worse"] == 0
+    r = cli("evaluate", "--pred", tmp_path / "model_a", "--baseline", tmp_path / "nope", "--gt", tmp_path / "gt")
+    assert r.exit_code == 1 and "--baseline '" in r.output and "found nothing there" in r.output
     (tmp_path / "model_b" / "c3.nii.gz").unlink()  # the baseline misses a case: named, as for --pred
     r = cli("evaluate", "--pred", tmp_path / "model_a", "--baseline", tmp_path / "model_b", "--gt", tmp_path / "gt")
     assert r.exit_code == 1 and "no prediction for case 'c3'" in r.output and "Traceback" not in r.output

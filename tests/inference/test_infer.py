@@ -172,7 +172,7 @@ def _outline(mask2d: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(mask2d, ndimage.generate_binary_structure(2, 1)) & ~mask2d
 
 
-def test_dicom_overlay_outlines_the_seg_on_a_copy_of_the_series(cli, tiny_model, tmp_path):
+def test_dicom_overlay_outlines_the_seg_on_a_copy_of_the_series(cli, tiny_model, tiny_cache, tmp_path, caplog):
     """--dicom-overlay: for viewers without DICOM SEG, a new series of the reference images, pixel for pixel and
     place for place, with the outline around each SEG lesion as an overlay plane."""
     export, info = _dicom_export(tmp_path / "study")
@@ -205,6 +205,11 @@ def test_dicom_overlay_outlines_the_seg_on_a_copy_of_the_series(cli, tiny_model,
     # --skip-existing counts the overlay folder among the case's outputs
     r = cli("infer", "--model", tiny_model, export, "--out", out, "--no-tta", "--dicom-overlay", "--skip-existing")
     assert r.exit_code == 0 and "1 skipped" in r.output, r.output
+    # NIfTI cases have no DICOM images to copy: said once, not silently skipped
+    logging.getLogger("segpipe").propagate = True  # the commands above made it print on its own: caplog needs the records
+    with caplog.at_level(logging.WARNING, logger="segpipe"):
+        report = infer(tiny_model, [tiny_cache.parent / "m.json"], tmp_path / "nifti", tta=False, dicom_overlay=True)
+    assert not report.failed and "cases are not DICOM exports and get no overlay series" in caplog.text
 
 
 def test_dicom_export_as_zip_archive(cli, tiny_model, tmp_path):
