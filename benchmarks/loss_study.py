@@ -12,7 +12,9 @@ network is trained for the same budget with each loss, 3 seeds each, and scored 
 
 Held-out metrics: Dice, HD95 (mm, 3D borders) and lesion-wise F1 (ISLES 2022 definition), mean and standard
 deviation over the 3 seeds (each seed: the mean over the held-out cases). HD95 is undefined for an empty
-prediction: it is averaged over the cases with one, and the share of empty predictions is reported apart. Writes
+prediction: it is averaged over the cases with one, and the share of empty predictions is reported apart. Each
+boundary loss is also compared with the regional loss it extends case by case (:func:`paired`: held-out case x
+seed pairs, bootstrap interval and Wilcoxon p of the difference). Writes
 ``benchmarks/results/loss_study.json``, ``loss_study.md`` and ``loss_study.png``.
 
     python -m benchmarks.loss_study            # about an hour on 2 CPU cores
@@ -107,7 +109,7 @@ def _dataset(root: Path, kind: str, size: tuple, seed: int) -> tuple[Path, Path,
     return root / "train.json", root / "test.json", root
 
 
-def _score(pred_dir: Path, test_manifest: Path) -> dict[str, float]:
+def _score(pred_dir: Path, test_manifest: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
     import nibabel as nib
 
     m = load_manifest(test_manifest)
@@ -123,7 +125,8 @@ def _score(pred_dir: Path, test_manifest: Path) -> dict[str, float]:
         scores["hd95"].append(hausdorff95(g, p, gt_img.affine, inplane=False))
         scores["lesion_f1"].append(lesion_f1(g, p))
         scores["empty"].append(float(not p.any()))  # HD95 is undefined (NaN) for these: counted apart
-    return {k: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else math.nan for k, v in scores.items()}
+    means = {k: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else math.nan for k, v in scores.items()}
+    return means, {k: [float(x) for x in v] for k, v in scores.items()}
 
 
 def run(size_name: str, out: Path, device: str) -> dict:
@@ -147,7 +150,7 @@ def run(size_name: str, out: Path, device: str) -> dict:
             add_label_noise(noisy, seed=3)
             results["datasets"][kind] = {}
             for label, spec, use_noise in LOSSES:
-                per_seed = []
+                per_seed, per_case = [], []
                 for s in range(seeds):
                     t = time.perf_counter()
                     c = noisy if use_noise else cache
@@ -157,16 +160,45 @@ def run(size_name: str, out: Path, device: str) -> dict:
                     train(resolve_train_config(c, CONFIG, over), c, run_dir, fold="all", overwrite=True, device=device)
                     pred = root / "pred" / run_dir.name
                     infer(run_dir, [test_m], pred, tta=False, device=device)
-                    sc = _score(pred, test_m)
+                    sc, cases = _score(pred, test_m)
                     per_seed.append(sc)
+                    per_case.append(cases)
                     log.warning("%s %-24s seed %d: dice %.3f hd95 %.1f f1 %.3f (%.0f s)", kind, label, s, sc["dice"], sc["hd95"],
                                 sc["lesion_f1"], time.perf_counter() - t)
                 agg = {}
                 for k in ("dice", "hd95", "lesion_f1", "empty"):
                     vals = np.array([p[k] for p in per_seed], dtype=float)
-                    agg[k] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals)), "seeds": vals.tolist()}
+                    agg[k] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals)), "seeds": vals.tolist(),
+                              "cases": [c[k] for c in per_case]}  # per seed, the held-out cases in the manifest's order
                 results["datasets"][kind][label] = agg
+    results["paired"] = paired(results)
     return results
+
+
+#: each loss with a boundary term (or the noise-robust one) against the regional loss it extends
+PAIRS = [("dice+boundary", "dice"), ("gdl+boundary", "gdl"), ("bitempered, noisy masks", "ce, noisy masks")]
+HIGHER = {"dice": True, "hd95": False, "lesion_f1": True}
+
+
+def paired(results: dict) -> dict[str, list[dict]]:
+    """Per dataset, each pair of :data:`PAIRS` compared case by case: the same held-out case scored by the two
+    losses' networks of the same seed (same initialisation and patches) is a pair, over all seeds and cases;
+    :func:`segpipe.evaluation.protocols.paired_difference` per metric (HD95 pairs with an empty prediction
+    left out). A difference of seed means over 3 seeds cannot tell noise from effect; this can."""
+    from segpipe.evaluation.protocols import paired_difference
+
+    out: dict[str, list[dict]] = {}
+    for kind, table in results["datasets"].items():
+        rows = []
+        for loss, base in PAIRS:
+            if loss not in table or base not in table or "cases" not in table[loss]["dice"]:
+                continue
+            for metric, higher in HIGHER.items():
+                a = [v for seed in table[loss][metric]["cases"] for v in seed]
+                b = [v for seed in table[base][metric]["cases"] for v in seed]
+                rows.append({"loss": loss, "baseline": base, "metric": metric, **paired_difference(a, b, higher_is_better=higher)})
+        out[kind] = rows
+    return out
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -183,6 +215,16 @@ def write_outputs(results: dict, out: Path) -> None:
 
             lines.append(f"| {label} | {cell('dice')} | {cell('hd95')} | {cell('lesion_f1')} | {100 * agg['empty']['mean']:.0f} % |")
         lines.append("")
+        rows = results.get("paired", {}).get(kind, [])
+        if rows:
+            lines += ["Paired, case by case (held-out case x seed; difference = loss minus baseline, 95 % bootstrap interval, "
+                      "Wilcoxon signed-rank p, pairs better/worse):", "",
+                      "| loss vs baseline | metric | pairs | difference | interval | p | better/worse |", "|---|---|---|---|---|---|---|"]
+            for r in rows:
+                digits = 1 if r["metric"] == "hd95" else 3
+                lines.append(f"| {r['loss']} vs {r['baseline']} | {r['metric']} | {r['cases']} | {r['difference']:+.{digits}f} | "
+                             f"[{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}] | {r['p_value']:.3g} | {r['better']}/{r['worse']} |")
+            lines.append("")
     (out / "loss_study.md").write_text("\n".join(lines))
     import matplotlib
 

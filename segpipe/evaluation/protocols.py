@@ -46,7 +46,7 @@ from segpipe.io.atomic import atomic_write_text
 from segpipe.io.nifti import read_volume, spacing_of
 from segpipe.resources import process_pool, usable_cores
 
-__all__ = ["HIGHER_IS_BETTER", "PROTOCOLS", "best_in_sweep", "compare", "evaluate", "evaluate_isles22", "evaluate_wmh17", "pair_cases", "write_report"]
+__all__ = ["HIGHER_IS_BETTER", "PROTOCOLS", "best_in_sweep", "compare", "evaluate", "evaluate_isles22", "evaluate_wmh17", "pair_cases", "paired_difference", "write_report"]
 
 log = logging.getLogger(__name__)
 NIFTI = (".nii.gz", ".nii")
@@ -367,36 +367,40 @@ def best_in_sweep(report: dict[str, Any]) -> dict[str, float]:
     return best
 
 
-def compare(report: dict[str, Any], baseline: dict[str, Any], *, resamples: int = 10000, seed: int = 0) -> list[dict[str, Any]]:
-    """Paired comparison of two reports of the same protocol on the same cases (a model against a baseline:
-    the boundary loss against Dice alone, say), per metric: the cases where both have a value, both means,
-    the mean difference (report minus baseline) with its 95 % bootstrap interval (cases resampled,
-    ``resamples`` times, ``seed`` fixed), the Wilcoxon signed-rank test's two-sided p-value (SciPy; 1 when
-    every difference is 0), and the cases each side is better on, in the metric's own direction."""
+def paired_difference(values: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool = True, resamples: int = 10000,
+                      seed: int = 0) -> dict[str, Any]:
+    """Paired values (case by case) against a baseline's: how many pairs have both values (NaN pairs left
+    out), both means, the mean difference (values minus baseline) with its 95 % bootstrap interval (pairs
+    resampled ``resamples`` times, ``seed`` fixed), the Wilcoxon signed-rank test's two-sided p-value (SciPy;
+    1 when every difference is 0), and on how many pairs each side is better, in the metric's direction."""
     from scipy.stats import wilcoxon
 
+    pairs = [(float(a), float(b)) for a, b in zip(values, baseline) if not (math.isnan(float(a)) or math.isnan(float(b)))]
+    row: dict[str, Any] = {"cases": len(pairs), "mean": math.nan, "baseline_mean": math.nan, "difference": math.nan,
+                           "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "better": 0, "worse": 0}
+    if not pairs:
+        return row
+    a, b = np.array(pairs).T
+    d = a - b
+    sign = 1 if higher_is_better else -1
+    boot = d[np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    row.update(mean=float(a.mean()), baseline_mean=float(b.mean()), difference=float(d.mean()),
+               ci_low=float(np.percentile(boot, 2.5)), ci_high=float(np.percentile(boot, 97.5)),
+               p_value=1.0 if not np.any(d) else float(wilcoxon(d).pvalue),
+               better=int(np.sum(sign * d > 0)), worse=int(np.sum(sign * d < 0)))
+    return row
+
+
+def compare(report: dict[str, Any], baseline: dict[str, Any], *, resamples: int = 10000, seed: int = 0) -> list[dict[str, Any]]:
+    """Paired comparison of two reports of the same protocol on the same cases (a model against a baseline:
+    the boundary loss against Dice alone, say): per metric, :func:`paired_difference` over the cases both
+    reports hold."""
     if report["protocol"] != baseline["protocol"]:
         raise SegpipeError(f"compare: the reports use different protocols ({report['protocol']}, {baseline['protocol']})")
     cases = [c for c in report["cases"] if c in baseline["cases"]]
-    rng = np.random.default_rng(seed)
-    out = []
-    for key in PROTOCOLS[report["protocol"]]:
-        pairs = [(float(report["cases"][c][key]), float(baseline["cases"][c][key])) for c in cases]
-        pairs = [(a, b) for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
-        row: dict[str, Any] = {"metric": key, "cases": len(pairs), "mean": math.nan, "baseline_mean": math.nan,
-                               "difference": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
-                               "better": 0, "worse": 0}
-        if pairs:
-            a, b = np.array(pairs).T
-            d = a - b
-            sign = 1 if HIGHER_IS_BETTER[key] else -1
-            boot = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
-            row.update(mean=float(a.mean()), baseline_mean=float(b.mean()), difference=float(d.mean()),
-                       ci_low=float(np.percentile(boot, 2.5)), ci_high=float(np.percentile(boot, 97.5)),
-                       p_value=1.0 if not np.any(d) else float(wilcoxon(d).pvalue),
-                       better=int(np.sum(sign * d > 0)), worse=int(np.sum(sign * d < 0)))
-        out.append(row)
-    return out
+    return [{"metric": key, **paired_difference([report["cases"][c][key] for c in cases], [baseline["cases"][c][key] for c in cases],
+                                                higher_is_better=HIGHER_IS_BETTER[key], resamples=resamples, seed=seed)}
+            for key in PROTOCOLS[report["protocol"]]]
 
 
 def format_comparison(rows: Sequence[dict[str, Any]], name: str, baseline: str) -> str:

@@ -471,3 +471,23 @@ def test_paired_comparison_with_a_baseline(cli, tmp_path):
     (tmp_path / "model_b" / "c3.nii.gz").unlink()  # the baseline misses a case: named, as for --pred
     r = cli("evaluate", "--pred", tmp_path / "model_a", "--baseline", tmp_path / "model_b", "--gt", tmp_path / "gt")
     assert r.exit_code == 1 and "no prediction for case 'c3'" in r.output and "Traceback" not in r.output
+
+
+def test_loss_study_pairs_each_boundary_loss_with_its_regional_loss_case_by_case():
+    """The loss study's paired analysis: the same held-out case under the same seed is a pair, over all seeds;
+    NaN (HD95 of an empty prediction) pairs are left out."""
+    from scipy.stats import wilcoxon
+
+    from benchmarks.loss_study import paired
+
+    def entry(dice_cases, hd_cases):
+        return {"dice": {"cases": dice_cases}, "hd95": {"cases": hd_cases}, "lesion_f1": {"cases": dice_cases}}
+
+    table = {"dice": entry([[0.5, 0.6, 0.7], [0.55, 0.65, 0.75]], [[5.0, 4.0, math.nan], [5.5, 4.5, 3.5]]),
+             "dice+boundary": entry([[0.6, 0.6, 0.8], [0.65, 0.7, 0.7]], [[4.0, 4.5, 3.0], [5.0, math.nan, 3.0]])}
+    rows = {r["metric"]: r for r in paired({"datasets": {"isles": table}})["isles"]}
+    d = np.array([0.1, 0.0, 0.1, 0.1, 0.05, -0.05])
+    assert rows["dice"]["cases"] == 6 and rows["dice"]["difference"] == pytest.approx(d.mean())
+    assert rows["dice"]["p_value"] == pytest.approx(wilcoxon(d).pvalue) and (rows["dice"]["better"], rows["dice"]["worse"]) == (4, 1)
+    assert rows["hd95"]["cases"] == 4 and rows["hd95"]["better"] == 3  # lower is better; two NaN pairs left out
+    assert all(r["loss"] == "dice+boundary" and r["baseline"] == "dice" for r in rows.values())
