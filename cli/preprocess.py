@@ -94,15 +94,12 @@ def inspect(
             raise UsageError(f"'{cache}' is a file: CASE, --export-nifti and --png are for a cache")
         from segpipe.io.archive import is_zip
 
-        if is_zip(cache) or cache.name.lower().endswith(".zip"):  # a DICOM export as a PACS portal hands it out
-            import tempfile
-
+        if is_zip(cache):  # a DICOM export as a PACS portal hands it out
             from segpipe.data.inspect import summarize_dicom
-            from segpipe.io.archive import unpack_zip
+            from segpipe.io.archive import unpacked
 
-            with tempfile.TemporaryDirectory(prefix="segpipe-unpacked-") as tmp:
-                folder = unpack_zip(cache, tmp, what="EXPORT")
-                typer.echo(summarize_dicom(folder).replace(str(folder), str(cache)))
+            with unpacked(cache, what="EXPORT") as folder:
+                typer.echo(summarize_dicom(folder, name=str(cache)))
             return
         typer.echo(summarize_model(cache))  # a checkpoint (or says clearly what the file is not)
         return

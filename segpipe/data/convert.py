@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ def convert_dicom(
     """Convert the studies of the DICOM folders ``inputs`` into an nnU-Net raw dataset at ``out`` (see the
     module's docstring). The first channel is the reference: annotations must refer to its series."""
     from segpipe.inference.inputs import dicom_cases
-    from segpipe.io.archive import is_zip, unpack_zip
+    from segpipe.io.archive import is_zip, unpacked
     from segpipe.io.atomic import atomic_path
     from segpipe.io.dicom import check_series_choice, is_dicom_folder, scan_export
 
@@ -84,8 +83,8 @@ def convert_dicom(
         folders = []  # (folder to read, as given)
         for given in map(Path, inputs):
             folder = given
-            if given.is_file() and (is_zip(given) or given.name.lower().endswith(".zip")):  # a PACS portal's download
-                folder = unpack_zip(given, stack.enter_context(tempfile.TemporaryDirectory(prefix="segpipe-unpacked-")), what="EXPORT")
+            if is_zip(given):  # a PACS portal's download
+                folder = stack.enter_context(unpacked(given, what="EXPORT"))
             if not folder.is_dir() or not is_dicom_folder(folder):
                 found = ("not found" if not given.exists() else "a ZIP archive without DICOM files" if folder != given else
                          "a file" if given.is_file() else "a folder without DICOM files")

@@ -58,21 +58,24 @@ def summarize_cache(root: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
-def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] = ("dwi", "adc", "flair", "t1", "t2", "ct")) -> str:
+def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] = ("dwi", "adc", "flair", "t1", "t2", "ct"),
+                    name: str | None = None) -> str:
     """The image series of a DICOM export, per study, and the series the built-in rules would choose for each
-    channel: what to check, and what to give ``segpipe infer --series``, before running a model on it."""
+    channel: what to check, and what to give ``segpipe infer --series``, before running a model on it. ``name``:
+    what to call the export (a ZIP archive unpacked into ``root``)."""
     import logging
 
     from segpipe.io.dicom import format_series_table, scan_export, select_series
 
     root = Path(root)
+    name = name or str(root)
     series, segs = scan_export(root)
     if not series:
-        raise SegpipeError(f"'{root}': no DICOM image series found; point at the folder the scanner export was unpacked into")
+        raise SegpipeError(f"'{name}': no DICOM image series found; point at the folder the scanner export was unpacked into")
     studies: dict[tuple[str, str], list] = {}
     for s in series:
         studies.setdefault((s.study_uid, s.patient), []).append(s)
-    lines = [f"DICOM export {root}: {len(series)} image series in {len(studies)} {'study' if len(studies) == 1 else 'studies'}"]
+    lines = [f"DICOM export {name}: {len(series)} image series in {len(studies)} {'study' if len(studies) == 1 else 'studies'}"]
     quiet = logging.getLogger("segpipe.io.dicom")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # select_series tells what it chose at INFO: said below, once
@@ -83,7 +86,7 @@ def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] = ("dwi",
             picks = []
             for ch in channels:
                 try:
-                    picked, _ = select_series(group, [ch], where=str(root))[ch]
+                    picked, _ = select_series(group, [ch], where=name)[ch]
                     picks.append(f"{ch} <- #{picked.number}")
                 except SegpipeError as exc:
                     if "candidate" in str(exc):

@@ -124,7 +124,7 @@ def lesion_table(gt: np.ndarray, pred: np.ndarray, affine: np.ndarray, voxel_ml:
     def centres(labels: np.ndarray, n: int) -> np.ndarray:
         if n == 0:
             return np.zeros((0, 3))
-        index = np.asarray(ndimage.center_of_mass(np.ones(labels.shape, bool), labels, range(1, n + 1)), float).reshape(n, -1)
+        index = np.asarray(ndimage.center_of_mass(labels > 0, labels, range(1, n + 1)), float).reshape(n, -1)
         return index @ affine[:3, :3].T + affine[:3, 3]
 
     lab_gt, n_gt = components(gt)

@@ -252,7 +252,7 @@ def resolve_inputs(inputs: Sequence[str | Path], channels: Sequence[str], channe
                 cases += _folder_cases(p, files, channels) if files else _dataset_cases(p, channels)
         elif p.name.lower().endswith(NIFTI):
             loose.append(p)
-        elif is_zip(p) or p.name.lower().endswith(".zip"):  # a damaged archive is named as such by unpack_zip
+        elif is_zip(p):
             if unpack_to is None:
                 raise UsageError(f"input '{p}': a ZIP archive; unpack it and give the folder")
             folder = unpack_zip(p, unpack_to / str(len(cases)), what="input")

@@ -8,27 +8,42 @@ names a password-protected archive, all as one line.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import stat
+import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from segpipe.errors import SegpipeError
 
-__all__ = ["is_zip", "unpack_zip"]
+__all__ = ["is_zip", "unpack_zip", "unpacked"]
 
 
 def is_zip(path: Path) -> bool:
-    """A file that is a ZIP archive (by its content, whatever its name), and not a PyTorch checkpoint (which
-    ``torch.save`` also writes as a ZIP archive, around its ``data.pkl``)."""
-    if not (path.is_file() and zipfile.is_zipfile(path)):
+    """A DICOM export as a ZIP archive: a file named ``*.zip`` (a damaged one too: :func:`unpack_zip` names it),
+    or a ZIP archive by its content whatever its name, except a PyTorch checkpoint (which ``torch.save`` also
+    writes as a ZIP archive, around its ``data.pkl``)."""
+    if not path.is_file():
+        return False
+    if path.name.lower().endswith(".zip"):
+        return True
+    if not zipfile.is_zipfile(path):
         return False
     try:
         with zipfile.ZipFile(path) as archive:
             return not any(name.endswith("/data.pkl") for name in archive.namelist())
     except (zipfile.BadZipFile, OSError):
         return True  # damaged: unpack_zip names it
+
+
+@contextlib.contextmanager
+def unpacked(path: str | Path, *, what: str = "input") -> Iterator[Path]:
+    """The archive ``path`` unpacked (:func:`unpack_zip`) into a temporary folder, removed after the block."""
+    with tempfile.TemporaryDirectory(prefix="segpipe-unpacked-") as tmp:
+        yield unpack_zip(path, tmp, what=what)
 
 
 def unpack_zip(path: str | Path, into: str | Path, *, what: str = "input") -> Path:
