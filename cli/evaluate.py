@@ -14,7 +14,10 @@ from cli._common import handle_errors
 def evaluate(
     pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted masks named by case id: CASE.nii.gz (what `segpipe infer` writes), or another tool's (NRRD, MetaImage, DICOM SEG CASE.dcm).", show_default=False)],
     gt: Annotated[Path, typer.Option("--gt", help="Folder of ground-truth masks named by case id (NIfTI, NRRD, MetaImage or DICOM SEG), a dataset folder in a known layout, or a manifest.", show_default=False)],
-    protocol: Annotated[str, typer.Option(help="isles22 (Dice, AVD ml, lesion count difference, lesion F1) or wmh17 (Dice, HD95, AVD %, lesion recall, lesion F1).")] = "isles22",
+    protocol: Annotated[str, typer.Option(help="auto: the ground truth's dataset layout's (WMH 2017: wmh17; ISLES 2015 or 2018: isles15), "
+                                          "else isles22. isles22: Dice, AVD ml, lesion count difference, lesion F1. wmh17: Dice, HD95, AVD %, "
+                                          "lesion recall, lesion F1. isles15: Dice, ASSD, Hausdorff distance, precision, recall, volume "
+                                          "error mm^3.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the per-case and mean metrics as JSON.")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write them as CSV (one row per case, then the mean).")] = None,
     ignore_missing: Annotated[bool, typer.Option("--ignore-missing", help="Evaluate the cases found on both sides instead of failing.")] = False,
@@ -35,7 +38,8 @@ def evaluate(
     """Score predictions against ground truth with a challenge's own metrics, number for number.
 
     isles22 follows the ISLES 2022 organisers' eval_utils.py; wmh17 follows the WMH 2017 organisers'
-    evaluation.py (label 2 of the ground truth is ignored). Prints a table; --json and --csv write reports.
+    evaluation.py (label 2 of the ground truth is ignored); isles15 follows the ISLES 2015 and 2016 organisers'
+    validateLabelImages-ISLES. Prints a table; --json and --csv write reports.
     """
     from segpipe.errors import UsageError
     from segpipe.evaluation.protocols import evaluate as run
@@ -64,7 +68,7 @@ def evaluate(
     if baseline is not None:
         from segpipe.evaluation.protocols import compare, format_comparison
 
-        other = run(baseline, gt, protocol, ignore_missing=ignore_missing, min_lesion_mm3=sizes[:1], progress=track, workers=workers)
+        other = run(baseline, gt, report["protocol"], ignore_missing=ignore_missing, min_lesion_mm3=sizes[:1], progress=track, workers=workers)
         report["comparison"] = {"baseline": str(baseline), "metrics": compare(report, other)}
     write_report(report, json_out, csv_out, lesions)
     typer.echo(format_table(report))

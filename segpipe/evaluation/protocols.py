@@ -10,8 +10,17 @@
   prediction is empty), ``avd_pct`` (percent of the ground-truth volume), ``lesion_recall``, ``lesion_f1``.
   Where the official code raises (``hd95`` and ``avd_pct`` with an empty ground truth) the value is NaN and a
   warning is logged.
+- ``isles15`` (the ISLES 2015 and 2016 organisers' program ``validateLabelImages-ISLES``, built on Covalic's
+  ITK metrics; ISLES 2015 SISS/SPES and 2016 ranked by it): masks binarised as "non-zero"; keys ``dice``
+  (0 when both are empty), ``assd`` and ``hd`` (mm: the average symmetric surface distance and the
+  maximum Hausdorff distance, from each mask's border voxels (foreground voxels with background in their
+  3x3x3 ball of 19 voxels) to the other mask's ITK signed Maurer distance map; 0 when both are empty,
+  infinite when one is), ``precision``, ``recall``, and ``volume_error_mm3`` (the program's later version:
+  prediction minus ground truth, signed, in float32 as it computes it).
 
-The JSON report is ``{"cases": {"<id>": {<key>: value}}, "mean": {<key>: value}}``; the means skip NaN.
+The JSON report is ``{"cases": {"<id>": {<key>: value}}, "mean": {<key>: value}}``; the means skip NaN and
+infinite values (``isles15``'s distances to an empty mask, which its online evaluation also leaves out of the
+means), written as null in JSON.
 
 ``min_lesion_mm3`` removes predicted components smaller than that (as ``segpipe infer --min-lesion-mm3``
 does, on the same grid) before scoring; several values give a sweep, the means for each (``"sweep"`` in the
@@ -46,7 +55,8 @@ from segpipe.io.atomic import atomic_write_text
 from segpipe.io.nifti import read_volume, spacing_of
 from segpipe.resources import process_pool, usable_cores
 
-__all__ = ["HIGHER_IS_BETTER", "PROTOCOLS", "best_in_sweep", "compare", "evaluate", "evaluate_isles22", "evaluate_wmh17", "pair_cases", "paired_difference", "write_report"]
+__all__ = ["HIGHER_IS_BETTER", "PROTOCOLS", "SIGNED", "best_in_sweep", "compare", "evaluate", "evaluate_isles15", "evaluate_isles22",
+           "evaluate_wmh17", "pair_cases", "paired_difference", "protocol_for", "write_report"]
 
 log = logging.getLogger(__name__)
 NIFTI = (".nii.gz", ".nii")
@@ -140,9 +150,56 @@ def evaluate_wmh17(gt: np.ndarray, pred: np.ndarray, affine: np.ndarray, case: s
     return {"dice": dsc, "hd95": hd, "avd_pct": avd, "lesion_recall": float(recall), "lesion_f1": float(f1)}
 
 
+def _border_distances(a, b) -> np.ndarray:
+    """ISLES 2015's directed surface distances: at each border voxel of ``a`` (a foreground voxel whose 3x3x3 ball
+    holds background: the morphological gradient the program takes, image edges not counted as background),
+    the absolute value of ``b``'s signed Maurer distance map (ITK's, in mm; zero on ``b``'s own contour). The
+    program reads that map through a cubic B-spline interpolator at the voxel centres, which returns the map's
+    own values there (checked against ITK's interpolator in tests/evaluation/test_against_itk.py)."""
+    import SimpleITK as sitk
+
+    border = sitk.GetArrayViewFromImage(sitk.MorphologicalGradient(a, [1, 1, 1], sitk.sitkBall)) != 0
+    border &= sitk.GetArrayViewFromImage(a) != 0
+    dist = sitk.SignedMaurerDistanceMap(b, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    return np.abs(sitk.GetArrayViewFromImage(dist)[border]).astype(np.float64)
+
+
+def evaluate_isles15(gt: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+    """One case's ISLES 2015/2016 metrics (the module's docstring): ``gt`` and ``pred`` on the grid of ``affine``."""
+    g = np.asarray(gt) != 0
+    p = np.asarray(pred) != 0
+    n_g, n_p = int(g.sum()), int(p.sum())
+    tp = int(np.count_nonzero(g & p))
+    if n_g == 0 or n_p == 0:
+        assd = hd = 0.0 if n_g == n_p else math.inf
+    else:
+        g_img, p_img = _sitk(g.astype(np.uint8), affine), _sitk(p.astype(np.uint8), affine)
+        d_gp, d_pg = _border_distances(g_img, p_img), _border_distances(p_img, g_img)
+        if d_gp.size == 0 or d_pg.size == 0:  # a mask that fills the image has no border voxel
+            assd = hd = math.inf
+        else:
+            assd = 0.5 * (float(d_gp.mean()) + float(d_pg.mean()))
+            hd = max(float(d_gp.max()), float(d_pg.max()))
+    # the volumes as the program computes them: float32 products, left to right, subtracted in float32
+    s = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0)).astype(np.float32)
+
+    def volume(n: int) -> np.float32:
+        return np.float32(n) * s[0] * s[1] * s[2]
+
+    return {
+        "dice": tp / ((n_g + n_p) / 2.0 + 1e-20),
+        "assd": assd,
+        "hd": hd,
+        "precision": tp / (n_p + 1e-20),
+        "recall": tp / (n_g + 1e-20),
+        "volume_error_mm3": float(volume(n_p) - volume(n_g)),
+    }
+
+
 PROTOCOLS: dict[str, tuple[str, ...]] = {
     "isles22": ("dice", "avd_ml", "lesion_count_diff", "lesion_f1"),
     "wmh17": ("dice", "hd95", "avd_pct", "lesion_recall", "lesion_f1"),
+    "isles15": ("dice", "assd", "hd", "precision", "recall", "volume_error_mm3"),
 }
 
 
@@ -181,6 +238,31 @@ def _dataset_labels(root: Path) -> dict[str, Path]:
         raise SegpipeError(f"--gt '{root}': no masks named by case id in it (NIfTI, .mha, .nrrd), and not a dataset of a known layout ({reason}); "
                            "give the folder of masks or a manifest") from None
     return {c.id: m.label_path(c) for c in m.labelled}
+
+
+#: the protocol of each dataset layout (``--protocol auto``); ISLES 2018's organisers reported measures of the
+#: 2015/2016 program's kinds (Dice, Hausdorff distance, volume difference, ...), so it takes ``isles15``
+LAYOUT_PROTOCOLS = {"isles22": "isles22", "wmh17": "wmh17", "isles15": "isles15", "isles18": "isles15"}
+
+
+def protocol_for(gt: Path) -> tuple[str, str | None]:
+    """``--protocol auto``: the protocol of the ground truth's dataset layout, when ``gt`` is a manifest or a
+    dataset folder of a layout in :data:`LAYOUT_PROTOCOLS`, with that layout's name; else ``isles22`` and None."""
+    layout = None
+    try:
+        if gt.is_file() and gt.suffix.lower() == ".json":
+            from segpipe.data.manifest import load_manifest
+
+            layout = load_manifest(gt).layout
+        elif gt.is_dir() and not _mask_files(gt, dicom_seg=True):
+            from segpipe.data.layouts import discover
+
+            layout = discover(gt).layout
+    except SegpipeError:  # pair_cases says what is wrong with it
+        pass
+    if layout in LAYOUT_PROTOCOLS:
+        return LAYOUT_PROTOCOLS[layout], layout
+    return "isles22", None
 
 
 def pair_cases(pred: Path, gt: Path, *, ignore_missing: bool = False) -> list[tuple[str, Path, Path]]:
@@ -247,13 +329,17 @@ def _load_pair(p_path: Path, g_path: Path) -> tuple[np.ndarray, np.ndarray, tupl
 
 #: the direction in which each key is better
 HIGHER_IS_BETTER = {"dice": True, "lesion_f1": True, "lesion_recall": True, "avd_ml": False, "avd_pct": False,
-                    "lesion_count_diff": False, "hd95": False}
+                    "lesion_count_diff": False, "hd95": False, "assd": False, "hd": False, "precision": True, "recall": True,
+                    "volume_error_mm3": False}
+#: keys whose sign says over or under, not better or worse: compared by their absolute value, and no size of a
+#: sweep is named best by them (their mean lets over- and under-estimates cancel)
+SIGNED = frozenset({"volume_error_mm3"})
 
 
 def _means(cases: dict[str, dict[str, float]], protocol: str) -> dict[str, float]:
     mean = {}
     for key in PROTOCOLS[protocol]:
-        vals = [float(c[key]) for c in cases.values() if not math.isnan(float(c[key]))]
+        vals = [float(c[key]) for c in cases.values() if math.isfinite(float(c[key]))]
         mean[key] = float(np.mean(vals)) if vals else math.nan
     return mean
 
@@ -276,9 +362,9 @@ def _score_case(cid: str, p_path: Path, g_path: Path, protocol: str, sizes: Sequ
             f"'{g_path}' is {g.shape} at {tuple(round(z, 4) for z in g_zoom)} mm; predict on the ground truth's grid "
             "(`segpipe infer` writes masks in the input's own geometry)"
         )
-    if protocol == "isles22" and p.dtype.kind == "f" and not np.array_equal(p, np.round(p)):
-        log.warning("case '%s': prediction '%s' holds fractional values (a probability map?); the ISLES 2022 protocol counts "
-                    "every non-zero voxel as lesion: score the masks instead", cid, p_path)
+    if protocol != "wmh17" and p.dtype.kind == "f" and not np.array_equal(p, np.round(p)):
+        log.warning("case '%s': prediction '%s' holds fractional values (a probability map?); the %s protocol counts "
+                    "every non-zero voxel as lesion: score the masks instead", cid, p_path, protocol)
     out = []
     rows: list[dict[str, Any]] = []
     voxel_ml = float(np.prod(g_zoom)) / 1000.0
@@ -289,10 +375,12 @@ def _score_case(cid: str, p_path: Path, g_path: Path, protocol: str, sizes: Sequ
             kept, removed = remove_small_components(labels, p_zoom, size)
         if protocol == "isles22":
             out.append((evaluate_isles22(g, kept, voxel_ml), removed))
+        elif protocol == "isles15":
+            out.append((evaluate_isles15(g, kept, g_aff), removed))
         else:
             out.append((evaluate_wmh17(g, kept, g_aff, cid), removed))
         if lesions and i == 0:  # the protocol's own binary masks (WMH: label 1, label 2's voxels left out)
-            g_bin, p_bin = (g != 0, kept != 0) if protocol == "isles22" else _wmh_masks(g, kept)
+            g_bin, p_bin = (g != 0, kept != 0) if protocol != "wmh17" else _wmh_masks(g, kept)
             rows = [{"case": cid, **r} for r in lesion_table(g_bin, p_bin, g_aff, voxel_ml)]
     return out, rows
 
@@ -300,14 +388,19 @@ def _score_case(cid: str, p_path: Path, g_path: Path, protocol: str, sizes: Sequ
 def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, ignore_missing: bool = False,
              min_lesion_mm3: Sequence[float] = (0.0,), progress: Callable | None = None, workers: int | None = 1,
              lesions: bool = False) -> dict[str, Any]:
-    """Score the predictions in ``pred`` against ``gt`` with ``protocol``'s metrics, per size of
+    """Score the predictions in ``pred`` against ``gt`` with ``protocol``'s metrics (``"auto"``: :func:`protocol_for`), per size of
     ``min_lesion_mm3`` (predicted lesions smaller than it removed first). ``workers`` processes score the
     cases side by side (None: one per CPU core, at most one per case, as nnU-Net's evaluation does with its
     8 processes by default); the report is the same whatever their number. With ``lesions`` the report also
     holds every lesion (``"lesions"``: :func:`~segpipe.evaluation.metrics.lesion_table`'s rows, with their case)
     and the detection rate by lesion size (``"lesions_by_size"``)."""
+    if protocol == "auto":
+        protocol, layout = protocol_for(Path(gt))
+        log.info("protocol %s (%s); --protocol chooses another", protocol,
+                 f"the ground truth is a dataset of the {layout} layout" if layout else "the default for masks named by case id")
     if protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got '{protocol}'{did_you_mean(protocol, PROTOCOLS)}")
+        choices = ("auto", *PROTOCOLS)
+        raise UsageError(f"--protocol: expected one of {', '.join(choices)}, got '{protocol}'{did_you_mean(protocol, choices)}")
     sizes = [float(v) for v in min_lesion_mm3] or [0.0]
     bad = [v for v in sizes if not math.isfinite(v) or v < 0]
     if bad:
@@ -360,6 +453,8 @@ def best_in_sweep(report: dict[str, Any]) -> dict[str, float]:
     """For each key, the swept size with the best mean (the smallest size among equals)."""
     best = {}
     for key in PROTOCOLS[report["protocol"]]:
+        if key in SIGNED:
+            continue
         rows = [r for r in report.get("sweep", []) if not math.isnan(r["mean"][key])]
         if rows:
             sign = -1 if HIGHER_IS_BETTER[key] else 1
@@ -369,13 +464,13 @@ def best_in_sweep(report: dict[str, Any]) -> dict[str, float]:
 
 def paired_difference(values: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool = True, resamples: int = 10000,
                       seed: int = 0) -> dict[str, Any]:
-    """Paired values (case by case) against a baseline's: how many pairs have both values (NaN pairs left
-    out), both means, the mean difference (values minus baseline) with its 95 % bootstrap interval (pairs
+    """Paired values (case by case) against a baseline's: how many pairs have both values (pairs with a NaN or
+    infinite value left out), both means, the mean difference (values minus baseline) with its 95 % bootstrap interval (pairs
     resampled ``resamples`` times, ``seed`` fixed), the Wilcoxon signed-rank test's two-sided p-value (SciPy;
     1 when every difference is 0), and on how many pairs each side is better, in the metric's direction."""
     from scipy.stats import wilcoxon
 
-    pairs = [(float(a), float(b)) for a, b in zip(values, baseline) if not (math.isnan(float(a)) or math.isnan(float(b)))]
+    pairs = [(float(a), float(b)) for a, b in zip(values, baseline) if math.isfinite(float(a)) and math.isfinite(float(b))]
     row: dict[str, Any] = {"cases": len(pairs), "mean": math.nan, "baseline_mean": math.nan, "difference": math.nan,
                            "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "better": 0, "worse": 0}
     if not pairs:
@@ -398,8 +493,13 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], *, resamples: int 
     if report["protocol"] != baseline["protocol"]:
         raise SegpipeError(f"compare: the reports use different protocols ({report['protocol']}, {baseline['protocol']})")
     cases = [c for c in report["cases"] if c in baseline["cases"]]
-    return [{"metric": key, **paired_difference([report["cases"][c][key] for c in cases], [baseline["cases"][c][key] for c in cases],
-                                                higher_is_better=HIGHER_IS_BETTER[key], resamples=resamples, seed=seed)}
+
+    def values(r: dict[str, Any], key: str) -> list[float]:
+        return [abs(r["cases"][c][key]) if key in SIGNED else r["cases"][c][key] for c in cases]
+
+    return [{"metric": f"|{key}|" if key in SIGNED else key,
+             **paired_difference(values(report, key), values(baseline, key), higher_is_better=HIGHER_IS_BETTER[key],
+                                 resamples=resamples, seed=seed)}
             for key in PROTOCOLS[report["protocol"]]]
 
 
@@ -416,7 +516,7 @@ def format_comparison(rows: Sequence[dict[str, Any]], name: str, baseline: str) 
 
 
 def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and math.isnan(v):
+    if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
         return {k: _json_safe(x) for k, x in v.items()}

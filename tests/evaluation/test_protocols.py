@@ -1,4 +1,5 @@
-"""`segpipe evaluate`: the ISLES 2022 and WMH 2017 protocols against hand-computed values and the real case."""
+"""`segpipe evaluate`: the ISLES 2022, WMH 2017 and ISLES 2015 protocols against hand-computed values and the real case
+(ISLES 2015's surface distances also against ITK itself: test_against_itk.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from segpipe.errors import SegpipeError
 from segpipe.evaluation.metrics import hausdorff95
-from segpipe.evaluation.protocols import evaluate, evaluate_isles22, evaluate_wmh17
+from segpipe.evaluation.protocols import compare, evaluate, evaluate_isles15, evaluate_isles22, evaluate_wmh17
 from tests.conftest import write_nifti
 
 
@@ -113,6 +114,77 @@ def _folders(tmp_path, cases):
         if pred is not None:
             write_nifti(tmp_path / "pred" / f"{cid}.nii.gz", pred, aff)
     return tmp_path / "pred", tmp_path / "gt"
+
+
+def test_isles15_hand_computed():
+    """Two cubes offset by one voxel along x at 1 x 1 x 2 mm: every count and distance by hand."""
+    gt = np.zeros((12, 10, 8), np.uint8)
+    gt[2:6, 2:6, 2:6] = 1  # 64 voxels
+    pred = np.zeros_like(gt)
+    pred[3:7, 2:6, 2:6] = 1  # 64 voxels, 48 shared
+    out = evaluate_isles15(gt, pred, np.diag([1.0, 1.0, 2.0, 1.0]))
+    assert out["dice"] == pytest.approx(48 / 64)
+    assert out["precision"] == pytest.approx(48 / 64) and out["recall"] == pytest.approx(48 / 64)
+    assert out["volume_error_mm3"] == 0.0
+    # borders: 56 voxels each (64 less the 2x2x2 core). From the ground truth's: its x = 2 face (16 voxels) lies
+    # 1 mm outside the prediction, the middle of its x = 5 face (4 voxels) 1 mm inside the prediction's contour,
+    # the rest on that contour (0); the same the other way round
+    assert out["assd"] == pytest.approx(0.5 * (20 / 56 + 20 / 56))
+    assert out["hd"] == pytest.approx(1.0)
+    pred[3:7, 2:6, 6] = 1  # 16 more voxels, one 2 mm slice beyond the ground truth
+    out = evaluate_isles15(gt, pred, np.diag([1.0, 1.0, 2.0, 1.0]))
+    assert out["volume_error_mm3"] == pytest.approx(16 * 2.0)  # prediction minus ground truth, signed
+    assert out["hd"] == pytest.approx(math.sqrt(1 + 2 ** 2))  # the corner (6, y, 6) to the ground truth's (5, y, 5)
+
+
+def test_isles15_empty_conventions():
+    """The program's: Dice, precision and recall 0 on empty masks (its 1e-20 in the denominators); distances 0
+    when both are empty and infinite when one is; infinite values are left out of the means and written as
+    null in JSON."""
+    empty = np.zeros((6, 6, 6), np.uint8)
+    one = empty.copy()
+    one[2:4, 2:4, 2:4] = 1
+    both = evaluate_isles15(empty, empty, np.eye(4))
+    assert both == {"dice": 0.0, "assd": 0.0, "hd": 0.0, "precision": 0.0, "recall": 0.0, "volume_error_mm3": 0.0}
+    missed = evaluate_isles15(one, empty, np.eye(4))
+    assert math.isinf(missed["assd"]) and math.isinf(missed["hd"]) and missed["dice"] == 0.0
+    assert missed["volume_error_mm3"] == -8.0 and math.isinf(evaluate_isles15(empty, one, np.eye(4))["hd"])
+
+
+def test_isles15_report_skips_infinite_distances(cli, tmp_path):
+    gt = _slab(2, 7)
+    grown = _slab(2, 8)
+    pred, gtd = _folders(tmp_path, {"a": (gt, grown, (1, 1, 3)), "b": (gt, np.zeros_like(gt), (1, 1, 3))})
+    r = cli("evaluate", "--pred", pred, "--gt", gtd, "--protocol", "isles15", "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["cases"]["b"]["assd"] is None and data["cases"]["b"]["hd"] is None  # infinite: null, valid JSON
+    assert data["mean"]["hd"] == pytest.approx(data["cases"]["a"]["hd"]) == pytest.approx(3.0)  # one slice of 3 mm
+    assert data["mean"]["dice"] == pytest.approx(data["cases"]["a"]["dice"] / 2)
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert rows[0] == "case,dice,assd,hd,precision,recall,volume_error_mm3" and rows[2].split(",")[2:4] == ["inf", "inf"]
+    assert "inf" in r.output
+
+
+def test_isles15_real_sample_against_itself_and_empty(sample_dir):
+    img = nib.load(str(next(sample_dir.glob("derivatives/**/*_msk.nii.gz"))))
+    gt = np.asanyarray(img.dataobj)
+    same = evaluate_isles15(gt, gt, img.affine)
+    assert same["dice"] == pytest.approx(1.0) and same["assd"] == 0.0 and same["hd"] == 0.0 and same["volume_error_mm3"] == 0.0
+    empty = evaluate_isles15(gt, np.zeros_like(gt), img.affine)
+    assert empty["volume_error_mm3"] == pytest.approx(-4184.0)  # 523 voxels of 8 mm^3 (ISLES 2022's AVD: 4.184 ml)
+
+
+def test_comparison_of_a_signed_metric_is_by_its_size():
+    """A signed volume error is better when nearer 0, whatever its sign: an under-estimate of 5 beats an
+    over-estimate of 10, and the row says it compares absolute values."""
+    def report(errors):
+        return {"protocol": "isles15", "cases": {f"c{i}": {"dice": 0.5, "assd": 1.0, "hd": 2.0, "precision": 0.5, "recall": 0.5,
+                                                            "volume_error_mm3": e} for i, e in enumerate(errors)}}
+
+    rows = {r["metric"]: r for r in compare(report([-5.0, -5.0, -4.0]), report([10.0, 12.0, 9.0]))}
+    assert "volume_error_mm3" not in rows
+    assert rows["|volume_error_mm3|"]["better"] == 3 and rows["|volume_error_mm3|"]["difference"] == pytest.approx(-17 / 3)
 
 
 def test_cli_reports_and_json_layout(cli, tmp_path):
@@ -491,3 +563,29 @@ def test_loss_study_pairs_each_boundary_loss_with_its_regional_loss_case_by_case
     assert rows["dice"]["p_value"] == pytest.approx(wilcoxon(d).pvalue) and (rows["dice"]["better"], rows["dice"]["worse"]) == (4, 1)
     assert rows["hd95"]["cases"] == 4 and rows["hd95"]["better"] == 3  # lower is better; two NaN pairs left out
     assert all(r["loss"] == "dice+boundary" and r["baseline"] == "dice" for r in rows.values())
+
+
+def test_protocol_auto_follows_the_datasets_layout(cli, tmp_path, nifti, synth_wmh, synth_isles):
+    """--protocol auto (the default): a WMH 2017 dataset is scored with wmh17, an ISLES 2015 one with isles15,
+    ISLES 2022 and folders of masks with isles22; the choice is said."""
+    from segpipe.data.layouts import discover
+    from segpipe.data.manifest import write_manifest
+    from segpipe.evaluation.protocols import protocol_for
+    from tests.data.test_layouts import _isles15_tree
+
+    assert protocol_for(synth_wmh) == ("wmh17", "wmh17")
+    assert protocol_for(synth_isles) == ("isles22", "isles22")
+    write_manifest(discover(synth_wmh), tmp_path / "wmh.json")
+    assert protocol_for(tmp_path / "wmh.json") == ("wmh17", "wmh17")
+    gt = _slab(2, 7)
+    pred, gtd = _folders(tmp_path, {"a": (gt, gt, (1, 1, 3))})
+    assert protocol_for(gtd) == ("isles22", None)
+    root = _isles15_tree(tmp_path / "siss", nifti)
+    (tmp_path / "siss_pred").mkdir()
+    for case in discover(root).labelled:
+        write_nifti(tmp_path / "siss_pred" / f"{case.id}.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    r = cli("evaluate", "--pred", tmp_path / "siss_pred", "--gt", root)
+    assert r.exit_code == 0, r.output
+    assert "protocol isles15 (the ground truth is a dataset of the isles15 layout)" in r.output and "volume_error_mm3" in r.output
+    r = cli("evaluate", "--pred", pred, "--gt", gtd, "--protocol", "isles2015")
+    assert r.exit_code == 2 and "auto, isles22, wmh17, isles15" in r.output and "did you mean 'isles15'" in r.output
