@@ -198,7 +198,9 @@ def preprocess_dataset(
     # 1. fingerprint from the headers of the reference channel, then the plan
     ref = config.data.reference_channel or manifest.channels[0]
     if ref not in manifest.channels:
-        raise SegpipeError(f"config 'data.reference_channel': '{ref}' is not a channel of the manifest {list(manifest.channels)}")
+        raise SegpipeError(f"config 'data.reference_channel': '{ref}' is not a channel of the manifest {list(manifest.channels)}; "
+                           f"add the override data.reference_channel={manifest.channels[0]} (the grid every channel is resampled onto) "
+                           "to the command, or use a config made for this dataset")
     geometry: dict[str, tuple[tuple[float, ...], tuple[int, ...]]] = {}
     for case in labelled:
         try:

@@ -293,6 +293,11 @@ def test_unwritable_and_missing(cli, toy_dataset, tmp_path):
     assert r.exit_code == 2 and "--workers" in r.output
     r = _cli_preprocess(cli, toy_dataset, tmp_path / "c", "plan.patch_size=[7,7]")
     assert r.exit_code == 2 and "plan.patch_size" in r.output
+    # a config's reference channel the dataset lacks (the demo's dwi on an ISLES 2018 or WMH dataset): the override to add
+    channels = load_manifest(toy_dataset).channels
+    r = _cli_preprocess(cli, toy_dataset, tmp_path / "c", "data.reference_channel=dwi")
+    assert r.exit_code == 1 and f"add the override data.reference_channel={channels[0]}" in r.output
+    assert not (tmp_path / "c" / "cache.json").exists()
 
 
 def test_inspect(cli, toy_dataset, tmp_path):
