@@ -397,7 +397,8 @@ def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, i
     if protocol == "auto":
         protocol, layout = protocol_for(Path(gt))
         log.info("protocol %s (%s); --protocol chooses another", protocol,
-                 f"the ground truth is a dataset of the {layout} layout" if layout else "the default for masks named by case id")
+                 f"the ground truth is a dataset of the {layout} layout" if layout else "the default: the ground truth is not a dataset of a "
+                 f"layout with a protocol of its own ({', '.join(LAYOUT_PROTOCOLS)})")
     if protocol not in PROTOCOLS:
         choices = ("auto", *PROTOCOLS)
         raise UsageError(f"--protocol: expected one of {', '.join(choices)}, got '{protocol}'{did_you_mean(protocol, choices)}")

@@ -1,0 +1,248 @@
+"""Accuracy at the same budget: segpipe against nnU-Net v2 itself, trained and run on the same files with the
+same network, scored on the same held-out cases.
+
+Synthetic ISLES-like cases (DWI and ADC at 2 mm; the loss study's data) are written once in nnU-Net's raw
+format, a training and a test dataset, which both tools read as they are. Each tool plans and preprocesses
+the training dataset its own way; nnU-Net's plan is then set to segpipe's demo-sized network (4 stages of
+8-64 features, 3x3x3 kernels, strides 1-2-2-2, 32^3 patches, batch 2), so that the networks are the same and
+what differs is the rest of each pipeline: preprocessing, patch sampling, augmentation, loss, training loop,
+sliding-window inference. Both train on every training case (fold ``all``) for the same number of
+iterations with their own defaults: nnU-Net's trainer (SGD 0.01, Nesterov, poly, Dice + cross-entropy, its
+augmentation, a third of each batch on foreground), segpipe's ``isles22`` config (SGD 0.01, Nesterov, poly,
+``dice+boundary`` under ``rebalance``, its augmentation) and the same with ``dice+ce`` (nnU-Net's loss: the
+pipelines alone). Both predict the test cases without mirroring, windows overlapping by half; the
+predictions are scored with the ISLES 2022 protocol and compared case by case (``segpipe evaluate
+--baseline``'s paired test). Everything runs on the CPU, nnU-Net's augmentation in its main process
+(``nnUNet_n_proc_DA=0``), seeds set, so that each seed's run is one draw of the same budget for every tool.
+
+Needs nnU-Net (``pip install -e ".[compare]"``); without it says so and exits 0.
+
+    python -m benchmarks.nnunet_accuracy                 # about 25 minutes on 2 CPU cores
+    python -m benchmarks.nnunet_accuracy --smoke         # a few minutes: checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._common import have_compare, nnunet_paths, save
+
+TRAIN_ID, TEST_ID = 995, 996
+CHANNELS = ("dwi", "adc")
+SIZES = {
+    # training cases, test cases, shape, epochs, iterations per epoch, seeds
+    "smoke": (4, 2, (40, 40, 28), 2, 5, 1),
+    "default": (10, 6, (48, 48, 32), 20, 25, 3),
+}
+#: the shared network: segpipe's demo plan, and the same written into nnU-Net's plan
+PATCH, FEATURES = 32, (8, 16, 32, 64)
+#: segpipe's preprocessing of the training dataset (the isles22 config; 2 mm, the data's own spacing)
+PREPROCESS = ["data.reference_channel=dwi", "preprocess.target_spacing=[2.0,2.0,2.0]"]
+
+
+def _write_raw(work: Path, size: tuple) -> None:
+    """The training and test datasets in nnU-Net's raw format (links to segpipe's synthetic ISLES-like cases)."""
+    from segpipe.data.layouts import discover
+    from segpipe.data.synthetic import synthesize
+
+    n_train, n_test, shape, *_ = size
+    for dataset_id, n, seed in ((TRAIN_ID, n_train, 7), (TEST_ID, n_test, 1007)):
+        src = work / f"synth_{dataset_id}"
+        synthesize(src, "isles22", n, seed=seed, shape=shape)
+        m = discover(src, "isles22")
+        ds = work / "raw" / f"Dataset{dataset_id}_Acc"
+        (ds / "imagesTr").mkdir(parents=True)
+        (ds / "labelsTr").mkdir()
+        for case in m.labelled:
+            for i, ch in enumerate(CHANNELS):
+                os.symlink(m.image_path(case, ch), ds / "imagesTr" / f"{case.id}_{i:04d}.nii.gz")
+            os.symlink(m.label_path(case), ds / "labelsTr" / f"{case.id}.nii.gz")
+        (ds / "dataset.json").write_text(json.dumps({"channel_names": {str(i): c.upper() for i, c in enumerate(CHANNELS)},
+                                                     "labels": {"background": 0, "lesion": 1}, "numTraining": n,
+                                                     "file_ending": ".nii.gz"}))
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _nnunet_prepare(work: Path) -> dict:
+    """nnU-Net's fingerprint and plan of the training dataset, its 3d_fullres network set to the shared one,
+    then its preprocessing; returns the configuration as planned (spacing, normalisation)."""
+    nnunet_paths(work)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        extract_fingerprints([TRAIN_ID], num_processes=2, check_dataset_integrity=True, verbose=False, show_progress_bar=False)
+        plan_experiments([TRAIN_ID])
+    plans_file = work / "nnunet_pre" / f"Dataset{TRAIN_ID}_Acc" / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    n = len(FEATURES)
+    cfg["patch_size"] = [PATCH] * 3
+    cfg["batch_size"] = 2
+    cfg["architecture"]["arch_kwargs"].update(
+        n_stages=n, features_per_stage=list(FEATURES), kernel_sizes=[[3, 3, 3]] * n, strides=[[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+        n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1))
+    plans_file.write_text(json.dumps(plans, indent=2))
+    with contextlib.redirect_stdout(io.StringIO()):
+        preprocess([TRAIN_ID], configurations=("3d_fullres",), num_processes=(2,), verbose=False, show_progress_bar=False)
+    return {"spacing": cfg["spacing"], "normalization": cfg["normalization_schemes"]}
+
+
+def _nnunet_run(work: Path, seed: int, epochs: int, iters: int, out: Path) -> float:
+    """nnU-Net's own trainer, its budget cut to ``epochs`` x ``iters``, then its predictor on the test cases;
+    returns the training time (s)."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    cpu = torch.device("cpu")
+
+    class Budget(nnUNetTrainer):
+        # nnU-Net reads its constructor's arguments by name from the signature: the same names here
+        def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict, device: torch.device = cpu):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = epochs, iters, 2
+
+    # the checkpoint names its trainer class, which the predictor looks up among nnU-Net's own to build the
+    # network; the budget changes nothing there, so it goes by the name of the trainer it extends
+    Budget.__name__ = Budget.__qualname__ = "nnUNetTrainer"
+    os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in this process: 2 cores, and reproducible with the seed
+    pre = work / "nnunet_pre" / f"Dataset{TRAIN_ID}_Acc"
+    _seed(seed)
+    plans = load_json(str(pre / "nnUNetPlans.json"))
+    plans["continue_training"] = False  # what nnU-Net's run_training adds before building its trainer
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Budget(plans, "3d_fullres", "all", load_json(str(pre / "dataset.json")), device=cpu)
+        t = time.perf_counter()
+        trainer.run_training()
+        seconds = time.perf_counter() - t
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=cpu,
+                                    perform_everything_on_device=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(trainer.output_folder_base, use_folds=("all",), checkpoint_name="checkpoint_final.pth")
+        predictor.predict_from_files(str(work / "raw" / f"Dataset{TEST_ID}_Acc" / "imagesTr"), str(out), save_probabilities=False,
+                                     overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    import shutil
+
+    shutil.rmtree(trainer.output_folder_base)  # the next seed starts from nothing
+    return seconds
+
+
+def _segpipe_run(work: Path, cache: Path, spec: str, seed: int, epochs: int, iters: int, out: Path) -> float:
+    """segpipe's trainer with the isles22 config at the shared size and budget, then ``infer`` on the test cases;
+    returns the training time (s)."""
+    from segpipe.inference.run import infer
+    from segpipe.training.trainer import resolve_train_config, train
+
+    over = [*PREPROCESS, f"plan.patch_size=[{PATCH},{PATCH},{PATCH}]", "plan.batch_size=2", f"plan.base_features={FEATURES[0]}",
+            f"plan.max_features={FEATURES[-1]}", f"plan.max_stages={len(FEATURES)}", f"train.epochs={epochs}",
+            f"train.iterations_per_epoch={iters}", "train.validate_every=100000", "train.num_workers=0", f"train.seed={seed}",
+            f"loss.spec={spec}"]
+    run_dir = work / "segpipe_runs" / f"{spec}_{seed}"
+    t = time.perf_counter()
+    train(resolve_train_config(cache, "isles22", over), cache, run_dir, fold="all", overwrite=True, device="cpu")
+    seconds = time.perf_counter() - t
+    infer(run_dir, [work / "raw" / f"Dataset{TEST_ID}_Acc"], out, tta=False, device="cpu", overlap=0.5)
+    return seconds
+
+
+TOOLS = ("nnU-Net (Dice+CE)", "segpipe dice+boundary", "segpipe dice+ce")
+
+
+def main(argv=None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny data and budget: checks that it runs")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3)")
+    ap.add_argument("--epochs", type=int, default=None, help="a longer budget than the default 20 epochs ...")
+    ap.add_argument("--iters", type=int, default=None, help="... of 25 iterations (nnU-Net's own default: 1000 x 250)")
+    args = ap.parse_args(argv)
+    if not have_compare("nnunetv2"):
+        return None
+    import logging
+    from importlib.metadata import version
+
+    import torch
+
+    from segpipe.config import load_config
+    from segpipe.data.layouts import discover
+    from segpipe.data.preprocess import preprocess_dataset
+    from segpipe.evaluation.protocols import compare, evaluate
+
+    logging.getLogger("segpipe").setLevel(logging.WARNING)
+    torch.set_num_threads(os.cpu_count() or 1)
+    size = SIZES["smoke" if args.smoke else "default"]
+    n_train, n_test, shape, epochs, iters, seeds = size
+    seeds, epochs, iters = args.seeds or seeds, args.epochs or epochs, args.iters or iters
+    reports: dict[str, dict[str, dict]] = {tool: {} for tool in TOOLS}
+    seconds: dict[str, list[float]] = {tool: [] for tool in TOOLS}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _write_raw(work, size)
+        planned = _nnunet_prepare(work)
+        cache = work / "segpipe_cache"
+        preprocess_dataset(discover(work / "raw" / f"Dataset{TRAIN_ID}_Acc"),
+                           load_config("isles22", PREPROCESS), cache)
+        gt = work / "raw" / f"Dataset{TEST_ID}_Acc"
+        for seed in range(seeds):
+            for tool in TOOLS:  # alternated per seed: a busy moment of the machine does not hit one tool only
+                out = work / "pred" / f"{tool.split()[0]}_{tool.split()[1]}_{seed}"
+                if tool.startswith("nnU-Net"):
+                    s = _nnunet_run(work, seed, epochs, iters, out)
+                else:
+                    s = _segpipe_run(work, cache, tool.split()[1], seed, epochs, iters, out)
+                seconds[tool].append(s)
+                report = evaluate(out, gt, "isles22")
+                reports[tool][str(seed)] = report
+                m = report["mean"]
+                print(f"seed {seed} {tool:24s} Dice {m['dice']:.3f}  lesion F1 {m['lesion_f1']:.3f}  AVD {m['avd_ml']:.3f} ml  "
+                      f"training {s:.0f} s", flush=True)
+
+    def pooled(tool: str) -> dict:
+        """One report whose cases are every (seed, case) pair: the paired test's units."""
+        cases = {f"{seed}/{cid}": v for seed, r in reports[tool].items() for cid, v in r["cases"].items()}
+        return {"protocol": "isles22", "cases": cases}
+
+    base = pooled(TOOLS[0])
+    summary = {}
+    for tool in TOOLS:
+        per_seed = {k: [r["mean"][k] for r in reports[tool].values()] for k in ("dice", "lesion_f1", "avd_ml", "lesion_count_diff")}
+        summary[tool] = {"mean": {k: float(np.mean(v)) for k, v in per_seed.items()}, "std": {k: float(np.std(v)) for k, v in per_seed.items()},
+                         "seeds": per_seed, "training_seconds": float(np.mean(seconds[tool])), "cases": pooled(tool)["cases"]}
+    comparisons = {tool: compare(pooled(tool), base) for tool in TOOLS[1:]}
+    print(f"\n{n_train} training and {n_test} held-out synthetic ISLES-like cases, {epochs} x {iters} iterations, {seeds} seeds; "
+          f"nnU-Net {version('nnunetv2')} planned spacing {planned['spacing']}")
+    for tool in TOOLS:
+        m, s = summary[tool]["mean"], summary[tool]["std"]
+        print(f"{tool:24s} Dice {m['dice']:.3f} ± {s['dice']:.3f}  lesion F1 {m['lesion_f1']:.3f} ± {s['lesion_f1']:.3f}  "
+              f"AVD {m['avd_ml']:.3f} ml  training {summary[tool]['training_seconds']:.0f} s  "
+              f"(Dice by seed: {', '.join(f'{v:.3f}' for v in summary[tool]['seeds']['dice'])})")
+    for tool, rows in comparisons.items():
+        for r in rows:
+            print(f"{tool} vs nnU-Net, {r['metric']}: {r['difference']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}], "
+                  f"p {r['p_value']:.3g}, better/worse {r['better']}/{r['worse']} of {r['cases']}")
+    result = {"size": "smoke" if args.smoke else "default", "training_cases": n_train, "test_cases": n_test, "shape": list(shape),
+              "epochs": epochs, "iterations_per_epoch": iters, "seeds": seeds, "nnunet_version": version("nnunetv2"),
+              "nnunet_plan": planned, "network": {"patch": PATCH, "features": list(FEATURES)}, "tools": summary,
+              "paired_vs_nnunet": comparisons}
+    save("nnunet_accuracy" + ("_smoke" if args.smoke else ""), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
