@@ -29,6 +29,7 @@ import io
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -138,8 +139,6 @@ def _nnunet_run(work: Path, seed: int, epochs: int, iters: int, out: Path) -> fl
         predictor.initialize_from_trained_model_folder(trainer.output_folder_base, use_folds=("all",), checkpoint_name="checkpoint_final.pth")
         predictor.predict_from_files(str(work / "raw" / f"Dataset{TEST_ID}_Acc" / "imagesTr"), str(out), save_probabilities=False,
                                      overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
-    import shutil
-
     shutil.rmtree(trainer.output_folder_base)  # the next seed starts from nothing
     return seconds
 
@@ -162,7 +161,9 @@ def _segpipe_run(work: Path, cache: Path, spec: str, seed: int, epochs: int, ite
     return seconds
 
 
-TOOLS = ("nnU-Net (Dice+CE)", "segpipe dice+boundary", "segpipe dice+ce")
+#: each pipeline's name in the results, and segpipe's loss spec (None: nnU-Net, with its own Dice + cross-entropy)
+LOSS = {"nnU-Net (Dice+CE)": None, "segpipe dice+boundary": "dice+boundary", "segpipe dice+ce": "dice+ce"}
+TOOLS = tuple(LOSS)
 
 
 def main(argv=None) -> dict | None:
@@ -200,12 +201,10 @@ def main(argv=None) -> dict | None:
                            load_config("isles22", PREPROCESS), cache)
         gt = work / "raw" / f"Dataset{TEST_ID}_Acc"
         for seed in range(seeds):
-            for tool in TOOLS:  # alternated per seed: a busy moment of the machine does not hit one tool only
-                out = work / "pred" / f"{tool.split()[0]}_{tool.split()[1]}_{seed}"
-                if tool.startswith("nnU-Net"):
-                    s = _nnunet_run(work, seed, epochs, iters, out)
-                else:
-                    s = _segpipe_run(work, cache, tool.split()[1], seed, epochs, iters, out)
+            for k, tool in enumerate(TOOLS):  # alternated per seed: a busy moment of the machine does not hit one tool only
+                out = work / "pred" / f"{k}_{seed}"
+                spec = LOSS[tool]
+                s = _nnunet_run(work, seed, epochs, iters, out) if spec is None else _segpipe_run(work, cache, spec, seed, epochs, iters, out)
                 seconds[tool].append(s)
                 report = evaluate(out, gt, "isles22")
                 reports[tool][str(seed)] = report
