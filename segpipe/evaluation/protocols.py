@@ -394,11 +394,11 @@ def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, i
     8 processes by default); the report is the same whatever their number. With ``lesions`` the report also
     holds every lesion (``"lesions"``: :func:`~segpipe.evaluation.metrics.lesion_table`'s rows, with their case)
     and the detection rate by lesion size (``"lesions_by_size"``)."""
+    chosen = None
     if protocol == "auto":
         protocol, layout = protocol_for(Path(gt))
-        log.info("protocol %s (%s); --protocol chooses another", protocol,
-                 f"the ground truth is a dataset of the {layout} layout" if layout else "the default: the ground truth is not a dataset of a "
-                 f"layout with a protocol of its own ({', '.join(LAYOUT_PROTOCOLS)})")
+        chosen = (f"the ground truth is a dataset of the {layout} layout" if layout else
+                  f"the default: the ground truth is not a dataset of a layout with a protocol of its own ({', '.join(LAYOUT_PROTOCOLS)})")
     if protocol not in PROTOCOLS:
         choices = ("auto", *PROTOCOLS)
         raise UsageError(f"--protocol: expected one of {', '.join(choices)}, got '{protocol}'{did_you_mean(protocol, choices)}")
@@ -411,6 +411,8 @@ def evaluate(pred: str | os.PathLike, gt: str | os.PathLike, protocol: str, *, i
     if workers is not None and workers < 1:
         raise UsageError(f"--workers: expected at least 1, got {workers}")
     pairs = pair_cases(Path(pred), Path(gt), ignore_missing=ignore_missing)
+    if chosen:  # said once the cases are found, not before an error about them
+        log.info("protocol %s (%s); --protocol chooses another", protocol, chosen)
     if workers is None:
         workers = usable_cores()
     workers = min(workers, len(pairs))
