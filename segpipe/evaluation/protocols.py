@@ -126,9 +126,14 @@ def evaluate_wmh17(gt: np.ndarray, pred: np.ndarray, affine: np.ndarray, case: s
             return np.array([img.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in idx])
 
         tc, rc = border_points(t_img), border_points(r_img)
-        d_t2r = scipy.spatial.KDTree(tc, leafsize=100).query(rc, k=1, eps=0, p=2)[0]
-        d_r2t = scipy.spatial.KDTree(rc, leafsize=100).query(tc, k=1, eps=0, p=2)[0]
-        hd = float(max(np.percentile(d_t2r, 95), np.percentile(d_r2t, 95)))
+        if len(tc) == 0 or len(rc) == 0:  # a mask filling whole slices to the image's edges has no border voxel
+            log.warning("case '%s': a mask without border voxels (it fills the image in-plane); the WMH organisers' code fails on "
+                        "hd95 here: reported as NaN", case)
+            hd = math.nan
+        else:
+            d_t2r = scipy.spatial.KDTree(tc, leafsize=100).query(rc, k=1, eps=0, p=2)[0]
+            d_r2t = scipy.spatial.KDTree(rc, leafsize=100).query(tc, k=1, eps=0, p=2)[0]
+            hd = float(max(np.percentile(d_t2r, 95), np.percentile(d_r2t, 95)))
 
     if wmh.sum() == 0:
         log.warning("case '%s': empty ground truth; the WMH organisers' code fails on avd_pct here: reported as NaN", case)
@@ -576,6 +581,11 @@ def format_table(report: dict[str, Any]) -> str:
     lines = ["case".ljust(width) + "".join(k.rjust(18) for k in keys)]
     for cid, vals in [*report["cases"].items(), ("mean", report["mean"])]:
         lines.append(cid.ljust(width) + "".join(_cell(vals[k]).rjust(18) for k in keys))
+    left_out = {k: sum(not math.isfinite(float(v[k])) for v in report["cases"].values()) for k in keys}
+    if any(left_out.values()):  # a mean over fewer cases than the table shows must say so
+        n = len(report["cases"])
+        lines.append("(means leave out NaN and infinite values: " + ", ".join(f"{k} over {n - m} of {n} cases"
+                                                                             for k, m in left_out.items() if m) + ")")
     if "sweep" in report:
         lines += ["", f"means after removing predicted lesions smaller than (mm^3); the table above: {report['min_lesion_mm3']:g}",
                   "min_lesion_mm3".ljust(16) + "removed".rjust(9) + "".join(k.rjust(18) for k in keys)]
