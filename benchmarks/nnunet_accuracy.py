@@ -1,24 +1,27 @@
 """Accuracy at the same budget: segpipe against nnU-Net v2 itself, trained and run on the same files with the
 same network, scored on the same held-out cases.
 
-Synthetic ISLES-like cases (DWI and ADC at 2 mm; the loss study's data) are written once in nnU-Net's raw
-format, a training and a test dataset, which both tools read as they are. Each tool plans and preprocesses
-the training dataset its own way; nnU-Net's plan is then set to segpipe's demo-sized network (4 stages of
-8-64 features, 3x3x3 kernels, strides 1-2-2-2, 32^3 patches, batch 2), so that the networks are the same and
-what differs is the rest of each pipeline: preprocessing, patch sampling, augmentation, loss, training loop,
+Synthetic cases (the loss study's data: ISLES-like DWI and ADC at 2 mm, or with ``--data wmh`` WMH-like FLAIR
+and T1 with label 2 "other pathology", nnU-Net's ignore label) are written once in nnU-Net's raw format, a
+training and a test dataset, which both tools read as they are. Each tool plans and preprocesses the
+training dataset its own way at one target spacing (2 mm; WMH 1 x 1 x 3 mm); nnU-Net's plan is then set to
+segpipe's demo-sized network (segpipe's plan for the patch and spacing: 4 stages of 8-64 features, its
+kernels and strides, 32^3 patches or 32x32x16 for WMH, batch 2), so that the networks are the same and what
+differs is the rest of each pipeline: preprocessing, patch sampling, augmentation, loss, training loop,
 sliding-window inference. Both train on every training case (fold ``all``) for the same number of
 iterations with their own defaults: nnU-Net's trainer (SGD 0.01, Nesterov, poly, Dice + cross-entropy, its
-augmentation, a third of each batch on foreground), segpipe's ``isles22`` config (SGD 0.01, Nesterov, poly,
-``dice+boundary`` under ``rebalance``, its augmentation) and the same with ``dice+ce`` (nnU-Net's loss: the
-pipelines alone). Both predict the test cases without mirroring, windows overlapping by half; the
-predictions are scored with the ISLES 2022 protocol and compared case by case (``segpipe evaluate
---baseline``'s paired test). Everything runs on the CPU, nnU-Net's augmentation in its main process
-(``nnUNet_n_proc_DA=0``), seeds set, so that each seed's run is one draw of the same budget for every tool.
+augmentation, a third of each batch on foreground), segpipe's config for the data (``isles22``: SGD 0.01,
+Nesterov, poly, ``dice+boundary`` under ``rebalance``; ``wmh17``: ``dice+ce+boundary``) and the same with
+``dice+ce`` (nnU-Net's loss: the pipelines alone). Both predict the test cases without mirroring, windows
+overlapping by half; the predictions are scored with the data's protocol (isles22, wmh17) and compared case
+by case (``segpipe evaluate --baseline``'s paired test). Everything runs on the CPU, nnU-Net's augmentation in
+its main process (``nnUNet_n_proc_DA=0``), seeds set, so that each seed's run is one draw of the same budget
+for every tool.
 
 Needs nnU-Net (``pip install -e ".[compare]"``); without it says so and exits 0.
 
-    python -m benchmarks.nnunet_accuracy                 # about 25 minutes on 2 CPU cores
-    python -m benchmarks.nnunet_accuracy --smoke         # a few minutes: checks that it runs
+    python -m benchmarks.nnunet_accuracy [--data isles|wmh]   # about 20 minutes on 2 CPU cores (3 seeds)
+    python -m benchmarks.nnunet_accuracy --smoke              # about a minute: checks that it runs
 """
 
 from __future__ import annotations
@@ -39,38 +42,53 @@ import numpy as np
 from benchmarks._common import have_compare, nnunet_paths, save
 
 TRAIN_ID, TEST_ID = 995, 996
-CHANNELS = ("dwi", "adc")
 SIZES = {
     # training cases, test cases, shape, epochs, iterations per epoch, seeds
     "smoke": (4, 2, (40, 40, 28), 2, 5, 1),
     "default": (10, 6, (48, 48, 32), 20, 25, 3),
 }
-#: the shared network: segpipe's demo plan, and the same written into nnU-Net's plan
-PATCH, FEATURES = 32, (8, 16, 32, 64)
-#: segpipe's preprocessing of the training dataset (the isles22 config; 2 mm, the data's own spacing)
-PREPROCESS = ["data.reference_channel=dwi", "preprocess.target_spacing=[2.0,2.0,2.0]"]
+#: per kind of data: segpipe's synthetic layout, the channels both tools read, nnU-Net's labels, segpipe's config
+#: and protocol, the target spacing and patch (x, y, z; both tools get the same)
+DATA = {
+    "isles": {"layout": "isles22", "channels": ("dwi", "adc"), "labels": {"background": 0, "lesion": 1}, "config": "isles22",
+              "spacing": (2.0, 2.0, 2.0), "patch": (32, 32, 32)},
+    "wmh": {"layout": "wmh17", "channels": ("flair", "t1"), "labels": {"background": 0, "wmh": 1, "ignore": 2}, "config": "wmh17",
+            "spacing": (1.0, 1.0, 3.0), "patch": (32, 32, 16)},
+}
+#: the shared network's widths: segpipe's demo plan, and the same written into nnU-Net's plan
+FEATURES = (8, 16, 32, 64)
 
 
-def _write_raw(work: Path, size: tuple) -> None:
-    """The training and test datasets in nnU-Net's raw format (links to segpipe's synthetic ISLES-like cases)."""
+def _preprocess_overrides(d: dict) -> list[str]:
+    """segpipe's preprocessing settings (its config's, at the shared spacing)."""
+    return [f"data.reference_channel={d['channels'][0]}", f"preprocess.target_spacing={list(d['spacing'])}"]
+
+
+def _network_overrides(d: dict) -> list[str]:
+    return [f"plan.patch_size={list(d['patch'])}", "plan.batch_size=2", f"plan.base_features={FEATURES[0]}",
+            f"plan.max_features={FEATURES[-1]}", f"plan.max_stages={len(FEATURES)}"]
+
+
+def _write_raw(work: Path, size: tuple, d: dict) -> None:
+    """The training and test datasets in nnU-Net's raw format (links to segpipe's synthetic cases)."""
     from segpipe.data.layouts import discover
     from segpipe.data.synthetic import synthesize
 
     n_train, n_test, shape, *_ = size
+    channels = d["channels"]
     for dataset_id, n, seed in ((TRAIN_ID, n_train, 7), (TEST_ID, n_test, 1007)):
         src = work / f"synth_{dataset_id}"
-        synthesize(src, "isles22", n, seed=seed, shape=shape)
-        m = discover(src, "isles22")
+        synthesize(src, d["layout"], n, seed=seed, shape=shape)
+        m = discover(src, d["layout"])
         ds = work / "raw" / f"Dataset{dataset_id}_Acc"
         (ds / "imagesTr").mkdir(parents=True)
         (ds / "labelsTr").mkdir()
         for case in m.labelled:
-            for i, ch in enumerate(CHANNELS):
+            for i, ch in enumerate(channels):
                 os.symlink(m.image_path(case, ch), ds / "imagesTr" / f"{case.id}_{i:04d}.nii.gz")
             os.symlink(m.label_path(case), ds / "labelsTr" / f"{case.id}.nii.gz")
-        (ds / "dataset.json").write_text(json.dumps({"channel_names": {str(i): c.upper() for i, c in enumerate(CHANNELS)},
-                                                     "labels": {"background": 0, "lesion": 1}, "numTraining": n,
-                                                     "file_ending": ".nii.gz"}))
+        (ds / "dataset.json").write_text(json.dumps({"channel_names": {str(i): c.upper() for i, c in enumerate(channels)},
+                                                     "labels": d["labels"], "numTraining": n, "file_ending": ".nii.gz"}))
 
 
 def _seed(seed: int) -> None:
@@ -81,9 +99,19 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _nnunet_prepare(work: Path) -> dict:
-    """nnU-Net's fingerprint and plan of the training dataset, its 3d_fullres network set to the shared one,
-    then its preprocessing; returns the configuration as planned (spacing, normalisation)."""
+def _segpipe_plan(d: dict):
+    """segpipe's network plan at the shared size (kernels and strides, x y z), which nnU-Net's plan is set to."""
+    from segpipe.config import load_config
+    from segpipe.planning import make_plan
+
+    cfg = load_config(d["config"], [*_preprocess_overrides(d), *_network_overrides(d)])
+    return make_plan(cfg, d["channels"], tuple(d["labels"])[:2], 2 if "ignore" in d["labels"] else None, 0.5, [d["spacing"]],
+                     [(200, 200, 200)]).network
+
+
+def _nnunet_prepare(work: Path, d: dict) -> dict:
+    """nnU-Net's fingerprint and plan of the training dataset, its 3d_fullres spacing and network set to the
+    shared ones (nnU-Net's axes are z, y, x: reversed), then its preprocessing; returns its own choices."""
     nnunet_paths(work)
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
 
@@ -93,16 +121,20 @@ def _nnunet_prepare(work: Path) -> dict:
     plans_file = work / "nnunet_pre" / f"Dataset{TRAIN_ID}_Acc" / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
     cfg = plans["configurations"]["3d_fullres"]
-    n = len(FEATURES)
-    cfg["patch_size"] = [PATCH] * 3
+    own = {"spacing": cfg["spacing"], "normalization": cfg["normalization_schemes"]}
+    net = _segpipe_plan(d)
+    n = len(net.filters)
+    cfg["spacing"] = list(reversed(d["spacing"]))
+    cfg["patch_size"] = list(reversed(d["patch"]))
     cfg["batch_size"] = 2
     cfg["architecture"]["arch_kwargs"].update(
-        n_stages=n, features_per_stage=list(FEATURES), kernel_sizes=[[3, 3, 3]] * n, strides=[[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
-        n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1))
+        n_stages=n, features_per_stage=list(net.filters), kernel_sizes=[list(reversed(k)) for k in net.kernel_sizes],
+        strides=[list(reversed(st)) for st in net.strides], n_conv_per_stage=[2] * n, n_conv_per_stage_decoder=[2] * (n - 1))
     plans_file.write_text(json.dumps(plans, indent=2))
     with contextlib.redirect_stdout(io.StringIO()):
         preprocess([TRAIN_ID], configurations=("3d_fullres",), num_processes=(2,), verbose=False, show_progress_bar=False)
-    return {"spacing": cfg["spacing"], "normalization": cfg["normalization_schemes"]}
+    return {"nnunet_own_spacing": own["spacing"], "normalization": own["normalization"], "kernel_sizes_xyz": [list(k) for k in net.kernel_sizes],
+            "strides_xyz": [list(st) for st in net.strides]}
 
 
 def _nnunet_run(work: Path, seed: int, epochs: int, iters: int, out: Path) -> float:
@@ -143,31 +175,34 @@ def _nnunet_run(work: Path, seed: int, epochs: int, iters: int, out: Path) -> fl
     return seconds
 
 
-def _segpipe_run(work: Path, cache: Path, spec: str, seed: int, epochs: int, iters: int, out: Path) -> float:
-    """segpipe's trainer with the isles22 config at the shared size and budget, then ``infer`` on the test cases;
+def _segpipe_run(work: Path, cache: Path, d: dict, spec: str, seed: int, epochs: int, iters: int, out: Path) -> float:
+    """segpipe's trainer with the data's config at the shared size and budget, then ``infer`` on the test cases;
     returns the training time (s)."""
     from segpipe.inference.run import infer
     from segpipe.training.trainer import resolve_train_config, train
 
-    over = [*PREPROCESS, f"plan.patch_size=[{PATCH},{PATCH},{PATCH}]", "plan.batch_size=2", f"plan.base_features={FEATURES[0]}",
-            f"plan.max_features={FEATURES[-1]}", f"plan.max_stages={len(FEATURES)}", f"train.epochs={epochs}",
-            f"train.iterations_per_epoch={iters}", "train.validate_every=100000", "train.num_workers=0", f"train.seed={seed}",
-            f"loss.spec={spec}"]
+    over = [*_preprocess_overrides(d), *_network_overrides(d), f"train.epochs={epochs}", f"train.iterations_per_epoch={iters}",
+            "train.validate_every=100000", "train.num_workers=0", f"train.seed={seed}", f"loss.spec={spec}"]
     run_dir = work / "segpipe_runs" / f"{spec}_{seed}"
     t = time.perf_counter()
-    train(resolve_train_config(cache, "isles22", over), cache, run_dir, fold="all", overwrite=True, device="cpu")
+    train(resolve_train_config(cache, d["config"], over), cache, run_dir, fold="all", overwrite=True, device="cpu")
     seconds = time.perf_counter() - t
     infer(run_dir, [work / "raw" / f"Dataset{TEST_ID}_Acc"], out, tta=False, device="cpu", overlap=0.5)
     return seconds
 
 
-#: each pipeline's name in the results, and segpipe's loss spec (None: nnU-Net, with its own Dice + cross-entropy)
-LOSS = {"nnU-Net (Dice+CE)": None, "segpipe dice+boundary": "dice+boundary", "segpipe dice+ce": "dice+ce"}
-TOOLS = tuple(LOSS)
+def _pipelines(d: dict) -> dict[str, str | None]:
+    """Each pipeline's name in the results, and segpipe's loss spec (None: nnU-Net, with its own Dice +
+    cross-entropy): nnU-Net, segpipe with its config's loss, segpipe with nnU-Net's loss."""
+    from segpipe.config import load_config
+
+    default = load_config(d["config"]).loss.spec
+    return {"nnU-Net (Dice+CE)": None, f"segpipe {default}": default, "segpipe dice+ce": "dice+ce"}
 
 
 def main(argv=None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", choices=tuple(DATA), default="isles", help="synthetic ISLES-like (DWI, ADC) or WMH-like (FLAIR, T1, label 2 ignored)")
     ap.add_argument("--smoke", action="store_true", help="tiny data and budget: checks that it runs")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3)")
     ap.add_argument("--epochs", type=int, default=None, help="a longer budget than the default 20 epochs ...")
@@ -183,63 +218,67 @@ def main(argv=None) -> dict | None:
     from segpipe.config import load_config
     from segpipe.data.layouts import discover
     from segpipe.data.preprocess import preprocess_dataset
-    from segpipe.evaluation.protocols import compare, evaluate
+    from segpipe.evaluation.protocols import PROTOCOLS, compare, evaluate
 
     logging.getLogger("segpipe").setLevel(logging.WARNING)
     torch.set_num_threads(os.cpu_count() or 1)
     size = SIZES["smoke" if args.smoke else "default"]
     n_train, n_test, shape, epochs, iters, seeds = size
     seeds, epochs, iters = args.seeds or seeds, args.epochs or epochs, args.iters or iters
-    reports: dict[str, dict[str, dict]] = {tool: {} for tool in TOOLS}
-    seconds: dict[str, list[float]] = {tool: [] for tool in TOOLS}
+    d = DATA[args.data]
+    protocol, loss = d["layout"], _pipelines(d)
+    keys = PROTOCOLS[protocol]
+    tools = tuple(loss)
+    reports: dict[str, dict[str, dict]] = {tool: {} for tool in tools}
+    seconds: dict[str, list[float]] = {tool: [] for tool in tools}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        _write_raw(work, size)
-        planned = _nnunet_prepare(work)
+        _write_raw(work, size, d)
+        planned = _nnunet_prepare(work, d)
         cache = work / "segpipe_cache"
-        preprocess_dataset(discover(work / "raw" / f"Dataset{TRAIN_ID}_Acc"),
-                           load_config("isles22", PREPROCESS), cache)
+        preprocess_dataset(discover(work / "raw" / f"Dataset{TRAIN_ID}_Acc"), load_config(d["config"], _preprocess_overrides(d)), cache)
         gt = work / "raw" / f"Dataset{TEST_ID}_Acc"
         for seed in range(seeds):
-            for k, tool in enumerate(TOOLS):  # alternated per seed: a busy moment of the machine does not hit one tool only
+            for k, tool in enumerate(tools):  # alternated per seed: a busy moment of the machine does not hit one tool only
                 out = work / "pred" / f"{k}_{seed}"
-                spec = LOSS[tool]
-                s = _nnunet_run(work, seed, epochs, iters, out) if spec is None else _segpipe_run(work, cache, spec, seed, epochs, iters, out)
+                spec = loss[tool]
+                s = (_nnunet_run(work, seed, epochs, iters, out) if spec is None
+                     else _segpipe_run(work, cache, d, spec, seed, epochs, iters, out))
                 seconds[tool].append(s)
-                report = evaluate(out, gt, "isles22")
+                report = evaluate(out, gt, protocol)
                 reports[tool][str(seed)] = report
-                m = report["mean"]
-                print(f"seed {seed} {tool:24s} Dice {m['dice']:.3f}  lesion F1 {m['lesion_f1']:.3f}  AVD {m['avd_ml']:.3f} ml  "
-                      f"training {s:.0f} s", flush=True)
+                print(f"seed {seed} {tool:26s} " + "  ".join(f"{key} {report['mean'][key]:.3f}" for key in keys)
+                      + f"  training {s:.0f} s", flush=True)
 
     def pooled(tool: str) -> dict:
         """One report whose cases are every (seed, case) pair: the paired test's units."""
         cases = {f"{seed}/{cid}": v for seed, r in reports[tool].items() for cid, v in r["cases"].items()}
-        return {"protocol": "isles22", "cases": cases}
+        return {"protocol": protocol, "cases": cases}
 
-    base = pooled(TOOLS[0])
+    base = pooled(tools[0])
     summary = {}
-    for tool in TOOLS:
-        per_seed = {k: [r["mean"][k] for r in reports[tool].values()] for k in ("dice", "lesion_f1", "avd_ml", "lesion_count_diff")}
+    for tool in tools:
+        per_seed = {k: [r["mean"][k] for r in reports[tool].values()] for k in keys}
         summary[tool] = {"mean": {k: float(np.mean(v)) for k, v in per_seed.items()}, "std": {k: float(np.std(v)) for k, v in per_seed.items()},
                          "seeds": per_seed, "training_seconds": float(np.mean(seconds[tool])), "cases": pooled(tool)["cases"]}
-    comparisons = {tool: compare(pooled(tool), base) for tool in TOOLS[1:]}
-    print(f"\n{n_train} training and {n_test} held-out synthetic ISLES-like cases, {epochs} x {iters} iterations, {seeds} seeds; "
-          f"nnU-Net {version('nnunetv2')} planned spacing {planned['spacing']}")
-    for tool in TOOLS:
+    comparisons = {tool: compare(pooled(tool), base) for tool in tools[1:]}
+    print(f"\n{n_train} training and {n_test} held-out synthetic {args.data.upper()}-like cases, {epochs} x {iters} iterations, "
+          f"{seeds} seeds, {protocol} protocol; nnU-Net {version('nnunetv2')} (its own plan's spacing: {planned['nnunet_own_spacing']})")
+    for tool in tools:
         m, s = summary[tool]["mean"], summary[tool]["std"]
-        print(f"{tool:24s} Dice {m['dice']:.3f} ± {s['dice']:.3f}  lesion F1 {m['lesion_f1']:.3f} ± {s['lesion_f1']:.3f}  "
-              f"AVD {m['avd_ml']:.3f} ml  training {summary[tool]['training_seconds']:.0f} s  "
-              f"(Dice by seed: {', '.join(f'{v:.3f}' for v in summary[tool]['seeds']['dice'])})")
+        print(f"{tool:26s} " + "  ".join(f"{key} {m[key]:.3f} ± {s[key]:.3f}" for key in keys)
+              + f"  training {summary[tool]['training_seconds']:.0f} s  (Dice by seed: "
+              + ", ".join(f"{v:.3f}" for v in summary[tool]["seeds"]["dice"]) + ")")
     for tool, rows in comparisons.items():
         for r in rows:
             print(f"{tool} vs nnU-Net, {r['metric']}: {r['difference']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}], "
                   f"p {r['p_value']:.3g}, better/worse {r['better']}/{r['worse']} of {r['cases']}")
-    result = {"size": "smoke" if args.smoke else "default", "training_cases": n_train, "test_cases": n_test, "shape": list(shape),
-              "epochs": epochs, "iterations_per_epoch": iters, "seeds": seeds, "nnunet_version": version("nnunetv2"),
-              "nnunet_plan": planned, "network": {"patch": PATCH, "features": list(FEATURES)}, "tools": summary,
-              "paired_vs_nnunet": comparisons}
-    save("nnunet_accuracy" + ("_smoke" if args.smoke else ""), result)
+    result = {"data": args.data, "protocol": protocol, "size": "smoke" if args.smoke else "default", "training_cases": n_train,
+              "test_cases": n_test, "shape": list(shape), "epochs": epochs, "iterations_per_epoch": iters, "seeds": seeds,
+              "nnunet_version": version("nnunetv2"), "nnunet_plan": planned,
+              "network": {"patch_xyz": list(d["patch"]), "spacing_xyz": list(d["spacing"]), "features": list(FEATURES)},
+              "tools": summary, "paired_vs_nnunet": comparisons}
+    save("nnunet_accuracy" + ("" if args.data == "isles" else f"_{args.data}") + ("_smoke" if args.smoke else ""), result)
     return result
 
 
