@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +64,16 @@ def nnunet_paths(work: Path) -> None:
 def parameters(net: Any) -> int:
     """The number of parameters of a torch module."""
     return sum(p.numel() for p in net.parameters())
+
+
+def link_nnunet_dataset(ds: Path, m: Any, cases: Sequence[tuple[str, Any]], channels: Sequence[str], labels: dict[str, int]) -> None:
+    """A dataset in nnU-Net's raw format at ``ds`` whose files are links to the ``(new id, case)`` pairs of
+    manifest ``m``: ``imagesTr/ID_XXXX.nii.gz`` per channel, ``labelsTr/ID.nii.gz`` and ``dataset.json``."""
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    for cid, case in cases:
+        for i, ch in enumerate(channels):
+            os.symlink(m.image_path(case, ch), ds / "imagesTr" / f"{cid}_{i:04d}.nii.gz")
+        os.symlink(m.label_path(case), ds / "labelsTr" / f"{cid}.nii.gz")
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {str(i): c.upper() for i, c in enumerate(channels)},
+                                                 "labels": labels, "numTraining": len(cases), "file_ending": ".nii.gz"}))

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import have_compare, nnunet_paths, save
+from benchmarks._common import have_compare, link_nnunet_dataset, nnunet_paths, save
 
 TRAIN_ID, TEST_ID = 995, 996
 SIZES = {
@@ -75,20 +75,11 @@ def _write_raw(work: Path, size: tuple, d: dict) -> None:
     from segpipe.data.synthetic import synthesize
 
     n_train, n_test, shape, *_ = size
-    channels = d["channels"]
     for dataset_id, n, seed in ((TRAIN_ID, n_train, 7), (TEST_ID, n_test, 1007)):
         src = work / f"synth_{dataset_id}"
         synthesize(src, d["layout"], n, seed=seed, shape=shape)
         m = discover(src, d["layout"])
-        ds = work / "raw" / f"Dataset{dataset_id}_Acc"
-        (ds / "imagesTr").mkdir(parents=True)
-        (ds / "labelsTr").mkdir()
-        for case in m.labelled:
-            for i, ch in enumerate(channels):
-                os.symlink(m.image_path(case, ch), ds / "imagesTr" / f"{case.id}_{i:04d}.nii.gz")
-            os.symlink(m.label_path(case), ds / "labelsTr" / f"{case.id}.nii.gz")
-        (ds / "dataset.json").write_text(json.dumps({"channel_names": {str(i): c.upper() for i, c in enumerate(channels)},
-                                                     "labels": d["labels"], "numTraining": n, "file_ending": ".nii.gz"}))
+        link_nnunet_dataset(work / "raw" / f"Dataset{dataset_id}_Acc", m, [(c.id, c) for c in m.labelled], d["channels"], d["labels"])
 
 
 def _seed(seed: int) -> None:

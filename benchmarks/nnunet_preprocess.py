@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import have_compare, nnunet_paths, save
+from benchmarks._common import have_compare, link_nnunet_dataset, nnunet_paths, save
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "isles22_sample"
 SMALL_ID, LARGE_ID = 990, 991
@@ -58,17 +56,9 @@ def _write_raw(raw: Path, data: str, sizes: tuple[int, int]) -> tuple[str, list[
         what = f"synthetic {layout} cases ({'x'.join(map(str, shape))}" + (", three sites' spacings)" if data == "wmh" else ", 2 mm)")
     channels = ["dwi", "adc"] if data == "isles" else ["flair", "t1"]
     labels = {"background": 0, "lesion": 1} if data == "isles" else {"background": 0, "wmh": 1, "ignore": 2}
-    for dataset_id, size in zip((SMALL_ID, LARGE_ID), sizes):
-        ds = raw / f"Dataset{dataset_id}_Bench"
-        (ds / "imagesTr").mkdir(parents=True)
-        (ds / "labelsTr").mkdir()
-        for k, case in enumerate(sources[:size]):
-            cid = f"case{k:03d}"
-            for i, ch in enumerate(channels):
-                os.symlink(m.image_path(case, ch), ds / "imagesTr" / f"{cid}_{i:04d}.nii.gz")
-            os.symlink(m.label_path(case), ds / "labelsTr" / f"{cid}.nii.gz")
-        (ds / "dataset.json").write_text(json.dumps({"channel_names": {str(i): c.upper() for i, c in enumerate(channels)},
-                                                     "labels": labels, "numTraining": size, "file_ending": ".nii.gz"}))
+    for dataset_id, size in zip((SMALL_ID, LARGE_ID), sizes):  # new ids: the real case is there several times
+        link_nnunet_dataset(raw / f"Dataset{dataset_id}_Bench", m, [(f"case{k:03d}", c) for k, c in enumerate(sources[:size])],
+                            channels, labels)
     return what, channels
 
 

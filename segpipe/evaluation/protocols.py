@@ -186,7 +186,7 @@ def evaluate_isles15(gt: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> di
             assd = 0.5 * (float(d_gp.mean()) + float(d_pg.mean()))
             hd = max(float(d_gp.max()), float(d_pg.max()))
     # the volumes as the program computes them: float32 products, left to right, subtracted in float32
-    s = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0)).astype(np.float32)
+    s = np.asarray(spacing_of(affine), np.float32)
 
     def volume(n: int) -> np.float32:
         return np.float32(n) * s[0] * s[1] * s[2]
