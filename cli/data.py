@@ -73,16 +73,17 @@ def manifest(
 @handle_errors
 def synth(
     root: Annotated[Path, typer.Argument(help="Folder to write the dataset into.", show_default=False)],
-    layout: Annotated[str, typer.Option(help="Layout to write: isles22 (ISLES 2022 Zenodo) or wmh17 (WMH 2017).")] = "isles22",
+    layout: Annotated[str, typer.Option(help="Layout to write: isles22 (ISLES 2022 Zenodo), isles18 (ISLES 2018 CT perfusion) or wmh17 (WMH 2017).")] = "isles22",
     cases: Annotated[int, typer.Option(help="Number of cases.")] = 4,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 0,
     shape: Annotated[
         str | None,
-        typer.Option(help="Label-grid size X,Y,Z (default 64,64,40 at 2 mm for isles22; 96,96,24 at 0.96x0.96x3 mm for wmh17)."),
+        typer.Option(help="Label-grid size X,Y,Z (default 64,64,40 at 2 mm for isles22; 64,64,16 at 2x2x5 mm for isles18; "
+                           "96,96,24 at 0.96x0.96x3 mm for wmh17)."),
     ] = None,
     fmt: Annotated[
         str, typer.Option("--format", help="nifti: the challenge's layout; dicom: one scanner-export study folder per case (labels as NIfTI); "
-                     "dicom-enhanced: the same with one enhanced multi-frame file per series.")
+                     "dicom-enhanced: the same with one enhanced multi-frame file per series (isles22 and wmh17).")
     ] = "nifti",
 ) -> None:
     """Write a synthetic dataset (head phantom with small, unbalanced lesions) in an official layout.

@@ -92,7 +92,7 @@ def infer(
     skipped = f", {len(report.skipped)} skipped (outputs already there)" if report.skipped else ""
     typer.echo(f"{len(report.done)} done, {len(report.failed)} failed{skipped} in {report.seconds:.1f} s; summary in {out / 'summary.json'}")
     if cross_validation and report.done:
-        typer.echo(f"cross-validation predictions: score them with `segpipe evaluate --pred {out} --gt {inputs[0]} --protocol "
-                   "isles22|wmh17`")
+        typer.echo(f"cross-validation predictions: score them with `segpipe evaluate --pred {out} --gt {inputs[0]}` "
+                   "(the challenge's protocol follows the dataset's layout; --protocol chooses another)")
     if report.failed:
         raise SegpipeError(f"{len(report.failed)} case(s) failed", details=[f"{k}: {v}" for k, v in report.failed.items()])

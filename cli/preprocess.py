@@ -14,7 +14,7 @@ from cli._common import handle_errors, state
 def preprocess(
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Dataset manifest (see `segpipe manifest`).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder to fill.", show_default=False)],
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment config: a YAML file or a built-in name (isles22, wmh17, demo); defaults when omitted.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment config: a YAML file or a built-in name (isles22, isles18, wmh17, demo); defaults when omitted.")] = None,
     workers: Annotated[int | None, typer.Option(help="Cases preprocessed in parallel (processes); default: one per CPU core, "
                                                 "at most one per case, as many as the memory holds.", show_default=False)] = None,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Report a failing case and continue with the others.")] = False,

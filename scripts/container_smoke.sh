@@ -103,5 +103,5 @@ else
 fi
 podman run --rm --network none segpipe:cpu --version
 podman run --rm --network none --entrypoint python segpipe:cpu -c \
-  "from segpipe.config import builtin_configs as b; n = sorted(b()); assert n == ['demo', 'isles22', 'wmh17'], n; print('built-in configs:', *n)"
+  "from segpipe.config import builtin_configs as b; n = sorted(b()); assert n == ['demo', 'isles18', 'isles22', 'wmh17'], n; print('built-in configs:', *n)"
 echo "container smoke test passed"

@@ -93,8 +93,13 @@ class PreprocessConfig:
     crop_margin_mm: float = _ranged(8.0, 0)
     #: a voxel is head when some channel exceeds this fraction of its 99th percentile (before smoothing)
     head_threshold: float = _ranged(0.08, 0, 1, hi_open=True)
-    #: per-channel z-score over head voxels; voxels outside the head are set to 0
-    normalization: Literal["zscore", "none"] = "zscore"
+    #: intensity normalisation per channel (nnU-Net's schemes). "zscore": each case over its head mask, 0 outside
+    #: the head. "ct": one transform for every case, from the training set's lesion voxels: clip to their 0.5 and
+    #: 99.5 percentiles, subtract their mean, divide by their standard deviation (Hounsfield units mean the same in
+    #: every scan, so a case's own statistics would throw information away). "none": as read. "auto" (the default):
+    #: nnU-Net's rule by channel name, "ct" for a channel named ct, "zscore" for the others. A mapping
+    #: {channel: scheme} sets channels one by one; the others follow "auto".
+    normalization: Literal["auto", "zscore", "ct", "none"] | dict[str, Literal["zscore", "ct", "none"]] = "auto"
     #: interpolation of image channels when resampling (labels always use nearest neighbour)
     image_interpolation: Literal["bilinear", "nearest"] = "bilinear"
     #: relative tolerance when comparing affines of channels and label (real files differ by ~1e-7)

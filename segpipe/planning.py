@@ -32,16 +32,18 @@ from typing import Any
 import numpy as np
 
 from segpipe.config import Config, PlanConfig
-from segpipe.errors import SegpipeError, UsageError
+from segpipe.errors import SegpipeError, UsageError, did_you_mean
 
 __all__ = [
     "PLAN_VERSION",
     "NetworkPlan",
     "Plan",
+    "describe_normalization",
     "estimate_memory_gb",
     "load_plan",
     "encoder_blocks_for",
     "make_plan",
+    "normalization_schemes",
     "plan_topology",
     "target_spacing_from",
 ]
@@ -91,7 +93,8 @@ class Plan:
     orientation: str
     crop_margin_mm: float
     head_threshold: float
-    normalization: str
+    #: one scheme for every channel, or {channel: scheme} when they differ (see :func:`normalization_schemes`)
+    normalization: str | dict[str, str]
     image_interpolation: str
     affine_tolerance: float
     patch_size: tuple[int, ...]
@@ -101,16 +104,27 @@ class Plan:
     memory_estimate_gb: float = 0.0
     version: int = PLAN_VERSION
     notes: tuple[str, ...] = field(default=(), compare=False)
+    #: the "ct" scheme's statistics per channel, from the training set's lesion voxels (mean, std, p00_5, median,
+    #: p99_5, samples, cases); empty when no channel uses it
+    intensity: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def scheme(self, channel: str) -> str:
+        """The normalisation scheme of ``channel``."""
+        return self.normalization if isinstance(self.normalization, str) else self.normalization[channel]
+
     def preprocessing_key(self) -> dict[str, Any]:
-        """The settings that shape a preprocessed case (part of the cache key)."""
+        """The settings that shape a preprocessed case (part of the cache key). The ct statistics join it only
+        when a channel uses them, so caches made before they existed stay fresh."""
         keys = ("channels", "reference_channel", "classes", "ignore_value", "threshold", "target_spacing", "orientation",
                 "crop_margin_mm", "head_threshold", "normalization", "image_interpolation", "affine_tolerance", "version")
-        return {k: _jsonable(getattr(self, k)) for k in keys}
+        key = {k: _jsonable(getattr(self, k)) for k in keys}
+        if self.intensity:
+            key["intensity"] = _jsonable(self.intensity)
+        return key
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -158,6 +172,58 @@ def load_plan(path: str | Path) -> Plan:
 
 
 # -- rules ----------------------------------------------------------------------------------------------------
+
+
+#: the normalisation schemes a channel can have (config ``preprocess.normalization``)
+SCHEMES = ("zscore", "ct", "none")
+
+
+def describe_normalization(plan: Plan | dict[str, Any]) -> str:
+    """One line on how a plan (or its JSON) normalises each channel, for ``inspect``."""
+    d = plan.to_json() if isinstance(plan, Plan) else plan
+    setting, stats = d.get("normalization"), d.get("intensity") or {}
+    channels = list(d.get("channels") or [])
+    per = setting if isinstance(setting, dict) else {c: setting for c in channels}
+
+    def one(scheme: Any, chans: list[str]) -> str:
+        if scheme == "zscore":
+            return "z-score in the head mask"
+        if scheme == "ct":
+            parts = [f"{c + ' ' if len(chans) > 1 else ''}clipped to [{st['p00_5']:g}, {st['p99_5']:g}], minus {st['mean']:g}, "
+                     f"over {st['std']:g}" for c in chans if (st := stats.get(c))]
+            return "CT (" + ", ".join(parts) + "; the training set's lesion voxels)"
+        return "none" if scheme == "none" else f"{scheme}"
+
+    groups: dict[Any, list[str]] = {}
+    for c in channels:
+        groups.setdefault(per.get(c), []).append(c)
+    if len(groups) == 1 and not isinstance(setting, dict):
+        return f"normalisation: {one(setting, channels)}"
+    return "normalisation: " + "; ".join(f"{', '.join(chans)}: {one(scheme, chans)}" for scheme, chans in groups.items())
+
+
+def normalization_schemes(setting: str | dict[str, str], channels: Sequence[str]) -> str | dict[str, str]:
+    """The scheme of each channel for the config's ``preprocess.normalization``: one name for all channels when
+    they agree (so plans and cache keys read as before), else ``{channel: scheme}``. "auto" is nnU-Net's rule
+    by name (``ct`` for a channel named ct in any case, ``zscore`` otherwise); a mapping names channels one by
+    one and leaves the others to that rule."""
+    def auto(ch: str) -> str:
+        return "ct" if ch.casefold() == "ct" else "zscore"
+
+    if isinstance(setting, dict):
+        unknown = [k for k in setting if k not in channels]
+        if unknown:
+            raise UsageError(f"config 'preprocess.normalization': {', '.join(repr(k) for k in unknown)} "
+                             f"{'is not a channel' if len(unknown) == 1 else 'are not channels'} of the dataset"
+                             f"{did_you_mean(unknown[0], channels)}; its channels are {', '.join(channels)}")
+        per = {ch: setting.get(ch) or auto(ch) for ch in channels}
+    elif setting == "auto":
+        per = {ch: auto(ch) for ch in channels}
+    else:
+        per = {ch: setting for ch in channels}
+    schemes = set(per.values())
+    return schemes.pop() if len(schemes) == 1 else per
+
 
 
 def target_spacing_from(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> tuple[float, ...]:
@@ -312,7 +378,7 @@ def make_plan(
         orientation=pp.orientation,
         crop_margin_mm=pp.crop_margin_mm,
         head_threshold=pp.head_threshold,
-        normalization=pp.normalization,
+        normalization=normalization_schemes(pp.normalization, channels),
         image_interpolation=pp.image_interpolation,
         affine_tolerance=pp.affine_tolerance,
         patch_size=tuple(int(v) for v in patch),

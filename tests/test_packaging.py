@@ -26,11 +26,11 @@ def test_every_package_is_listed_in_pyproject():
 
 
 def test_builtin_configs_by_name(tmp_path, monkeypatch):
-    assert set(builtin_configs()) >= {"demo", "isles22", "wmh17"}
+    assert set(builtin_configs()) >= {"demo", "isles18", "isles22", "wmh17"}
     assert load_config("isles22").name == "isles22"
     (tmp_path / "isles22").write_text("name: mine\n")  # a file of that name wins over the built-in one
     assert load_config(tmp_path / "isles22").name == "mine"
-    with pytest.raises(SegpipeError, match="did you mean 'isles22'.*built-in config \\(demo, isles22, wmh17\\)"):
+    with pytest.raises(SegpipeError, match="did you mean 'isles22'.*built-in config \\(demo, isles18, isles22, wmh17\\)"):
         load_config("isles2")
 
     # a folder named like a built-in in the working directory (the demo's output, a dataset) does not hide it
@@ -64,4 +64,4 @@ def test_the_wheel_carries_the_configs(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=True)
     where, names, demo = out.stdout.strip().splitlines()
     assert where.startswith(str(target)), where  # the installed copy, not the checkout
-    assert names == "['demo', 'isles22', 'wmh17']" and demo == "demo"
+    assert names == "['demo', 'isles18', 'isles22', 'wmh17']" and demo == "demo"

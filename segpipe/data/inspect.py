@@ -11,6 +11,7 @@ from segpipe.data.cache import CaseCache
 from segpipe.errors import SegpipeError, did_you_mean
 from segpipe.io.atomic import atomic_path, ensure_writable_dir
 from segpipe.io.nifti import save_nifti
+from segpipe.planning import describe_normalization
 
 __all__ = ["case_summary", "export_case_nifti", "render_case_png", "summarize_cache", "summarize_dicom"]
 
@@ -37,6 +38,7 @@ def summarize_cache(root: str | os.PathLike) -> str:
         f"classes {', '.join(index['classes'])}",
         f"target spacing {'x'.join(f'{v:g}' for v in plan['target_spacing'])} mm, patch {'x'.join(map(str, plan['patch_size']))}, "
         f"batch {plan['batch_size']}, {len(index['folds'])} folds",
+        describe_normalization(plan),
         "",
         f"{'case':<28} {'shape':<16} {'spacing (mm)':<16} {'lesion %':>9} {'lesions':>8} {'ml':>8}",
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import yaml
+from monai.transforms import Compose
 from scipy import ndimage
 
 from segpipe.config import Config, config_to_dict
@@ -29,10 +31,11 @@ from segpipe.transforms.preprocessing import (
     IGNORE_INDEX,
     build_preprocessing,
     channel_key,
+    loading_steps,
     run_chain,
 )
 
-__all__ = ["PreprocessReport", "auto_workers", "case_inputs", "header_geometry", "preprocess_dataset", "preprocess_case"]
+__all__ = ["PreprocessReport", "auto_workers", "case_inputs", "ct_statistics", "header_geometry", "preprocess_dataset", "preprocess_case"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,81 @@ def auto_workers(jobs: int, values_per_case: float, memory: int | None = None, c
     if memory is not None:
         why += f", memory for {by_memory} ({memory / 2**30:.1f} GiB available, about {per_process / 2**30:.1f} GiB each)"
     return n, why
+
+
+#: lesion voxels sampled for the "ct" scheme's statistics, over all cases together (nnU-Net samples 1e8; the
+#: percentiles of 1e7 differ from those of all voxels by far less than a Hounsfield unit)
+CT_SAMPLES = 10**7
+
+
+def ct_channels(plan: Plan) -> list[str]:
+    return [c for c in plan.channels if plan.scheme(c) == "ct"]
+
+
+def _ct_samples(job: dict[str, Any]) -> tuple[str, str, dict[str, np.ndarray] | str]:
+    """One case's lesion voxels of the ct channels (on the reference grid, as read), ``job["samples"]`` of them
+    drawn with replacement (every case weighs the same, as in nnU-Net's fingerprint); none when it has no lesion."""
+    case_id = job["case"]
+    try:
+        plan = Plan.from_json(job["plan"])
+        channels = ct_channels(plan)
+        sub = dataclasses.replace(plan, channels=tuple(dict.fromkeys([*channels, plan.reference_channel])))
+        inputs = {k: v for k, v in job["inputs"].items() if k == "label" or k in {channel_key(c) for c in sub.channels}}
+        d = run_chain(Compose(loading_steps(sub, with_label=True), map_items=False), inputs)
+        label = np.asarray(d["label"][0])
+        fg = (label > 0) & (label != IGNORE_INDEX)
+        rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+        pick = rng.integers(0, int(fg.sum()), size=job["samples"]) if fg.any() else np.zeros(0, dtype=np.int64)
+        return "ok", case_id, {c: np.asarray(d[channel_key(c)][0], dtype=np.float32)[fg][pick] for c in channels}
+    except SegpipeError as exc:
+        return "error", case_id, str(exc)
+    except Exception as exc:  # a bug: reported per case, as in _work
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return "error", case_id, f"unexpected {type(exc).__name__}: {first} (a bug in segpipe; rerun with --debug --workers 1)"
+
+
+def ct_statistics(plan: Plan, jobs: list[dict[str, Any]], workers: int) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """The "ct" scheme's statistics of each ct channel of ``plan`` from the lesion voxels of the cases in ``jobs``
+    (``case``, ``inputs``): mean, std, 0.5/50/99.5 percentiles, as nnU-Net's fingerprint computes them. Returns
+    them and the cases that could not be read (case -> message)."""
+    channels = ct_channels(plan)
+    per_case = max(1000, CT_SAMPLES // max(len(jobs), 1))
+    work = [{"case": j["case"], "inputs": j["inputs"], "plan": plan.to_json(), "samples": per_case} for j in jobs]
+    drawn: dict[str, dict[str, np.ndarray]] = {}
+    failed: dict[str, str] = {}
+
+    def take(result: tuple[str, str, Any]) -> None:
+        status, case_id, payload = result
+        if status == "ok":
+            drawn[case_id] = payload
+        else:
+            failed[case_id] = payload
+
+    if workers <= 1 or len(work) <= 1:
+        for job in track(work, "ct statistics"):
+            take(_ct_samples(job))
+    else:
+        with process_pool(min(workers, len(work))) as pool:
+            for fut in track(cf.as_completed([pool.submit(_ct_samples, job) for job in work]), "ct statistics", total=len(work)):
+                take(fut.result())
+    with_lesion = sum(bool(len(next(iter(d.values())))) for d in drawn.values())
+    if not with_lesion:
+        if failed:
+            return {}, failed
+        raise SegpipeError(f"config 'preprocess.normalization': the ct scheme of channel{'s' if len(channels) > 1 else ''} "
+                           f"{', '.join(channels)} takes its statistics from lesion voxels, and none of the {len(work)} labelled "
+                           "cases has one; set preprocess.normalization=zscore (or check the label files with `segpipe inspect`)")
+    def rounded(v: float) -> float:  # 7 digits: the statistics are part of every case's cache key
+        return float(f"{v:.7g}")
+
+    stats = {}
+    for c in channels:
+        # in the cases' order, not the processes' finishing order: the same dataset gives the same numbers
+        values = np.concatenate([drawn[j["case"]][c] for j in jobs if j["case"] in drawn]).astype(np.float64)
+        p = np.percentile(values, [0.5, 50, 99.5])
+        stats[c] = {"mean": rounded(values.mean()), "std": rounded(values.std()), "p00_5": rounded(p[0]),
+                    "median": rounded(p[1]), "p99_5": rounded(p[2]), "samples": int(values.size), "cases": int(with_lesion)}
+    return stats, failed
 
 
 def preprocess_case(plan: Plan, inputs: dict[str, str]) -> dict[str, Any]:
@@ -215,6 +293,21 @@ def preprocess_dataset(
         config, manifest.channels, manifest.label.classes, manifest.label.ignore_value, manifest.label.threshold,
         [g[0] for g in geometry.values()], [g[1] for g in geometry.values()],
     )
+    if ct_channels(plan):
+        ct_jobs = [{"case": c.id, "inputs": case_inputs(manifest, c)} for c in labelled if c.id in geometry]
+        stats, failed = ct_statistics(plan, ct_jobs, usable_cores() if workers is None else workers)
+        for case_id, message in failed.items():
+            if not keep_going:
+                raise SegpipeError(f"case '{case_id}': {message} (pass --keep-going to continue past failing cases)")
+            report.failed[case_id] = message
+            geometry.pop(case_id, None)
+            log.error("case '%s': %s", case_id, message)
+        if not stats:
+            raise SegpipeError("no case could be read; see the errors above")
+        plan = dataclasses.replace(plan, intensity=stats)
+        for c, st in stats.items():
+            log.info("ct normalisation of channel '%s': clip to [%.1f, %.1f], mean %.1f, std %.1f (%d lesion voxels sampled "
+                     "from %d cases)", c, st["p00_5"], st["p99_5"], st["mean"], st["std"], st["samples"], st["cases"])
     report.plan = plan
     cache.write_json("plan.json", plan.to_json())
     # the config the cache was made with: `segpipe train` without --config trains with it

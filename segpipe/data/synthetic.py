@@ -1,4 +1,4 @@
-"""Synthetic datasets in the official ISLES 2022 and WMH 2017 layouts.
+"""Synthetic datasets in the official ISLES 2022, ISLES 2018 and WMH 2017 layouts.
 
 A head phantom (scalp, skull, CSF, cortex with gyri, white matter, ventricles) is defined analytically in
 world millimetres and sampled on each image grid, so the channels of one case agree in anatomy even when they
@@ -9,6 +9,11 @@ touching only at a corner (one component with 26-connectivity, two with 6-connec
 the modalities (DWI bright and ADC dark lesions; FLAIR bright white matter hyperintensities, WMH label 2
 for other pathology), with a smooth multiplicative bias field, a slight blur and Rician noise. Images are
 written in LAS orientation with slightly oblique affines and the header codes of the real files.
+
+ISLES 2018 cases are CT perfusion slabs: a few thick slices through the middle of the head, a CT in Hounsfield
+units (air -1000, bone above 1000, grey matter about 38, the infarct a few units darker) with Gaussian noise,
+and perfusion maps (CBF, CBV, MTT, Tmax) that are 0 outside the brain, low in the lesion's blood flow and
+volume and long in its transit times.
 
 Everything is deterministic for a seed: case ``i`` draws from ``SeedSequence([seed, i])``, so a case does
 not change when the number of cases does.
@@ -33,8 +38,8 @@ __all__ = ["DEFAULT_SHAPES", "SYNTH_LAYOUTS", "SynthCase", "make_head_case", "sy
 
 log = logging.getLogger(__name__)
 
-SYNTH_LAYOUTS = ("isles22", "wmh17")
-DEFAULT_SHAPES = {"isles22": (64, 64, 40), "wmh17": (96, 96, 24)}
+SYNTH_LAYOUTS = ("isles22", "isles18", "wmh17")
+DEFAULT_SHAPES = {"isles22": (64, 64, 40), "isles18": (64, 64, 16), "wmh17": (96, 96, 24)}
 
 # tissue codes of the phantom
 AIR, SCALP, SKULL, CSF, GM, WM, VENTRICLE = range(7)
@@ -48,6 +53,16 @@ _CONTRAST = {
     "t1": (0.0, 120.0, 15.0, 25.0, 70.0, 100.0, 20.0),
 }
 _LESION = {"dwi": 260.0, "adc": 0.42, "flair": 150.0, "t1": 60.0}
+# CT perfusion (ISLES 2018): CT in Hounsfield units; CBF in ml/100 g/min, CBV in ml/100 g, MTT and Tmax in s. The
+# maps are computed in the brain only (0 elsewhere). Noise: Gaussian, sigma in the modality's units.
+_CT_CONTRAST = {
+    #          air      scalp  skull   csf  gm    wm    ventricle  lesion  noise
+    "ct": (-1000.0, 40.0, 1200.0, 8.0, 38.0, 29.0, 8.0, 24.0, 4.0),
+    "cbf": (0.0, 0.0, 0.0, 2.0, 60.0, 25.0, 2.0, 8.0, 3.0),
+    "cbv": (0.0, 0.0, 0.0, 0.3, 4.0, 2.2, 0.3, 1.0, 0.2),
+    "mtt": (0.0, 0.0, 0.0, 0.0, 4.0, 4.8, 0.0, 9.0, 0.4),
+    "tmax": (0.0, 0.0, 0.0, 0.0, 0.8, 1.2, 0.0, 10.0, 0.3),
+}
 _OTHER_PATHOLOGY = {"flair": 35.0, "t1": 35.0}  # WMH label 2: an old lacune, CSF-like
 _NOISE = 0.03  # Rician noise sigma relative to the white-matter intensity
 
@@ -257,6 +272,19 @@ def _render(
     return np.sqrt(real**2 + imag**2).astype(np.float32)
 
 
+def _render_ct(rng: np.random.Generator, modality: str, tissue: np.ndarray, lesion_frac: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """A CT perfusion image (:data:`_CT_CONTRAST`): no bias field, Gaussian noise; the perfusion maps 0 outside
+    the brain and never negative."""
+    *lut, lesion, sigma = _CT_CONTRAST[modality]
+    img = np.asarray(lut, dtype=np.float32)[tissue]
+    img = img * (1 - lesion_frac) + lesion * lesion_frac
+    img = ndimage.gaussian_filter(img, sigma=0.5 / np.asarray(spacing) * min(spacing))
+    img = img + rng.normal(0, sigma, img.shape).astype(np.float32)
+    if modality != "ct":
+        img = np.where(np.isin(tissue, (CSF, GM, WM, VENTRICLE)), np.maximum(img, 0), 0)
+    return img.astype(np.float32)
+
+
 def _resample_fraction(mask: np.ndarray, mask_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
     """Partial-volume fraction of ``mask`` on another grid (trilinear)."""
     m = np.linalg.inv(mask_affine) @ affine
@@ -272,14 +300,16 @@ def make_head_case(
     channels: Sequence[str],
     second_grid: tuple[Sequence[int], Sequence[float]] | None = None,
     second_grid_channels: Sequence[str] = (),
+    head_extent: Sequence[float] | None = None,
 ) -> SynthCase:
     """Draw one case. ``kind`` is ``"stroke"`` or ``"wmh"``. Channels in ``second_grid_channels`` are sampled
-    on a second grid (shape, spacing) with its own tilt and shift, the others on the label grid."""
+    on a second grid (shape, spacing) with its own tilt and shift, the others on the label grid. The head
+    fills the field of view, or ``head_extent`` (mm) when given (a slab through a larger head)."""
     shape = tuple(int(s) for s in shape)
     spacing = np.asarray(spacing, dtype=float)
     fov = np.asarray(shape) * spacing
     world_center = np.array([0.0, -18.0, 12.0]) + rng.uniform(-5, 5, size=3)
-    head = _head(rng, fov, world_center, ventricle=rng.uniform(1.0, 1.3) if kind == "wmh" else rng.uniform(0.8, 1.05))
+    head = _head(rng, fov if head_extent is None else np.asarray(head_extent, dtype=float), world_center, ventricle=rng.uniform(1.0, 1.3) if kind == "wmh" else rng.uniform(0.8, 1.05))
     label_aff = _las_affine(shape, spacing, world_center, _rotation(rng, 4.0))
     xyz = _world(shape, label_aff)
     tissue = head.tissue(xyz)
@@ -302,6 +332,8 @@ def make_head_case(
             of = _resample_fraction(other, label_aff, s2, aff2) if kind == "wmh" else None
             img = _render(rng, ch, t2, lf, of, _bias(xyz2, world_center, scale, bias_coef), sp2)
             images[ch] = (img, aff2)
+        elif ch in _CT_CONTRAST:
+            images[ch] = (_render_ct(rng, ch, tissue, lesion.astype(np.float32), spacing), label_aff)
         else:
             of = other.astype(np.float32) if kind == "wmh" else None
             img = _render(rng, ch, tissue, lesion.astype(np.float32), of, _bias(xyz, world_center, scale, bias_coef), spacing)
@@ -344,6 +376,28 @@ def _write_isles22(root: Path, index: int, rng: np.random.Generator, shape) -> s
         mask = case.label.astype(np.float64) * 0.99999999977
     save_nifti(base / "derivatives" / sub / "ses-0001" / f"{sub}_ses-0001_msk.nii.gz", mask, case.label_affine, qform_code=0, sform_code=2)
     return sub
+
+
+#: ISLES 2018's folder tokens of each channel (``SMIR.Brain.XX.O.<token>.<id>``)
+_ISLES18_TOKENS = {"ct": "CT", "cbf": "CT_CBF", "cbv": "CT_CBV", "mtt": "CT_MTT", "tmax": "CT_Tmax"}
+
+
+def _write_isles18(root: Path, index: int, rng: np.random.Generator, shape) -> str:
+    spacing = (2.0, 2.0, 5.0)
+    fov = np.asarray(shape) * spacing
+    # the slab cuts a head as wide as the field of view and 150 mm high
+    case = make_head_case(rng, "stroke", shape, spacing, channels=tuple(_ISLES18_TOKENS),
+                          head_extent=(fov[0], fov[1], max(150.0, fov[2])))
+    name = f"case_{index + 1}"
+    folder = root / "ISLES2018" / "TRAINING" / name
+    uid = 345000 + 10 * index
+    for k, (ch, token) in enumerate(_ISLES18_TOKENS.items()):
+        series = f"SMIR.Brain.XX.O.{token}.{uid + k}"
+        data = np.round(case.images[ch][0]).astype(np.int16) if ch == "ct" else case.images[ch][0]
+        save_nifti(folder / series / f"{series}.nii", data, case.images[ch][1])
+    series = f"SMIR.Brain.XX.O.OT.{uid + 9}"
+    save_nifti(folder / series / f"{series}.nii", case.label.astype(np.uint8), case.label_affine)
+    return name
 
 
 def _write_wmh17(root: Path, index: int, rng: np.random.Generator, shape) -> str:
@@ -425,12 +479,15 @@ def synthesize(
         raise UsageError(f"--seed: expected 0 or more (NumPy's generators take no negative seed), got {seed}")
     if fmt not in ("nifti", "dicom", "dicom-enhanced"):
         raise UsageError(f"--format: expected nifti, dicom or dicom-enhanced, got '{fmt}'")
+    if fmt != "nifti" and layout not in _DICOM_SERIES:
+        raise UsageError(f"--format {fmt}: synth writes scanner exports of {' and '.join(_DICOM_SERIES)} cases, not {layout}; "
+                         "use --format nifti for it")
     shape = _check_shape(shape, layout)
     root = Path(root)
     if fmt.startswith("dicom"):  # the same case drawing, written as a scanner export
         writer = functools.partial(_write_dicom_case, layout=layout, enhanced=fmt == "dicom-enhanced")
     else:
-        writer = _write_isles22 if layout == "isles22" else _write_wmh17
+        writer = {"isles22": _write_isles22, "isles18": _write_isles18, "wmh17": _write_wmh17}[layout]
     from segpipe.progress import track
 
     names = []

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.io.atomic import atomic_path, atomic_write_text
+from segpipe.planning import describe_normalization
 
 __all__ = ["MetricsLog", "attach_log_file", "is_run_folder", "plot_progress", "summarize_model", "summarize_run"]
 
@@ -205,7 +206,7 @@ def summarize_model(model: str | Path) -> str:
     lines.append(f"channels {', '.join(plan.get('channels', []))} (reference {plan.get('reference_channel')}); "
                  f"classes {', '.join(plan.get('classes', []))}" + (f"; label {plan['ignore_value']} ignored" if plan.get("ignore_value") is not None else ""))
     lines.append(f"preprocessing: {spacing} mm, {plan.get('orientation')}, {plan.get('image_interpolation')} interpolation, "
-                 f"{plan.get('normalization')} normalisation in the head mask")
+                 f"{describe_normalization(plan)}")
     residual = f", residual encoder {network['encoder_blocks']}" if network.get("encoder_blocks") else ""
     lines.append(f"network: {len(network.get('filters', []))} stages, features {network.get('filters')}{residual}, "
                  f"patch {'x'.join(map(str, plan.get('patch_size', [])))}, batch {plan.get('batch_size')}")

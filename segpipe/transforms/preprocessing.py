@@ -17,7 +17,8 @@ Steps (MONAI dictionary transforms; segpipe writes only what MONAI has no transf
    largest component, closed, holes filled). The channels are smoothed and normalised (7.) side by side in
    threads, with SciPy's results bit for bit.
 6. MONAI ``CropForegroundd`` on the head mask with a margin in mm.
-7. ``ZScored`` (segpipe): per-channel z-score over the head; 0 outside it.
+7. ``ZScored`` (segpipe): per-channel normalisation: z-score over the head, 0 outside it; or, for CT ("ct"),
+   nnU-Net's clip and scale by the training set's lesion-voxel statistics (the plan's ``intensity``).
 8. ``SignedDistanced`` (segpipe): one signed distance map per foreground class on the whole preprocessed
    volume, in mm (:func:`segpipe.transforms.signed_distance_map`); ignored voxels get 0.
 
@@ -58,6 +59,7 @@ __all__ = [
     "CleanLabeld",
     "HeadMaskd",
     "LoadVolumed",
+    "loading_steps",
     "MatchReferenceGridd",
     "SignedDistanced",
     "ZScored",
@@ -360,13 +362,23 @@ class HeadMaskd(MapTransform):
 
 
 class ZScored(MapTransform):
-    """Per-channel z-score over the head mask; 0 outside the head. Records the statistics in ``stats``."""
+    """Per-channel intensity normalisation by each channel's scheme (``schemes``: one for all, or one per
+    channel): "zscore" over the head mask, 0 outside the head; "ct" with the dataset's statistics in
+    ``intensity[channel]`` (clip to ``p00_5``..``p99_5``, subtract ``mean``, divide by ``std``; the whole volume,
+    as nnU-Net's CT normalisation: 0 is the mean lesion voxel, not air, so the outside is not zeroed); "none"
+    leaves the values. Records each channel's statistics over the head in ``stats`` (before normalising)."""
 
-    def __init__(self, key: str = "image", mask_key: str = "head", channels: Sequence[str] = (), enabled: bool = True) -> None:
+    def __init__(self, key: str = "image", mask_key: str = "head", channels: Sequence[str] = (),
+                 schemes: str | Sequence[str] = "zscore", intensity: Mapping[str, Mapping[str, float]] | None = None) -> None:
         super().__init__([key])
         self.mask_key = mask_key
         self.channels = list(channels)
-        self.enabled = enabled
+        self.schemes = [schemes] * len(self.channels) if isinstance(schemes, str) else list(schemes)
+        self.default = schemes if isinstance(schemes, str) else "zscore"
+        self.intensity = dict(intensity or {})
+        for ch, scheme in zip(self.channels, self.schemes):
+            if scheme == "ct" and not {"mean", "std", "p00_5", "p99_5"} <= set(self.intensity.get(ch, {})):
+                raise ValueError(f"ZScored: channel '{ch}' uses the ct scheme but intensity['{ch}'] lacks mean, std, p00_5, p99_5")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -380,9 +392,14 @@ class ZScored(MapTransform):
             values = arr[c][mask]
             mean, std = float(values.mean()), float(values.std())
             p = np.percentile(values, [0.5, 50, 99.5], overwrite_input=True)  # values is a copy of its own: no second one
-            if self.enabled:
+            scheme = self.schemes[c] if c < len(self.schemes) else self.default
+            if scheme == "zscore":
                 arr[c] = (arr[c] - mean) / max(std, 1e-8)
                 arr[c][outside] = 0.0
+            elif scheme == "ct":
+                ct = self.intensity[self.channels[c]]
+                np.clip(arr[c], ct["p00_5"], ct["p99_5"], out=arr[c])
+                arr[c] = (arr[c] - ct["mean"]) / max(ct["std"], 1e-8)
             return {"mean": mean, "std": std, "p00_5": float(p[0]), "median": float(p[1]), "p99_5": float(p[2])}
 
         for c, entry in enumerate(thread_map(one, range(arr.shape[0]))):
@@ -439,32 +456,37 @@ def run_chain(chain: Compose, data: Mapping[Hashable, Any]) -> dict[Hashable, An
         raise
 
 
+def loading_steps(plan: Any, *, with_label: bool) -> list[MapTransform]:
+    """Steps 1-3 (read, clean the label, match the reference grid): each channel under ``channel_key(name)`` on
+    the reference channel's grid, as read; the label's class indices under ``"label"``."""
+    keys = [channel_key(c) for c in plan.channels]
+    what = {channel_key(c): f"channel '{c}'" for c in plan.channels}
+    what["label"] = "label"
+    steps: list[MapTransform] = [LoadVolumed(keys + (["label"] if with_label else []), what)]
+    if with_label:
+        steps.append(CleanLabeld("label", len(plan.classes), plan.ignore_value, plan.threshold))
+    steps.append(MatchReferenceGridd(keys, channel_key(plan.reference_channel), "label" if with_label else None,
+                                     tolerance=plan.affine_tolerance, mode=plan.image_interpolation, what=what))
+    return steps
+
+
 def build_preprocessing(plan: Any, *, with_label: bool, with_sdm: bool | None = None) -> Compose:
     """The chain for ``plan`` (a :class:`segpipe.planning.Plan`). Input: a dict with one file path per
     channel under ``channel_key(name)`` and, with ``with_label``, the label path under ``"label"``."""
     keys = [channel_key(c) for c in plan.channels]
-    ref = channel_key(plan.reference_channel)
-    what = {channel_key(c): f"channel '{c}'" for c in plan.channels}
-    what["label"] = "label"
     spatial = ["image", "label"] if with_label else ["image"]
     modes = [plan.image_interpolation, "nearest"] if with_label else [plan.image_interpolation]
     margin = [int(np.ceil(plan.crop_margin_mm / s)) for s in plan.target_spacing]
     with_sdm = with_label if with_sdm is None else with_sdm
     steps: list[Any] = [
-        LoadVolumed(keys + (["label"] if with_label else []), what),
-    ]
-    if with_label:
-        steps.append(CleanLabeld("label", len(plan.classes), plan.ignore_value, plan.threshold))
-    steps += [
-        MatchReferenceGridd(keys, ref, "label" if with_label else None, tolerance=plan.affine_tolerance,
-                            mode=plan.image_interpolation, what=what),
+        *loading_steps(plan, with_label=with_label),
         ConcatItemsd(keys, "image"),
         DeleteItemsd(keys),
         Orientationd(spatial, axcodes=plan.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(spatial, pixdim=plan.target_spacing, mode=modes, dtype=np.float32),
         HeadMaskd("image", "head", plan.head_threshold),
         CropForegroundd(spatial + ["head"], source_key="head", margin=margin, allow_smaller=True),
-        ZScored("image", "head", plan.channels, enabled=plan.normalization == "zscore"),
+        ZScored("image", "head", plan.channels, [plan.scheme(c) for c in plan.channels], plan.intensity),
     ]
     if with_label and with_sdm:
         steps.append(SignedDistanced("label", "sdm", len(plan.classes), IGNORE_INDEX))

@@ -79,7 +79,7 @@ def test_manifest_refuses_to_overwrite(cli, tmp_path, synth_isles):
         (["manifest", "{tmp}", "--out", "{tmp}/m.json", "--layout", "isles2022"], 2, "did you mean 'isles22'"),
         (["manifest", "{tmp}", "--out", "{tmp}/m.json", "--folds", "many"], 2, "--folds"),
         (["synth", "{tmp}/s", "--shape", "10,10"], 2, "--shape"),
-        (["synth", "{tmp}/s", "--layout", "isles18"], 2, "synth writes isles22, wmh17"),
+        (["synth", "{tmp}/s", "--layout", "isles15"], 2, "synth writes isles22, isles18, wmh17"),
         (["synth", "{tmp}/s", "--cases", "0"], 2, "--cases"),
         (["synth", "{tmp}/s", "--seed", "-1"], 2, "--seed: expected 0 or more"),
         (["manifest", "{tmp}", "--out", "{tmp}", "--overwrite"], 1, "--out '{tmp}': expected a file to write, found a folder"),

@@ -18,6 +18,16 @@ def _digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.nii.gz"))}
 
 
+def test_isles18_same_seed_same_bytes_and_the_default_slab(tmp_path):
+    synthesize(tmp_path / "a", "isles18", cases=1, seed=3)
+    synthesize(tmp_path / "b", "isles18", cases=1, seed=3)
+    files = sorted((tmp_path / "a").rglob("*.nii"))
+    assert len(files) == 6
+    assert all((tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes() == f.read_bytes() for f in files)
+    ct = nib.load(str(next(f for f in files if ".O.CT." in f.name)))
+    assert ct.shape == (64, 64, 16) and np.allclose(ct.header.get_zooms(), (2, 2, 5))
+
+
 def test_same_seed_same_bytes(tmp_path):
     synthesize(tmp_path / "a", "isles22", cases=2, seed=11, shape=(24, 24, 16))
     synthesize(tmp_path / "b", "isles22", cases=2, seed=11, shape=(24, 24, 16))
