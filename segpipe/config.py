@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -229,6 +230,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        mappings = [a for a in args if get_origin(a) is dict]
+        if isinstance(value, Mapping) and len(mappings) == 1:  # its own message names the key that is wrong
+            return _convert(value, mappings[0], where)
         errors = []
         for a in args:
             if a is type(None):
@@ -408,6 +412,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     try:
         return config_from_dict(data, source)
     except UsageError as exc:
+        where = re.match(r"config(?: '([^']+)'|: unknown key '([^']+)')", exc.message)
+        key = where and (where.group(1) or where.group(2))
+        given = [o for o in overrides if key and re.match(re.escape(o.partition("=")[0].strip()) + r"($|[.\[])", key)]
+        if given:
+            raise UsageError(f"{exc.message} (from the override {given[-1]})") from None
         if source is not None:
             raise UsageError(f"{exc.message} (in {source})") from None
         raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from segpipe.config import config_to_dict, load_config
@@ -64,6 +66,20 @@ def test_bad_files(tmp_path):
     p.write_text("train:\n  epochz: 1\n")
     with pytest.raises(UsageError, match=r"\(in .*bad.yaml\)"):
         load_config(p)
+
+
+def test_a_bad_override_is_named_as_such_not_as_the_files():
+    p = Path(__file__).resolve().parents[1] / "configs" / "isles18.yaml"
+    cases = {
+        "train.epochs=0": r"config 'train.epochs': expected at least 1, got 0 \(from the override train.epochs=0\)$",
+        "train.epoch=3": r"unknown key 'train.epoch' \(did you mean 'epochs'\?\).*\(from the override train.epoch=3\)$",
+        "plan.patch_size=[64,0,32]": r"'plan.patch_size\[1\]'.*\(from the override plan.patch_size=\[64,0,32\]\)$",
+        # a mapping's own key is named, not only the union of what the setting takes
+        "preprocess.normalization={ct: hu}": r"config 'preprocess.normalization.ct': expected 'zscore' or 'ct' or 'none', got 'hu'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(UsageError, match=message):
+            load_config(p, ["train.seed=1", override])
 
 
 def test_ranges_accept_their_edges():
