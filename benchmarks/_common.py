@@ -71,9 +71,12 @@ def link_nnunet_dataset(ds: Path, m: Any, cases: Sequence[tuple[str, Any]], chan
     manifest ``m``: ``imagesTr/ID_XXXX.nii.gz`` per channel, ``labelsTr/ID.nii.gz`` and ``dataset.json``."""
     (ds / "imagesTr").mkdir(parents=True)
     (ds / "labelsTr").mkdir()
+    # the links keep their files' ending (readers tell gzip by the name): .nii.gz, or .nii (ISLES 2015/2018)
+    ending = ".nii.gz" if str(m.label_path(cases[0][1])).endswith(".gz") else ".nii"
     for cid, case in cases:
         for i, ch in enumerate(channels):
-            os.symlink(m.image_path(case, ch), ds / "imagesTr" / f"{cid}_{i:04d}.nii.gz")
-        os.symlink(m.label_path(case), ds / "labelsTr" / f"{cid}.nii.gz")
+            os.symlink(m.image_path(case, ch), ds / "imagesTr" / f"{cid}_{i:04d}{ending}")
+        os.symlink(m.label_path(case), ds / "labelsTr" / f"{cid}{ending}")
+    # nnU-Net picks each channel's normalisation by its name here: CT gets its CT scheme, the others z-score
     (ds / "dataset.json").write_text(json.dumps({"channel_names": {str(i): c.upper() for i, c in enumerate(channels)},
-                                                 "labels": labels, "numTraining": len(cases), "file_ending": ".nii.gz"}))
+                                                 "labels": labels, "numTraining": len(cases), "file_ending": ending}))

@@ -2,7 +2,8 @@
 same network, scored on the same held-out cases.
 
 Synthetic cases (the loss study's data: ISLES-like DWI and ADC at 2 mm, or with ``--data wmh`` WMH-like FLAIR
-and T1 with label 2 "other pathology", nnU-Net's ignore label) are written once in nnU-Net's raw format, a
+and T1 with label 2 "other pathology", nnU-Net's ignore label, or with ``--data ctp`` ISLES 2018-like CT
+perfusion slabs, whose CT both tools normalise with nnU-Net's CT scheme) are written once in nnU-Net's raw format, a
 training and a test dataset, which both tools read as they are. Each tool plans and preprocesses the
 training dataset its own way at one target spacing (2 mm; WMH 1 x 1 x 3 mm); nnU-Net's plan is then set to
 segpipe's demo-sized network (segpipe's plan for the patch and spacing: 4 stages of 8-64 features, its
@@ -11,16 +12,16 @@ differs is the rest of each pipeline: preprocessing, patch sampling, augmentatio
 sliding-window inference. Both train on every training case (fold ``all``) for the same number of
 iterations with their own defaults: nnU-Net's trainer (SGD 0.01, Nesterov, poly, Dice + cross-entropy, its
 augmentation, a third of each batch on foreground), segpipe's config for the data (``isles22``: SGD 0.01,
-Nesterov, poly, ``dice+boundary`` under ``rebalance``; ``wmh17``: ``dice+ce+boundary``) and the same with
+Nesterov, poly, ``dice+boundary`` under ``rebalance``; ``wmh17``: ``dice+ce+boundary``; ``isles18`` as ``isles22``) and the same with
 ``dice+ce`` (nnU-Net's loss: the pipelines alone). Both predict the test cases without mirroring, windows
-overlapping by half; the predictions are scored with the data's protocol (isles22, wmh17) and compared case
+overlapping by half; the predictions are scored with the data's protocol (isles22, wmh17, isles15) and compared case
 by case (``segpipe evaluate --baseline``'s paired test). Everything runs on the CPU, nnU-Net's augmentation in
 its main process (``nnUNet_n_proc_DA=0``), seeds set, so that each seed's run is one draw of the same budget
 for every tool.
 
 Needs nnU-Net (``pip install -e ".[compare]"``); without it says so and exits 0.
 
-    python -m benchmarks.nnunet_accuracy [--data isles|wmh]   # about 20 minutes on 2 CPU cores (3 seeds)
+    python -m benchmarks.nnunet_accuracy [--data isles|wmh|ctp]   # about 20 minutes on 2 CPU cores (3 seeds)
     python -m benchmarks.nnunet_accuracy --smoke              # about a minute: checks that it runs
 """
 
@@ -54,6 +55,10 @@ DATA = {
               "spacing": (2.0, 2.0, 2.0), "patch": (32, 32, 32)},
     "wmh": {"layout": "wmh17", "channels": ("flair", "t1"), "labels": {"background": 0, "wmh": 1, "ignore": 2}, "config": "wmh17",
             "spacing": (1.0, 1.0, 3.0), "patch": (32, 32, 16)},
+    # ISLES 2018-like CT perfusion slabs: both tools give the channel named CT their CT normalisation (clip and
+    # scale by the training set's foreground statistics) and z-score the maps; scored as ISLES 2015/2018 were
+    "ctp": {"layout": "isles18", "channels": ("ct", "cbf", "cbv", "mtt", "tmax"), "labels": {"background": 0, "lesion": 1},
+            "config": "isles18", "protocol": "isles15", "spacing": (2.0, 2.0, 5.0), "patch": (32, 32, 16), "shape": (56, 56, 16)},
 }
 #: the shared network's widths: segpipe's demo plan, and the same written into nnU-Net's plan
 FEATURES = (8, 16, 32, 64)
@@ -75,6 +80,7 @@ def _write_raw(work: Path, size: tuple, d: dict) -> None:
     from segpipe.data.synthetic import synthesize
 
     n_train, n_test, shape, *_ = size
+    shape = d.get("shape", shape)  # a slab keeps its few slices
     for dataset_id, n, seed in ((TRAIN_ID, n_train, 7), (TEST_ID, n_test, 1007)):
         src = work / f"synth_{dataset_id}"
         synthesize(src, d["layout"], n, seed=seed, shape=shape)
@@ -193,7 +199,8 @@ def _pipelines(d: dict) -> dict[str, str | None]:
 
 def main(argv=None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", choices=tuple(DATA), default="isles", help="synthetic ISLES-like (DWI, ADC) or WMH-like (FLAIR, T1, label 2 ignored)")
+    ap.add_argument("--data", choices=tuple(DATA), default="isles",
+                    help="synthetic ISLES-like (DWI, ADC), WMH-like (FLAIR, T1, label 2 ignored) or ISLES 2018-like CT perfusion (ctp)")
     ap.add_argument("--smoke", action="store_true", help="tiny data and budget: checks that it runs")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3)")
     ap.add_argument("--epochs", type=int, default=None, help="a longer budget than the default 20 epochs ...")
@@ -217,7 +224,7 @@ def main(argv=None) -> dict | None:
     n_train, n_test, shape, epochs, iters, seeds = size
     seeds, epochs, iters = args.seeds or seeds, args.epochs or epochs, args.iters or iters
     d = DATA[args.data]
-    protocol, loss = d["layout"], _pipelines(d)
+    protocol, loss = d.get("protocol", d["layout"]), _pipelines(d)
     keys = PROTOCOLS[protocol]
     tools = tuple(loss)
     reports: dict[str, dict[str, dict]] = {tool: {} for tool in tools}
@@ -265,7 +272,7 @@ def main(argv=None) -> dict | None:
             print(f"{tool} vs nnU-Net, {r['metric']}: {r['difference']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}], "
                   f"p {r['p_value']:.3g}, better/worse {r['better']}/{r['worse']} of {r['cases']}")
     result = {"data": args.data, "protocol": protocol, "size": "smoke" if args.smoke else "default", "training_cases": n_train,
-              "test_cases": n_test, "shape": list(shape), "epochs": epochs, "iterations_per_epoch": iters, "seeds": seeds,
+              "test_cases": n_test, "shape": list(d.get("shape", shape)), "epochs": epochs, "iterations_per_epoch": iters, "seeds": seeds,
               "nnunet_version": version("nnunetv2"), "nnunet_plan": planned,
               "network": {"patch_xyz": list(d["patch"]), "spacing_xyz": list(d["spacing"]), "features": list(FEATURES)},
               "tools": summary, "paired_vs_nnunet": comparisons}
