@@ -174,10 +174,6 @@ def load_plan(path: str | Path) -> Plan:
 # -- rules ----------------------------------------------------------------------------------------------------
 
 
-#: the normalisation schemes a channel can have (config ``preprocess.normalization``)
-SCHEMES = ("zscore", "ct", "none")
-
-
 def describe_normalization(plan: Plan | dict[str, Any]) -> str:
     """One line on how a plan (or its JSON) normalises each channel, for ``inspect``."""
     d = plan.to_json() if isinstance(plan, Plan) else plan
@@ -223,7 +219,6 @@ def normalization_schemes(setting: str | dict[str, str], channels: Sequence[str]
         per = {ch: setting for ch in channels}
     schemes = set(per.values())
     return schemes.pop() if len(schemes) == 1 else per
-
 
 
 def target_spacing_from(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> tuple[float, ...]:

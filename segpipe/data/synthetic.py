@@ -309,7 +309,8 @@ def make_head_case(
     spacing = np.asarray(spacing, dtype=float)
     fov = np.asarray(shape) * spacing
     world_center = np.array([0.0, -18.0, 12.0]) + rng.uniform(-5, 5, size=3)
-    head = _head(rng, fov if head_extent is None else np.asarray(head_extent, dtype=float), world_center, ventricle=rng.uniform(1.0, 1.3) if kind == "wmh" else rng.uniform(0.8, 1.05))
+    extent = fov if head_extent is None else np.asarray(head_extent, dtype=float)
+    head = _head(rng, extent, world_center, ventricle=rng.uniform(1.0, 1.3) if kind == "wmh" else rng.uniform(0.8, 1.05))
     label_aff = _las_affine(shape, spacing, world_center, _rotation(rng, 4.0))
     xyz = _world(shape, label_aff)
     tissue = head.tissue(xyz)
