@@ -83,7 +83,7 @@ def synth(
     ] = None,
     fmt: Annotated[
         str, typer.Option("--format", help="nifti: the challenge's layout; dicom: one scanner-export study folder per case (labels as NIfTI); "
-                     "dicom-enhanced: the same with one enhanced multi-frame file per series (isles22 and wmh17).")
+                     "dicom-enhanced: the same with one enhanced multi-frame file per series (not isles18).")
     ] = "nifti",
 ) -> None:
     """Write a synthetic dataset (head phantom with small, unbalanced lesions) in an official layout.

@@ -60,14 +60,15 @@ def summarize_cache(root: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
-def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] = ("dwi", "adc", "flair", "t1", "t2", "ct"),
-                    name: str | None = None) -> str:
+def summarize_dicom(root: str | os.PathLike, channels: tuple[str, ...] | None = None, name: str | None = None) -> str:
     """The image series of a DICOM export, per study, and the series the built-in rules would choose for each
-    channel: what to check, and what to give ``segpipe infer --series``, before running a model on it. ``name``:
-    what to call the export (a ZIP archive unpacked into ``root``)."""
+    channel (default: every channel they know): what to check, and what to give ``segpipe infer --series``,
+    before running a model on it. ``name``: what to call the export (a ZIP archive unpacked into ``root``)."""
     import logging
 
-    from segpipe.io.dicom import format_series_table, scan_export, select_series
+    from segpipe.io.dicom import DEFAULT_RULES, format_series_table, scan_export, select_series
+
+    channels = tuple(DEFAULT_RULES) if channels is None else channels
 
     root = Path(root)
     name = name or str(root)

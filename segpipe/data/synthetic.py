@@ -383,18 +383,24 @@ def _write_isles22(root: Path, index: int, rng: np.random.Generator, shape) -> s
 _ISLES18_TOKENS = {"ct": "CT", "cbf": "CT_CBF", "cbv": "CT_CBV", "mtt": "CT_MTT", "tmax": "CT_Tmax"}
 
 
-def _write_isles18(root: Path, index: int, rng: np.random.Generator, shape) -> str:
+def _isles18_case(rng: np.random.Generator, shape) -> SynthCase:
     spacing = (2.0, 2.0, 5.0)
     fov = np.asarray(shape) * spacing
     # the slab cuts a head as wide as the field of view and 150 mm high
-    case = make_head_case(rng, "stroke", shape, spacing, channels=tuple(_ISLES18_TOKENS),
-                          head_extent=(fov[0], fov[1], max(150.0, fov[2])))
+    case = make_head_case(rng, "stroke", shape, spacing, channels=tuple(_ISLES18_TOKENS), head_extent=(fov[0], fov[1], max(150.0, fov[2])))
+    ct, affine = case.images["ct"]
+    case.images["ct"] = (np.round(ct), affine)  # whole Hounsfield units, as a scanner stores them
+    return case
+
+
+def _write_isles18(root: Path, index: int, rng: np.random.Generator, shape) -> str:
+    case = _isles18_case(rng, shape)
     name = f"case_{index + 1}"
     folder = root / "ISLES2018" / "TRAINING" / name
     uid = 345000 + 10 * index
     for k, (ch, token) in enumerate(_ISLES18_TOKENS.items()):
         series = f"SMIR.Brain.XX.O.{token}.{uid + k}"
-        data = np.round(case.images[ch][0]).astype(np.int16) if ch == "ct" else case.images[ch][0]
+        data = case.images[ch][0].astype(np.int16) if ch == "ct" else case.images[ch][0]
         save_nifti(folder / series / f"{series}.nii", data, case.images[ch][1])
     series = f"SMIR.Brain.XX.O.OT.{uid + 9}"
     save_nifti(folder / series / f"{series}.nii", case.label.astype(np.uint8), case.label_affine)
@@ -418,6 +424,10 @@ _DICOM_SERIES = {
     "isles22": (("dwi", "ep2d_diff_tra TRACEW b1000", 5, 1000.0), ("adc", "ep2d_diff_tra_ADC", 6, None),
                 ("flair", "t2_flair_tra", 3, None)),
     "wmh17": (("flair", "t2_flair_3d_tra", 4, None), ("t1", "t1_mprage_tra", 2, None)),
+    # a CT perfusion study as the scanner's perfusion software exports it: the plain head CT, the 4D source
+    # series left out (it is not an input), one series per map
+    "isles18": (("ct", "Head 5.0 H31s", 2, None), ("cbf", "CT Perfusion CBF", 11, None), ("cbv", "CT Perfusion CBV", 12, None),
+                ("mtt", "CT Perfusion MTT", 13, None), ("tmax", "CT Perfusion Tmax", 14, None)),
 }
 
 
@@ -438,6 +448,9 @@ def _write_dicom_case(root: Path, index: int, rng: np.random.Generator, shape, *
         case = make_head_case(rng, "stroke", shape, spacing, channels=("dwi", "adc", "flair"),
                               second_grid=(flair_shape, flair_spacing), second_grid_channels=("flair",))
         name = f"strokecase{index + 1:04d}"
+    elif layout == "isles18":
+        case = _isles18_case(rng, shape)
+        name = f"ctpcase{index + 1:04d}"
     else:
         case = make_head_case(rng, "wmh", shape, _WMH_SITES[0][2], channels=("flair", "t1"))
         name = f"wmhcase{index + 1:04d}"
@@ -454,7 +467,8 @@ def _write_dicom_case(root: Path, index: int, rng: np.random.Generator, shape, *
                                  series_number=number, study_uid=study, frame_uid=frame, patient=patient)
         else:
             write_dicom_series(image, affine, folder, description=description, series_number=number, study_uid=study,
-                               frame_uid=frame, b_value=b_value, prefix=f"{ch.upper()}_", patient=patient)
+                               frame_uid=frame, b_value=b_value, prefix=f"{ch.upper()}_", patient=patient,
+                               modality="CT" if layout == "isles18" else "MR")
     save_nifti(root / "labels" / f"{name}.nii.gz", case.label.astype(np.uint8), case.label_affine)
     return name
 
@@ -480,9 +494,9 @@ def synthesize(
         raise UsageError(f"--seed: expected 0 or more (NumPy's generators take no negative seed), got {seed}")
     if fmt not in ("nifti", "dicom", "dicom-enhanced"):
         raise UsageError(f"--format: expected nifti, dicom or dicom-enhanced, got '{fmt}'")
-    if fmt != "nifti" and layout not in _DICOM_SERIES:
-        raise UsageError(f"--format {fmt}: synth writes scanner exports of {' and '.join(_DICOM_SERIES)} cases, not {layout}; "
-                         "use --format nifti for it")
+    if fmt == "dicom-enhanced" and layout == "isles18":
+        raise UsageError("--format dicom-enhanced: synth writes CT perfusion exports as classic series (one file per slice); "
+                         "use --format dicom for isles18")
     shape = _check_shape(shape, layout)
     root = Path(root)
     if fmt.startswith("dicom"):  # the same case drawing, written as a scanner export

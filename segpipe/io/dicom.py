@@ -64,7 +64,14 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "flair": {"description": r"flair|dark.?fluid|t2.?fl|ir.?fse", "exclude": r"^$", "modality": "MR"},
     "t1": {"description": r"\bt1|mprage|spgr|tfl|bravo", "exclude": r"flair|\bt1c|gad|\+c\b|post", "modality": "MR"},
     "t2": {"description": r"\bt2", "exclude": r"flair|\bt2\*|swi|dwi|diff", "modality": "MR"},
-    "ct": {"description": r"", "exclude": r"perf|cbf|cbv|mtt|tmax|cta|angio|mip", "modality": "CT"},
+    "ct": {"description": r"", "exclude": r"perf|ctp|4d|dynamic|cbf|cbv|mtt|(?<![a-z])t.?max(?![a-z])|ttp|blood|transit|time.?to|cta|angio|mip",
+           "modality": "CT"},
+    # perfusion maps (ISLES 2018's channels), from CT or MR perfusion software: no modality asked for; the names
+    # stand alone or after an underscore (CT_CBF), not inside a word
+    "cbf": {"description": r"(?<![a-z])r?cbf(?![a-z])|blood.?flow", "exclude": r"^$"},
+    "cbv": {"description": r"(?<![a-z])r?cbv(?![a-z])|blood.?vol", "exclude": r"^$"},
+    "mtt": {"description": r"(?<![a-z])mtt(?![a-z])|mean.?transit", "exclude": r"^$"},
+    "tmax": {"description": r"(?<![a-z])t.?max(?![a-z])|time.?to.?max", "exclude": r"^$"},
 }
 _B_TAGS = ((0x0018, 0x9087), (0x0019, 0x100C), (0x2001, 0x1003), (0x0043, 0x1039))
 

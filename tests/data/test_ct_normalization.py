@@ -79,11 +79,6 @@ def test_synthetic_isles18_is_found_as_the_challenge_ships_it(isles18):
     assert all(Path(m.image_path(c, "ct")).name.startswith("SMIR.Brain.XX.O.CT.") for c in m.cases)
 
 
-def test_synth_refuses_a_dicom_export_of_isles18(cli, tmp_path):
-    r = cli("synth", tmp_path / "d", "--layout", "isles18", "--format", "dicom")
-    assert r.exit_code == 2 and "use --format nifti" in r.output and not (tmp_path / "d").exists()
-
-
 def test_preprocess_takes_ct_statistics_from_lesion_voxels_and_applies_them(isles18, tmp_path):
     m = load_manifest(isles18)
     config = load_config("isles18", TINY18)
@@ -148,3 +143,49 @@ def test_inspect_says_how_each_channel_is_normalised(isles18, tmp_path, cli):
     st = json.loads((tmp_path / "c" / "plan.json").read_text())["intensity"]["ct"]
     assert f"ct: CT (clipped to [{st['p00_5']:g}, {st['p99_5']:g}]" in r.output
     assert "cbf, cbv, mtt, tmax: z-score in the head mask" in r.output
+
+
+def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine))
+    return np.asarray(img.dataobj), img.affine
+
+
+def test_a_ct_perfusion_export_is_read_by_the_built_in_rules(tmp_path, cli):
+    from segpipe.io.dicom import read_series, scan_export, select_series
+
+    # the same case drawing as NIfTI files and as a scanner export (CT modality, 16-bit with rescale)
+    synthesize(tmp_path / "nii", "isles18", cases=1, seed=5, shape=(32, 32, 16))
+    synthesize(tmp_path / "dcm", "isles18", cases=1, seed=5, shape=(32, 32, 16), fmt="dicom")
+    m = discover(tmp_path / "nii", "auto")
+    series, _ = scan_export(tmp_path / "dcm" / "ctpcase0001")
+    chosen = select_series(series, list(m.channels), where="export")
+    assert {ch: s.number for ch, (s, _) in chosen.items()} == {"ct": 2, "cbf": 11, "cbv": 12, "mtt": 13, "tmax": 14}
+    assert all(s.modality == "CT" for s, _ in chosen.values())
+    for ch, (s, files) in chosen.items():
+        vol, _, _ = read_series(s, files)
+        got, got_affine = _canonical(vol.array, vol.affine)
+        ref = nib.load(str(m.image_path(m.cases[0], ch)))
+        want, want_affine = _canonical(np.asarray(ref.dataobj), ref.affine)
+        assert np.allclose(got_affine, want_affine, atol=1e-3)
+        assert np.allclose(got, want, atol=0.02 if ch == "ct" else 1e-3 * float(np.abs(want).max())), ch  # HU kept as HU
+    r = cli("inspect", tmp_path / "dcm" / "ctpcase0001")
+    assert "the built-in rules would choose: ct <- #2, cbf <- #11, cbv <- #12, mtt <- #13, tmax <- #14" in r.output
+    r = cli("synth", tmp_path / "e", "--layout", "isles18", "--format", "dicom-enhanced")
+    assert r.exit_code == 2 and "use --format dicom for isles18" in r.output and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize(("description", "channel"), [
+    ("CT_CBF", "cbf"), ("rCBF (ml/100g/min)", "cbf"), ("Cerebral Blood Volume", "cbv"), ("MTT_map", "mtt"),
+    ("Tmax", "tmax"), ("T-max RAPID", "tmax"), ("Mean Transit Time", "mtt"),
+])
+def test_perfusion_map_names_are_recognised_and_the_plain_ct_is_not_taken_for_them(description, channel):
+    from segpipe.io.dicom import DEFAULT_RULES, SeriesInfo, _matches
+
+    s = SeriesInfo(uid="1", number=1, description=description, modality="CT", files=["f"])
+    assert _matches(s, DEFAULT_RULES[channel])
+    assert not _matches(s, DEFAULT_RULES["ct"])  # nor a map for the CT
+    assert not any(_matches(s, DEFAULT_RULES[other]) for other in ("cbf", "cbv", "mtt", "tmax") if other != channel)
+    for plain in ("Head 5.0 H31s", "NCCT brain"):  # the plain CT is the CT's, and no map's
+        head = SeriesInfo(uid="2", number=2, description=plain, modality="CT", files=["f"])
+        assert _matches(head, DEFAULT_RULES["ct"]) and not _matches(head, DEFAULT_RULES[channel])
+    assert not _matches(SeriesInfo(uid="3", number=3, description="CTP 4D dynamic", modality="CT", files=["f"]), DEFAULT_RULES["ct"])
