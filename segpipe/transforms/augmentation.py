@@ -12,14 +12,15 @@ What touches the distance map, and how:
   The loader reads just the region the rotated, zoomed patch samples from (clipped to the volume; outside
   it the image and maps take their edge values, the label 0), so rotated corners hold real data.
 - **intensity** (image only), nnU-Net's set with its probabilities and ranges (nnU-Net v2's default training
-  transforms): Gaussian noise (p = 0.1), Gaussian blur (p = 0.2, sigma 0.5-1 voxel, each channel with p = 0.5),
-  brightness (multiplicative, p = 0.15), contrast about the mean (p = 0.15), simulated low resolution (p = 0.25,
-  each channel with p = 0.5: nearest-neighbour down to 0.5-1 of the size, back up linearly, where nnU-Net
-  uses cubic), gamma on the inverted image (p = 0.1) and gamma (p = 0.3)
+  transforms): Gaussian noise (p = 0.1, one sigma for all channels), Gaussian blur (p = 0.2, sigma 0.5-1 voxel,
+  each channel with p = 0.5), brightness (multiplicative, p = 0.15), contrast about the mean (p = 0.15),
+  simulated low resolution (p = 0.25, each channel with p = 0.5: nearest-neighbour down to 0.5-1 of the size,
+  back up linearly, where nnU-Net uses cubic), gamma on the inverted image (p = 0.1) and gamma (p = 0.3).
+  Brightness, contrast and gamma treat each channel on its own, with its own factor and its own range and
+  statistics, as nnU-Net's do (``synchronize_channels=False``)
   (``RandGaussianNoiseTorchd``: MONAI's ``RandGaussianNoised`` drawn with PyTorch; ``RandGaussianBlurTorchd``,
-  ``RandSimulateLowResolutionTorchd``: PyTorch on the patch's device; MONAI ``RandScaleIntensityd``,
-  ``RandScaleIntensityFixedMeand``; ``RandAdjustContrastTorchd``: MONAI's ``RandAdjustContrastd`` without its
-  host synchronisation).
+  ``RandSimulateLowResolutionTorchd``: PyTorch on the patch's device; MONAI ``RandScaleIntensityd`` and
+  ``RandScaleIntensityFixedMeand`` with ``channel_wise``; ``RandAdjustContrastTorchd``: gamma per channel).
 
 Nothing else changes the map. Labels keep the ignore value 255 (nearest neighbour only).
 """
@@ -45,7 +46,7 @@ from monai.transforms.utils import create_rotate
 from torch.nn import functional as F
 
 __all__ = ["JointAffined", "RandAdjustContrastTorchd", "RandGaussianBlurTorchd", "RandGaussianNoiseTorchd", "RandSimulateLowResolutionTorchd",
-           "build_augmentation", "sampled_extent", "untracked"]
+           "build_augmentation", "sampled_extent", "symmetric_draw", "untracked"]
 
 
 def _matrix(angles: Sequence[float], zoom: float) -> np.ndarray:
@@ -268,36 +269,52 @@ class RandSimulateLowResolutionTorchd(_RandPerChannel):
         return F.interpolate(low, size=size, mode="trilinear", align_corners=False)[0, 0].to(ch.dtype)
 
 
+def symmetric_draw(rng: np.random.RandomState, lo: float, hi: float) -> float:
+    """A factor from ``(lo, hi)`` drawn as nnU-Net's ``BGContrast`` draws it: below 1 and above 1 with equal
+    chance (when the range straddles 1), uniform within each side; so (0.7, 1.5) darkens as often as it brightens."""
+    if rng.random_sample() < 0.5 and lo < 1:
+        return float(rng.uniform(lo, 1.0))
+    return float(rng.uniform(max(lo, 1.0), hi))
+
+
 class RandAdjustContrastTorchd(RandAdjustContrastd):
-    """MONAI's ``RandAdjustContrastd`` (gamma on the intensity range of the whole image, optionally keeping its
-    mean and standard deviation), same random draws and the same values bit for bit, but without the
-    ``float()`` MONAI takes of the range: on a GPU that is a host synchronisation in the training process
-    for every patch drawn for gamma (p = 0.3)."""
+    """Gamma, as nnU-Net's ``GammaTransform`` applies it: each channel with its own gamma (drawn by
+    :func:`symmetric_draw`) over its own intensity range, optionally keeping its own mean and standard deviation;
+    ``invert_image``: on the negated channel. MONAI's ``RandAdjustContrastd`` draws one gamma for the whole
+    image and takes the range and statistics of all channels together, so with DWI and ADC, or CT and
+    perfusion maps, one channel's range bent the others. Kept on the device (no ``float()`` of the range: on a
+    GPU that is a host synchronisation for every patch drawn for gamma); per channel it computes MONAI's
+    ``AdjustContrast`` in MONAI's order (a test compares them)."""
+
+    def __init__(self, keys: Sequence[str] | str, prob: float = 0.1, gamma: tuple[float, float] = (0.7, 1.5),
+                 invert_image: bool = False, retain_stats: bool = False) -> None:
+        super().__init__(keys, prob=prob, gamma=gamma, invert_image=invert_image, retain_stats=retain_stats)
+        self.gamma_range = (float(min(gamma)), float(max(gamma)))
+        self.gammas: list[float] = []
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         self.randomize(None)
         if not self._do_transform:
             return d
-        self.adjuster.randomize(None)
-        gamma = float(self.adjuster.gamma_value)
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key])
             img = img.as_tensor() if hasattr(img, "as_tensor") else img
-            if self.invert_image:
-                img = -img
-            if self.adjuster.retain_stats:
-                mean, std = img.mean(), img.std()
-            low = img.min()
-            span = img.max() - low
-            # MONAI divides by float(span + 1e-7): the same float32 value, kept on the device; MONAI's operations
-            # in MONAI's order, in place (one buffer instead of six: 2.5x faster on a 128^3 patch, same bits)
-            out = img - low
-            out.div_(span + 1e-7).pow_(gamma).mul_(span).add_(low)
-            if self.adjuster.retain_stats:
-                out.sub_(out.mean())
-                out.div_(out.std() + 1e-8).mul_(std).add_(mean)
-            d[key] = out.neg_() if self.invert_image else out
+            self.gammas = [symmetric_draw(self.R, *self.gamma_range) for _ in range(img.shape[0])]
+            out = torch.empty_like(img)
+            for c, gamma in enumerate(self.gammas):
+                x = -img[c] if self.invert_image else img[c]
+                if self.adjuster.retain_stats:
+                    mean, std = x.mean(), x.std()
+                low = x.min()
+                span = x.max() - low
+                y = x - low  # MONAI's operations in MONAI's order, in place
+                y.div_(span + 1e-7).pow_(gamma).mul_(span).add_(low)
+                if self.adjuster.retain_stats:
+                    y.sub_(y.mean())
+                    y.div_(y.std() + 1e-8).mul_(std).add_(mean)
+                out[c] = y.neg_() if self.invert_image else y
+            d[key] = out
         return d
 
 
@@ -350,8 +367,10 @@ def build_augmentation(patch_size: Sequence[int], *, enabled: bool = True) -> Co
             RandJointFlipd(keys, prob=0.5),
             RandGaussianNoiseTorchd(["image"], prob=0.1, std=0.1),
             RandGaussianBlurTorchd(["image"], prob=0.2, sigma=(0.5, 1.0), prob_per_channel=0.5),
-            RandScaleIntensityd("image", factors=0.25, prob=0.15),
-            RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True),
+            # brightness and contrast per channel, each its own factor (nnU-Net: synchronize_channels=False), the
+            # contrast about the channel's own mean and within its own range
+            RandScaleIntensityd("image", factors=0.25, prob=0.15, channel_wise=True),
+            RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True, channel_wise=True),
             RandSimulateLowResolutionTorchd(["image"], prob=0.25, zoom_range=(0.5, 1.0), prob_per_channel=0.5),
             RandAdjustContrastTorchd("image", prob=0.1, gamma=(0.7, 1.5), retain_stats=True, invert_image=True),
             RandAdjustContrastTorchd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),

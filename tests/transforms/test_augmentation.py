@@ -103,25 +103,53 @@ def test_intensity_changes_touch_the_image_only():
     assert changed >= 1
 
 
+def _channels_of_other_ranges(gen: torch.Generator) -> torch.Tensor:
+    """Three channels as different as CT in units of its lesion std, a perfusion map and an ADC in mm^2/s."""
+    x = torch.randn((3, 9, 8, 7), generator=gen)
+    return torch.stack([x[0] * 3 + 1, x[1].abs() * 400 + 20, x[2] * 1e-4 + 8e-4])
+
+
 @pytest.mark.parametrize("retain_stats,invert", [(True, False), (False, False), (True, True)])
-def test_gamma_without_host_sync_equals_monai(retain_stats, invert):
-    from monai.transforms import RandAdjustContrastd
+def test_gamma_is_monais_on_each_channel_with_a_gamma_of_its_own(retain_stats, invert):
+    from monai.transforms import AdjustContrast
 
     from segpipe.transforms.augmentation import RandAdjustContrastTorchd
 
-    ours = RandAdjustContrastTorchd("image", prob=0.5, gamma=(0.7, 1.5), retain_stats=retain_stats, invert_image=invert)
-    theirs = RandAdjustContrastd("image", prob=0.5, gamma=(0.7, 1.5), retain_stats=retain_stats, invert_image=invert)
+    ours = RandAdjustContrastTorchd("image", prob=1.0, gamma=(0.7, 1.5), retain_stats=retain_stats, invert_image=invert)
     ours.set_random_state(11)
-    theirs.set_random_state(11)
     gen = torch.Generator().manual_seed(0)
-    applied = 0
-    for _ in range(12):
-        image = torch.randn((2, 9, 8, 7), generator=gen) * 3 + 1
-        a = ours({"image": image})["image"]
-        b = torch.as_tensor(theirs({"image": image})["image"])
-        assert torch.equal(a, b.as_tensor() if hasattr(b, "as_tensor") else b)
-        applied += not torch.equal(a, image)
-    assert 2 <= applied <= 10  # both branches taken, the draws in step
+    gammas = []
+    for _ in range(20):
+        image = _channels_of_other_ranges(gen)
+        out = ours({"image": image})["image"]
+        assert len(set(ours.gammas)) == 3  # nnU-Net's synchronize_channels=False
+        for c, g in enumerate(ours.gammas):  # each channel over its own range, as MONAI does it for one channel
+            want = torch.as_tensor(AdjustContrast(g, invert_image=invert, retain_stats=retain_stats)(image[c:c + 1]))[0]
+            torch.testing.assert_close(out[c], want, rtol=1e-5, atol=1e-6 * float(image[c].abs().max()))
+        gammas += ours.gammas
+    below = sum(g < 1 for g in gammas) / len(gammas)
+    assert all(0.7 <= g <= 1.5 for g in gammas) and 0.35 < below < 0.65  # nnU-Net's BGContrast: darker as often as brighter
+    never = RandAdjustContrastTorchd("image", prob=0.0)
+    image = _channels_of_other_ranges(gen)
+    assert never({"image": image})["image"] is image
+
+
+def test_brightness_and_contrast_treat_each_channel_on_its_own():
+    from segpipe.transforms.augmentation import build_augmentation
+
+    brightness, contrast = build_augmentation((9, 8, 7)).transforms[3:5]
+    gen = torch.Generator().manual_seed(1)
+    for t in (brightness, contrast):
+        t.set_random_state(3)
+        t.prob = 1.0
+        image = _channels_of_other_ranges(gen)
+        out = torch.as_tensor(t({"image": image})["image"])
+        ratios = [float((out[c] - (image[c].mean() if t is contrast else 0)).std() / image[c].std()) for c in range(3)]
+        assert len({round(r, 4) for r in ratios}) == 3, ratios  # a factor per channel
+        if t is contrast:  # about each channel's own mean, within its own range
+            for c in range(3):
+                assert abs(float(out[c].mean() - image[c].mean())) < 1e-3 * float(image[c].std()) + 1e-6
+                assert out[c].min() >= image[c].min() - 1e-6 and out[c].max() <= image[c].max() + 1e-6
 
 
 @pytest.mark.parametrize("sigma", [0.5, 0.73, 1.0])
