@@ -23,6 +23,7 @@ Needs nnU-Net (``pip install -e ".[compare]"``); without it says so and exits 0.
 
     python -m benchmarks.nnunet_accuracy [--data isles|wmh|ctp]   # about 20 minutes on 2 CPU cores (3 seeds)
     python -m benchmarks.nnunet_accuracy --smoke              # about a minute: checks that it runs
+    python -m benchmarks.nnunet_accuracy --data ctp --segpipe-set train.augmentation=false   # an ablation
 """
 
 from __future__ import annotations
@@ -172,14 +173,15 @@ def _nnunet_run(work: Path, seed: int, epochs: int, iters: int, out: Path) -> fl
     return seconds
 
 
-def _segpipe_run(work: Path, cache: Path, d: dict, spec: str, seed: int, epochs: int, iters: int, out: Path) -> float:
+def _segpipe_run(work: Path, cache: Path, d: dict, spec: str, seed: int, epochs: int, iters: int, out: Path,
+                 extra: tuple[str, ...] = ()) -> float:
     """segpipe's trainer with the data's config at the shared size and budget, then ``infer`` on the test cases;
     returns the training time (s)."""
     from segpipe.inference.run import infer
     from segpipe.training.trainer import resolve_train_config, train
 
     over = [*_preprocess_overrides(d), *_network_overrides(d), f"train.epochs={epochs}", f"train.iterations_per_epoch={iters}",
-            "train.validate_every=100000", "train.num_workers=0", f"train.seed={seed}", f"loss.spec={spec}"]
+            "train.validate_every=100000", "train.num_workers=0", f"train.seed={seed}", f"loss.spec={spec}", *extra]
     run_dir = work / "segpipe_runs" / f"{spec}_{seed}"
     t = time.perf_counter()
     train(resolve_train_config(cache, d["config"], over), cache, run_dir, fold="all", overwrite=True, device="cpu")
@@ -205,6 +207,8 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3)")
     ap.add_argument("--epochs", type=int, default=None, help="a longer budget than the default 20 epochs ...")
     ap.add_argument("--iters", type=int, default=None, help="... of 25 iterations (nnU-Net's own default: 1000 x 250)")
+    ap.add_argument("--segpipe-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training override for segpipe's runs, e.g. train.augmentation=false (an ablation; saved apart)")
     args = ap.parse_args(argv)
     if not have_compare("nnunetv2"):
         return None
@@ -241,7 +245,7 @@ def main(argv=None) -> dict | None:
                 out = work / "pred" / f"{k}_{seed}"
                 spec = loss[tool]
                 s = (_nnunet_run(work, seed, epochs, iters, out) if spec is None
-                     else _segpipe_run(work, cache, d, spec, seed, epochs, iters, out))
+                     else _segpipe_run(work, cache, d, spec, seed, epochs, iters, out, tuple(args.segpipe_set)))
                 seconds[tool].append(s)
                 report = evaluate(out, gt, protocol)
                 reports[tool][str(seed)] = report
@@ -275,8 +279,9 @@ def main(argv=None) -> dict | None:
               "test_cases": n_test, "shape": list(d.get("shape", shape)), "epochs": epochs, "iterations_per_epoch": iters, "seeds": seeds,
               "nnunet_version": version("nnunetv2"), "nnunet_plan": planned,
               "network": {"patch_xyz": list(d["patch"]), "spacing_xyz": list(d["spacing"]), "features": list(FEATURES)},
-              "tools": summary, "paired_vs_nnunet": comparisons}
-    save("nnunet_accuracy" + ("" if args.data == "isles" else f"_{args.data}") + ("_smoke" if args.smoke else ""), result)
+              "segpipe_overrides": list(args.segpipe_set), "tools": summary, "paired_vs_nnunet": comparisons}
+    save("nnunet_accuracy" + ("" if args.data == "isles" else f"_{args.data}") + ("_ablation" if args.segpipe_set else "")
+         + ("_smoke" if args.smoke else ""), result)
     return result
 
 
