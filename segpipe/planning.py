@@ -188,7 +188,7 @@ def describe_normalization(plan: Plan | dict[str, Any]) -> str:
             parts = [f"{c + ' ' if len(chans) > 1 else ''}clipped to [{st['p00_5']:g}, {st['p99_5']:g}], minus {st['mean']:g}, "
                      f"over {st['std']:g}" for c in chans if (st := stats.get(c))]
             return "CT (" + ", ".join(parts) + "; the training set's lesion voxels)"
-        return "none" if scheme == "none" else f"{scheme}"
+        return str(scheme)
 
     groups: dict[Any, list[str]] = {}
     for c in channels:

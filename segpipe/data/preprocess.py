@@ -146,7 +146,8 @@ def ct_statistics(plan: Plan, jobs: list[dict[str, Any]], workers: int) -> tuple
     them and the cases that could not be read (case -> message)."""
     channels = ct_channels(plan)
     per_case = max(1000, CT_SAMPLES // max(len(jobs), 1))
-    work = [{"case": j["case"], "inputs": j["inputs"], "plan": plan.to_json(), "samples": per_case} for j in jobs]
+    plan_json = plan.to_json()
+    work = [{"case": j["case"], "inputs": j["inputs"], "plan": plan_json, "samples": per_case} for j in jobs]
     drawn: dict[str, dict[str, np.ndarray]] = {}
     failed: dict[str, str] = {}
 
