@@ -8,14 +8,24 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=benchmarks/_gpu_env.sh
 . benchmarks/_gpu_env.sh
-step() { echo "== $1"; shift; timeout "$@" || echo "(failed or timed out: $?)"; }
+# Each step gets its own limit, cut to what is left of the whole call's (GPU_ALL_BUDGET seconds, the device call's
+# 600 less a margin), so that the summary at the end always runs; a step with under 20 s left is skipped.
+budget="${GPU_ALL_BUDGET:-570}"
+step() {
+  local name="$1" limit="$2" left; shift 2
+  left=$((budget - SECONDS - 10))
+  (( left < limit )) && limit=$left
+  if (( limit < 20 )); then echo "== $name: skipped, ${left} s left"; return; fi
+  echo "== $name (limit ${limit} s, ${SECONDS} s in)"
+  timeout "$limit" "$@" || echo "(failed or timed out: $?)"
+}
 step "training: full pipeline vs bare step (eager and compiled)" 280 python3 -m benchmarks.gpu_train --out "$dest/gpu_train.json" --iters 40 --warmup 10 --epoch-iters 250 --val-iters 50
-# the demo through segpipe's own trainer and predictor on CUDA (called from Python: the image's typer is not the pinned one)
-step "the demo on the GPU" 120 python3 -c "from segpipe.demo import run_demo, summary; print(summary(run_demo('/tmp/demo_gpu', device='cuda')))"
-step "boundary-loss overhead in a step, 2x2x96^3" 60 python3 -m benchmarks.loss_overhead --device cuda
 step "inference end to end, 192x224x192, vs the network alone" 110 python3 -m benchmarks.infer_e2e --case synthetic --device cuda --repeat 2
 step "inference of 6 cases: preprocessing processes vs one after the other" 90 python3 -m benchmarks.infer_dataset --device cuda --cases 6
-# last: the least needed, so that the 600 s of a device call cannot cut the measurements above
+# the demo through segpipe's own trainer and predictor on CUDA (called from Python: the image's typer is not the pinned one)
+step "the demo on the GPU" 120 python3 -c "from segpipe.demo import run_demo, summary; print(summary(run_demo('/tmp/demo_gpu', device='cuda')))"
+# last: the least changed since the 2026-11-28 run
+step "boundary-loss overhead in a step, 2x2x96^3" 60 python3 -m benchmarks.loss_overhead --device cuda
 step "segpipe's networks vs nnU-Net's own (plain, residual encoder), 2x2x128^3, bf16" 60 python3 -m benchmarks.nnunet_network --device cuda --patch 128 --stages 6 --repeat 10
 python3 - "$dest" <<'PY'
 import json, pathlib, sys

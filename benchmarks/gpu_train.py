@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
+    modes = {"both": [True, False], "on": [True], "off": [False]}[args.compile]  # compiled first: the goals are for it
     cl = args.channels_last and dev.type == "cuda"
     results: dict = {"machine": machine(), "patch": args.patch, "batch": 2, "channels": 2, "workers": args.workers,
                      "val_workers": VAL_WORKERS, "channels_last": cl, "runs": {}}
