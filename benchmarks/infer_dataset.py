@@ -17,6 +17,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 import torch
@@ -31,6 +32,20 @@ NETWORKS = {
     "full": ["plan.patch_size=[128,128,128]"],
     "small": ["plan.patch_size=[64,64,64]", "plan.base_features=8", "plan.max_features=64", "plan.max_stages=4"],
 }
+
+
+def pool_start_seconds(processes: int) -> float:
+    """How long ``processes`` preprocessing processes take from their start until one has imported what
+    preparing a case needs (what a run waits before they take work)."""
+    from segpipe.inference.run import _preprocessing_pool, _ready
+
+    t = time.perf_counter()
+    pool = _preprocessing_pool(processes, 30, 1)
+    try:
+        wait([pool.submit(_ready) for _ in range(processes)], return_when=FIRST_COMPLETED)
+        return time.perf_counter() - t
+    finally:
+        pool.shutdown(wait=True)
 
 
 def main(argv=None) -> dict:
@@ -63,14 +78,15 @@ def main(argv=None) -> dict:
             times[n] = time.perf_counter() - t
             assert not rep.failed, rep.failed
         inner = next(iter(rep.done.values()))["seconds"]
+    start = pool_start_seconds(workers)
     seq, par = times[0] / args.cases, times[workers] / args.cases
     result = {"device": args.device, "network": network, "cases": args.cases, "shape": list(args.shape), "preprocess_workers": workers,
               "sequential_s_per_case": round(seq, 3), "pipelined_s_per_case": round(par, 3), "speedup": round(seq / par, 2),
-              "stages_of_one_case_s": inner}
+              "stages_of_one_case_s": inner, "process_start_s": round(start, 2)}
     print(f"[{args.device}] {args.cases} cases {'x'.join(map(str, args.shape))}, {network} network: one after the other "
           f"{seq:.2f} s/case, with {workers} preprocessing processes {par:.2f} s/case -> {seq / par:.2f}x "
           f"(one case: preprocess {inner['preprocess']:.2f} s, network {inner['network']:.2f} s, invert {inner['invert']:.2f} s, "
-          f"write {inner['write']:.2f} s)")
+          f"write {inner['write']:.2f} s; {workers} processes ready to work {start:.1f} s after their start)")
     save(f"infer_dataset_{args.device.split(':')[0]}", result)
     return result
 

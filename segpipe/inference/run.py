@@ -242,10 +242,20 @@ def _preprocessing_pool(processes: int, level: int, threads: int) -> Any:
                                   initargs=(level, threads))
 
 
-#: about what starting the preprocessing processes costs (a fresh interpreter importing torch and MONAI: 5.6-7.3 s
-#: on the 2-core development machine, less on a larger one);
-#: the automatic setting starts them only when preparing the remaining cases here would take longer
-POOL_START_SECONDS = 4.0
+#: about what starting the preprocessing processes costs until one takes work (a fresh interpreter importing torch
+#: and MONAI: 4.7-7.3 s on the 2-core development machine, 12.8-14.3 s for 3 processes on the H200 machine, where
+#: CUDA's torch is larger); the automatic setting starts them only when preparing the remaining cases here would
+#: take longer (and until one has started, the cases are prepared here anyway)
+POOL_START_SECONDS = 8.0
+
+
+def _ready() -> int:
+    """A preprocessing process's first task: done once it has imported what preparing a case needs."""
+    import os
+
+    import segpipe.inference.predictor  # noqa: F401
+
+    return os.getpid()
 
 
 def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options, processes: int, progress=None, *,
@@ -253,9 +263,12 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
     """The cases through three overlapping stages, as nnU-Net's predictor does: ``processes`` processes read
     and preprocess the next cases while the network segments one, and a thread writes the finished ones.
     The first case is prepared here; with ``auto`` the processes start only if the others would take longer
-    than :data:`POOL_START_SECONDS` to prepare here (small cases: not worth it). At most ``processes + 1``
-    prepared cases wait at any time. If a preprocessing process dies (killed, out of memory), the remaining
-    cases are prepared here, one after the other. Returns the results and the processes used."""
+    than :data:`POOL_START_SECONDS` to prepare here (small cases: not worth it). Until the first process has
+    started (a fresh interpreter importing torch and MONAI: seconds), this process goes on preparing the cases
+    itself, so that starting them never makes a run slower than one after the other; processes that never got
+    to work are stopped at the end rather than waited for. At most ``processes + 1`` prepared cases wait at
+    any time. If a preprocessing process dies (killed, out of memory), the remaining cases are prepared here,
+    one after the other. Returns the results and the processes started."""
     import concurrent.futures as cf
     from concurrent.futures.process import BrokenProcessPool
 
@@ -267,13 +280,40 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
     pending: dict[int, cf.Future] = {}
     broken = False
 
+    probes: list[cf.Future] = []
+    started = 0.0
+    ready = False
+
+    def pool_ready() -> bool:
+        """Whether a preprocessing process has started (then they take the next cases); notes a broken pool."""
+        nonlocal ready, broken
+        if ready or broken or not probes:
+            return ready
+        done = [p for p in probes if p.done()]
+        if not done:
+            return False
+        if any(isinstance(p.exception(), BrokenProcessPool) for p in done):
+            log.warning("a preprocessing process stopped unexpectedly; the remaining cases are prepared one after the other")
+            broken = True
+            return False
+        ready = True
+        log.debug("preprocessing processes ready after %.1f s", time.perf_counter() - started)
+        return True
+
     def submit(i: int) -> None:
-        if pool is not None and not broken and 0 < i < len(cases) and i not in pending:
-            pending[i] = pool.submit(_guarded, cases[i], _prepare, plan, cases[i], opt, rules)
+        nonlocal broken
+        if pool is not None and not broken and pool_ready() and 0 < i < len(cases) and i not in pending:
+            try:
+                pending[i] = pool.submit(_guarded, cases[i], _prepare, plan, cases[i], opt, rules)
+            except BrokenProcessPool:  # a process died since: the pool takes no more work
+                log.warning("a preprocessing process stopped unexpectedly; the remaining cases are prepared one after the other")
+                broken = True
 
     try:
         items = progress(cases, "segmenting") if progress else cases
         for i, case in enumerate(items):
+            for j in range(i + 1, i + processes + 2):  # the next cases, once the processes take work
+                submit(j)
             fut, status, prep = pending.pop(i, None), "", None
             if fut is not None:
                 try:
@@ -296,10 +336,9 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
                     log.info("%d preprocessing processes prepare the next cases while the network works", processes)
                     pool = _preprocessing_pool(processes, logging.getLogger("segpipe").getEffectiveLevel(),
                                                max(1, usable_cores() // (processes + 1)))
-                    with _children_ignore_interrupt():  # the pool starts its processes on these first submissions
-                        for j in range(1, processes + 2):
-                            submit(j)
-            submit(i + processes + 1)
+                    started = time.perf_counter()
+                    with _children_ignore_interrupt():  # the pool starts one process per submission while none is idle
+                        probes = [pool.submit(_ready) for _ in range(processes)]
             if status != "ok":
                 results[case.id] = (status, prep)
                 continue
@@ -312,14 +351,20 @@ def _pipelined(predictor: Any, cases: list[CaseInput], out: Path, opt: _Options,
             results[cid] = wfut.result()
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the preprocessing processes' cases are not waited for
         if pool is not None:
-            for process in list((getattr(pool, "_processes", None) or {}).values()):  # CPython's; no public way before 3.14
-                process.terminate()
+            _terminate(pool)
         raise
     finally:
         writer.shutdown(wait=True)
         if pool is not None:
+            if not ready:  # none of them got to work (a few small cases): not worth waiting for their imports
+                _terminate(pool)
             pool.shutdown(wait=True, cancel_futures=True)
     return {c.id: results[c.id] for c in cases}, processes if pool is not None else 0
+
+
+def _terminate(pool: Any) -> None:
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # CPython's; no public way before 3.14
+        process.terminate()
 
 
 def _result(fut: Any) -> Any:
