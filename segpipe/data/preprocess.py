@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import dataclasses
 import logging
 import os
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -245,34 +246,10 @@ def _work(job: dict[str, Any], raise_errors: bool = False) -> tuple[str, str, di
         return "error", case_id, f"unexpected {type(exc).__name__}: {first} (a bug in segpipe; rerun with --debug --workers 1)"
 
 
-def preprocess_dataset(
-    manifest: Manifest,
-    config: Config,
-    out: str | os.PathLike,
-    *,
-    workers: int | None = 1,
-    keep_going: bool = False,
-    debug: bool = False,
-) -> PreprocessReport:
-    """Fingerprint, plan and preprocess every labelled case of ``manifest`` into the cache at ``out``.
-
-    ``workers`` processes make the cases side by side (None: :func:`auto_workers`; 1: one after the other in
-    this process, each case's channels filtered side by side in threads).
-    Cases already in the cache with the same key are kept; others are (re)made. With ``keep_going`` a failing
-    case is reported and the others continue; otherwise the first failure stops the run (finished cases
-    stay cached). Returns a report; the caller decides the exit code.
-    """
-    start = time.perf_counter()
-    root = ensure_writable_dir(out, what="--out cache folder")
-    cache = CaseCache(root)
-    ensure_writable_dir(cache.cases_dir, what="cache folder")
-    if (n := cache.clean_temporary()):
-        log.info("removed %d unfinished entries of an interrupted run", n)
-    report = PreprocessReport()
-    labelled = [c for c in manifest.cases if c.label is not None]
-    report.unlabelled = [c.id for c in manifest.cases if c.label is None]
-    if report.unlabelled:
-        log.info("%d cases without a label are not preprocessed (training needs labels; `segpipe infer` preprocesses on the fly)", len(report.unlabelled))
+def _plan_dataset(manifest: Manifest, config: Config, labelled: list[Case], report: PreprocessReport, *, workers: int | None,
+                  keep_going: bool) -> tuple[Plan, dict[str, tuple[tuple[float, ...], tuple[int, ...]]]]:
+    """The fingerprint from the headers of the reference channel, the plan, and the CT statistics its channels
+    need; the geometry of each readable case. Cases that fail go into ``report`` under ``keep_going``."""
     if not labelled:
         raise SegpipeError(f"manifest '{manifest.where}': no case has a label; nothing to preprocess for training")
 
@@ -316,6 +293,60 @@ def preprocess_dataset(
         for c, st in stats.items():
             log.info("ct normalisation of channel '%s': clip to [%.1f, %.1f], mean %.1f, std %.1f (%d lesion voxels sampled "
                      "from %d cases)", c, st["p00_5"], st["p99_5"], st["mean"], st["std"], st["samples"], st["cases"])
+    return plan, geometry
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet, or None."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_empty_tree(root: Path) -> None:
+    """Remove ``root`` if it holds folders only (what a failed run made), never a file."""
+    if root.is_dir() and not any(p.is_file() or p.is_symlink() for p in root.rglob("*")):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def preprocess_dataset(
+    manifest: Manifest,
+    config: Config,
+    out: str | os.PathLike,
+    *,
+    workers: int | None = 1,
+    keep_going: bool = False,
+    debug: bool = False,
+) -> PreprocessReport:
+    """Fingerprint, plan and preprocess every labelled case of ``manifest`` into the cache at ``out``.
+
+    ``workers`` processes make the cases side by side (None: :func:`auto_workers`; 1: one after the other in
+    this process, each case's channels filtered side by side in threads).
+    Cases already in the cache with the same key are kept; others are (re)made. With ``keep_going`` a failing
+    case is reported and the others continue; otherwise the first failure stops the run (finished cases
+    stay cached). Returns a report; the caller decides the exit code.
+    """
+    start = time.perf_counter()
+    made = _first_missing(Path(out))  # the folder this run creates (with --out a/b/c and no a: a), if any
+    root = ensure_writable_dir(out, what="--out cache folder")
+    cache = CaseCache(root)
+    ensure_writable_dir(cache.cases_dir, what="cache folder")
+    if (n := cache.clean_temporary()):
+        log.info("removed %d unfinished entries of an interrupted run", n)
+    report = PreprocessReport()
+    labelled = [c for c in manifest.cases if c.label is not None]
+    report.unlabelled = [c.id for c in manifest.cases if c.label is None]
+    if report.unlabelled:
+        log.info("%d cases without a label are not preprocessed (training needs labels; `segpipe infer` preprocesses on the fly)", len(report.unlabelled))
+    try:
+        plan, geometry = _plan_dataset(manifest, config, labelled, report, workers=workers, keep_going=keep_going)
+    except BaseException:
+        if made is not None:  # nothing was made: no empty cache folder left behind to be mistaken for one
+            _remove_empty_tree(made)
+        raise
     report.plan = plan
     cache.write_json("plan.json", plan.to_json())
     # the config the cache was made with: `segpipe train` without --config trains with it

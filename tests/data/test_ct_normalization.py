@@ -129,12 +129,16 @@ def test_ct_statistics_need_a_lesion_somewhere(isles18, tmp_path, cli):
             dst.symlink_to(src)
     r = cli("manifest", root, "--out", tmp_path / "m.json")
     assert r.exit_code == 0, r.output
-    r = cli("preprocess", "-m", tmp_path / "m.json", "-c", "isles18", "-o", tmp_path / "c", *TINY18)
+    r = cli("preprocess", "-m", tmp_path / "m.json", "-c", "isles18", "-o", tmp_path / "new" / "c", *TINY18)
     assert r.exit_code == 1 and "none of the 3 labelled cases has one" in r.output and "normalization=zscore" in r.output
-    assert not glob.glob(str(tmp_path / "c" / "cases" / "*"))
+    assert not (tmp_path / "new").exists()  # no empty cache folder left behind, nor the folder made for it
+    (tmp_path / "mine").mkdir()  # a folder that was there before is left as it was
+    r = cli("preprocess", "-m", tmp_path / "m.json", "-c", "isles18", "-o", tmp_path / "mine", *TINY18)
+    assert r.exit_code == 1 and (tmp_path / "mine").is_dir() and not glob.glob(str(tmp_path / "mine" / "cases" / "*"))
     r = cli("preprocess", "-m", tmp_path / "m.json", "-c", "isles18", "-o", tmp_path / "c2", *TINY18,
             "preprocess.normalization={ctt: ct}")
     assert r.exit_code == 2 and "'ctt' is not a channel" in r.output and "did you mean 'ct'" in r.output
+    assert not (tmp_path / "c2").exists()
 
 
 def test_inspect_says_how_each_channel_is_normalised(isles18, tmp_path, cli):
