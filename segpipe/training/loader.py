@@ -4,7 +4,7 @@ Each worker builds whole batches (``batch_size`` patches): the last ``max(1, rou
 of every batch are centred on a voxel of a foreground class present in the case (nnU-Net samples a third of
 each batch this way; a case without lesion falls back to a random centre), the others are centred anywhere.
 A patch is cut from the memory maps directly (only the voxels it needs are read), padded where it leaves
-the volume (image and label with 0, the distance maps with their edge values), then augmented jointly
+the volume (image, label and distance maps with 0: the mean, background, no boundary term), then augmented jointly
 (:mod:`segpipe.transforms.augmentation`).
 
 Where the batch is finished: rotation and scaling resample the whole patch (``grid_sample`` on 4-5
@@ -41,9 +41,9 @@ from segpipe.transforms.augmentation import (
 __all__ = ["BatchFinisher", "PatchBatches", "crop_padded", "make_loader"]
 
 
-def crop_padded(arr: np.ndarray, start: Sequence[int], size: Sequence[int], *, mode: str = "constant") -> np.ndarray:
-    """``arr[..., start:start+size]`` over the last ``len(size)`` axes, padded where it leaves the array
-    (``mode``: "constant" with 0, or "edge"). Reads only the overlapping part (memory maps stay lazy)."""
+def crop_padded(arr: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """``arr[..., start:start+size]`` over the last ``len(size)`` axes, 0 where it leaves the array. Reads
+    only the overlapping part (memory maps stay lazy)."""
     nd = len(size)
     spatial = arr.shape[-nd:]
     lead = arr.shape[:-nd]
@@ -58,22 +58,6 @@ def crop_padded(arr: np.ndarray, start: Sequence[int], size: Sequence[int], *, m
         return out  # no overlap at all
     dst = tuple(slice(b, b + h - l) for b, l, h in zip(before, lo, hi))
     out[(Ellipsis,) + dst] = arr[src]
-    if mode == "edge":
-        for axis in range(nd):
-            ax = out.ndim - nd + axis
-            b, e = dst[axis].start, dst[axis].stop
-            if b > 0:
-                idx = [slice(None)] * out.ndim
-                idx[ax] = slice(0, b)
-                edge = [slice(None)] * out.ndim
-                edge[ax] = slice(b, b + 1)
-                out[tuple(idx)] = out[tuple(edge)]
-            if e < size[axis]:
-                idx = [slice(None)] * out.ndim
-                idx[ax] = slice(e, None)
-                edge = [slice(None)] * out.ndim
-                edge[ax] = slice(e - 1, e)
-                out[tuple(idx)] = out[tuple(edge)]
     return out
 
 
@@ -150,10 +134,10 @@ class PatchBatches(IterableDataset):
             if case.label is not None:
                 item["label"] = crop_padded(case.label[None], start, self.patch_size)
             if self.with_sdm and case.sdm is not None:
-                item["sdm"] = crop_padded(case.sdm, start, self.patch_size, mode="edge")
+                item["sdm"] = crop_padded(case.sdm, start, self.patch_size)
             return item
         # read only the region the rotated, zoomed patch samples from (within the volume); the sampler
-        # supplies edge values (image, maps) and 0 (label) outside it
+        # supplies 0 outside it
         shape = np.asarray(case.image.shape[1:])
         centre_f = centre - 0.5 + 0.5 * (np.asarray(self.patch_size) % 2)  # the patch's geometric centre
         ext = sampled_extent(self.patch_size, affine.angles, affine.zoom)

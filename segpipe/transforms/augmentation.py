@@ -9,8 +9,12 @@ What touches the distance map, and how:
   the image is resampled linearly, the label by nearest neighbour, the map linearly (a distance field is
   smooth away from the boundary, and a rotation keeps distances), and the map's values are multiplied by the
   zoom so that they stay in mm: objects drawn ``z`` times larger are ``z`` times further from everything.
-  The loader reads just the region the rotated, zoomed patch samples from (clipped to the volume; outside
-  it the image and maps take their edge values, the label 0), so rotated corners hold real data.
+  The loader reads just the region the rotated, zoomed patch samples from (clipped to the volume), so
+  rotated corners hold real data. Where the patch reaches beyond the volume, image, label and maps are 0, as
+  for an unrotated patch that leaves it (and as in nnU-Net): the image at the mean, background, and no
+  boundary term. (Edge values there, as before, copied the volume's last slices, lesion included, under a
+  background label: in thin CT perfusion slabs, which every tilted or zoomed-out patch leaves, that taught
+  the network to call lesion-like voxels background.)
 - **intensity** (image only), nnU-Net's set with its probabilities and ranges (nnU-Net v2's default training
   transforms): Gaussian noise (p = 0.1, one sigma for all channels), Gaussian blur (p = 0.2, sigma 0.5-1 voxel,
   each channel with p = 0.5), brightness (multiplicative, p = 0.15), contrast about the mean (p = 0.15),
@@ -107,8 +111,8 @@ class JointAffined(Randomizable, MapTransform):
               offset: Sequence[float] = (0.0, 0.0, 0.0)) -> dict[Hashable, Any]:
         """Rotate by ``angles`` (radians about x, y, z), zoom by ``zoom`` (> 1 enlarges) and sample the
         ``spatial_size`` patch whose centre sits ``offset`` voxels from the input's centre. One grid serves
-        all keys; image and maps are sampled together (linear, edge values outside), the label apart
-        (nearest, 0 outside). The sampling is PyTorch's ``grid_sample``: MONAI's ``Affine`` builds a
+        all keys; image and maps are sampled together (linear), the label apart (nearest); all are 0 outside
+        the input. The sampling is PyTorch's ``grid_sample``: MONAI's ``Affine`` builds a
         homogeneous grid per key and call, three times the work for the same result."""
         d = dict(data)
         ref = next(torch.as_tensor(d[k]) for k in (self.image_key, self.sdm_key, self.label_key) if k in d)
@@ -116,7 +120,7 @@ class JointAffined(Randomizable, MapTransform):
         smooth = [k for k in (self.image_key, self.sdm_key) if k in d]
         if smooth:
             stacked = torch.cat([torch.as_tensor(d[k], dtype=torch.float32) for k in smooth])[None]
-            out = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+            out = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
             i = 0
             for k in smooth:
                 n = int(torch.as_tensor(d[k]).shape[0])

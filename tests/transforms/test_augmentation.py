@@ -82,6 +82,20 @@ def test_offset_samples_the_requested_place():
     assert out["label"][0].numpy().sum() == 64 and out["label"][0, 3:7, 3:7, 3:7].all()
 
 
+def test_beyond_the_volume_a_patch_is_zero_not_the_edge_copied():
+    """A zoomed-out patch of a thin slab (CT perfusion: 16 slices of 5 mm, the patch as deep) reaches beyond
+    it: there the image is 0 (the mean), the label background and the map 0, not the last slices copied (a
+    lesion that reaches the slab's faces would be copied under a background label)."""
+    lab = np.zeros((20, 20, 8), np.uint8)
+    lab[6:14, 6:14, :] = 1  # through every slice
+    item = _item(lab)
+    item["image"] = item["image"] * 4 + 1
+    out = JointAffined((20, 20, 8)).apply(item, (0.0, 0.0, 0.0), 0.7)
+    # output slice 0 samples input slice (0 - 3.5) / 0.7 + 3.5 = -1.5: beyond the volume
+    assert (out["image"][..., 0] == 0).all() and (out["label"][..., 0] == 0).all() and (out["sdm"][..., 0] == 0).all()
+    assert out["label"][0, 10, 10, 4] == 1 and abs(float(out["image"][0, 10, 10, 4]) - 5) < 1e-4 and out["sdm"][0, 10, 10, 4] < 0  # inside: the data
+
+
 def test_extent_covers_the_rotated_patch():
     ext = sampled_extent((64, 64, 32), (0.0, 0.0, np.pi / 4), 0.8)
     assert ext[0] > 32 * np.sqrt(2) / 0.8 - 1 and ext[2] == pytest.approx(15.5 / 0.8 + 1)
