@@ -116,8 +116,9 @@ def bare_step_ms(setup, patch: int, dev: torch.device, iters: int, warmup: int, 
 
 def _batches(cache: Path, patch: int, workers: int, dev: torch.device, batches: int, *, augment: bool, on_device: bool, seed: int):
     """Finished batches on ``dev``, as the trainer makes them (train.augment_on: device or workers)."""
-    data = PatchBatches(cache, CASES, (patch,) * 3, 2, batches=batches, augment=augment, seed=seed, defer_affine=on_device)
-    finish = BatchFinisher((patch,) * 3, augment=augment)
+    data = PatchBatches(cache, CASES, (patch,) * 3, 2, batches=batches, augment=augment, seed=seed, defer_affine=on_device,
+                        label_values=(1,))
+    finish = BatchFinisher((patch,) * 3, augment=augment, label_values=(1,))  # as the trainer: no read of the label's values
     for batch in make_loader(data, num_workers=workers, pin_memory=dev.type == "cuda"):
         yield finish(batch, dev)
 

@@ -38,7 +38,7 @@ from segpipe.transforms.augmentation import (
     untracked,
 )
 
-__all__ = ["BatchFinisher", "PatchBatches", "crop_padded", "make_loader"]
+__all__ = ["BatchFinisher", "PatchBatches", "crop_padded", "label_values", "make_loader"]
 
 
 def crop_padded(arr: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -78,6 +78,7 @@ class PatchBatches(IterableDataset):
         rank: int = 0,
         with_sdm: bool = True,
         defer_affine: bool = False,
+        label_values: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.cache_root = str(cache_root)
@@ -91,6 +92,7 @@ class PatchBatches(IterableDataset):
         self.rank = int(rank)
         self.with_sdm = with_sdm
         self.defer_affine = bool(defer_affine and augment)
+        self.label_values = label_values  # the label's values for resampling (None: read from each patch)
         self.epoch = 0
         self._cases: dict[str, CachedCase] | None = None
 
@@ -158,7 +160,7 @@ class PatchBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        affine = JointAffined(self.patch_size) if self.augment else None
+        affine = JointAffined(self.patch_size, label_values=self.label_values) if self.augment else None
         aug = build_augmentation(self.patch_size, enabled=self.augment)
         n_fg = max(1, round(self.foreground_fraction * self.batch_size)) if self.foreground_fraction > 0 else 0
         for index in range(worker, self.batches, n_workers):
@@ -201,8 +203,8 @@ class BatchFinisher:
     then that patch's flips and intensity changes, as a worker would have done): returns ``image`` (float),
     ``label`` (int64) and, if present, ``sdm``, all on ``device``."""
 
-    def __init__(self, patch_size: Sequence[int], *, augment: bool = True) -> None:
-        self.affine = JointAffined(patch_size)
+    def __init__(self, patch_size: Sequence[int], *, augment: bool = True, label_values: Sequence[int] | None = None) -> None:
+        self.affine = JointAffined(patch_size, label_values=label_values)
         self.aug = build_augmentation(patch_size, enabled=augment)
 
     def __call__(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -218,6 +220,14 @@ class BatchFinisher:
         if "label" in out:
             out["label"] = out["label"].long()
         return out
+
+
+def label_values(plan: Any) -> tuple[int, ...]:
+    """The values other than background that the plan's cached labels hold: its classes, and the ignore
+    value if the dataset has one (what resampling a rotated or zoomed label needs to know)."""
+    from segpipe.transforms.preprocessing import IGNORE_INDEX
+
+    return tuple(range(1, plan.num_classes)) + ((IGNORE_INDEX,) if plan.ignore_value is not None else ())
 
 
 def make_loader(dataset: PatchBatches, *, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -54,7 +54,7 @@ from segpipe.training.checkpoint import (
 )
 from segpipe.training.distributed import Dist, setup_distributed, teardown_distributed
 from segpipe.training.finetune import initial_weights
-from segpipe.training.loader import BatchFinisher, PatchBatches, make_loader
+from segpipe.training.loader import BatchFinisher, PatchBatches, label_values, make_loader
 from segpipe.training.runlog import MetricsLog, attach_log_file, plot_progress
 from segpipe.transforms.preprocessing import IGNORE_INDEX
 
@@ -385,11 +385,12 @@ def _train(config: Config, cache_root: Path, out: Path, fold: str, resume: bool,
         ignore = IGNORE_INDEX if plan.ignore_value is not None else None
         loss_fn = CompositeLoss(spec, schedule, num_classes=plan.num_classes, ignore_index=ignore,
                                 options=config.loss.options, ds_boundary=config.loss.ds_boundary)
+        values = label_values(plan)
         data = PatchBatches(cache.root, train_ids, plan.patch_size, plan.batch_size, batches=t.iterations_per_epoch,
                             foreground_fraction=t.foreground_fraction, augment=t.augmentation, seed=t.seed, rank=dist.rank,
-                            with_sdm=loss_fn.needs_sdm, defer_affine=_augment_on_device(t.augment_on, dev))
+                            with_sdm=loss_fn.needs_sdm, defer_affine=_augment_on_device(t.augment_on, dev), label_values=values)
         loader = make_loader(data, num_workers=workers, pin_memory=dev.type == "cuda")
-        finish = BatchFinisher(plan.patch_size, augment=t.augmentation)
+        finish = BatchFinisher(plan.patch_size, augment=t.augmentation, label_values=values)
         terms = [term.name for term in spec.terms]
         columns = ["epoch", "lr", "loss", *terms, "regional_weight", "boundary_weight",
                    "val_dice", "val_hd95", "val_lesion_f1", "val_avd_ml", "epoch_seconds", "loader_wait_seconds", "val_seconds"]

@@ -10,7 +10,10 @@ from segpipe.transforms import signed_distance_maps
 from segpipe.transforms.augmentation import (
     JointAffined,
     RandJointFlipd,
+    _matrix,
+    _sampling_grid,
     build_augmentation,
+    resample_label,
     sampled_extent,
 )
 
@@ -94,6 +97,44 @@ def test_beyond_the_volume_a_patch_is_zero_not_the_edge_copied():
     # output slice 0 samples input slice (0 - 3.5) / 0.7 + 3.5 = -1.5: beyond the volume
     assert (out["image"][..., 0] == 0).all() and (out["label"][..., 0] == 0).all() and (out["sdm"][..., 0] == 0).all()
     assert out["label"][0, 10, 10, 4] == 1 and abs(float(out["image"][0, 10, 10, 4]) - 5) < 1e-4 and out["sdm"][0, 10, 10, 4] < 0  # inside: the data
+
+
+def test_a_resampled_label_follows_the_shape_closer_than_nearest_neighbour():
+    """nnU-Net's label resampling (each value's indicator linearly, the largest wins): against the exact
+    rotated and zoomed ball, fewer wrong voxels than nearest-neighbour sampling (929 against 1523 here)."""
+    rng = np.random.default_rng(0)
+    shape = (24, 24, 12)
+    wrong = {"linear": 0, "nearest": 0}
+    for _ in range(20):
+        c, r = np.array(shape) / 2 - 0.5 + rng.uniform(-1, 1, 3), rng.uniform(3, 6)
+        lab = (((np.indices(shape) - c[:, None, None, None]) ** 2).sum(0) < r * r).astype(np.uint8)
+        m = _matrix(rng.uniform(-0.3, 0.3, 3), rng.uniform(0.7, 1.4))
+        grid = _sampling_grid(shape, shape, m, (0, 0, 0))
+        half = ((np.array(shape) - 1) / 2)[:, None]
+        q = m @ (np.indices(shape).reshape(3, -1) - half) + half  # where each output voxel samples the input
+        truth = (((q - c[:, None]) ** 2).sum(0) < r * r).reshape(shape)
+        t = torch.from_numpy(lab)[None]
+        linear = resample_label(t, grid, (1,))[0].numpy().astype(bool)
+        nearest = torch.nn.functional.grid_sample(t[None].float(), grid, mode="nearest", align_corners=True)[0, 0].numpy() > 0.5
+        wrong["linear"] += int((linear != truth).sum())
+        wrong["nearest"] += int((nearest != truth).sum())
+    assert wrong["linear"] < 0.75 * wrong["nearest"], wrong
+
+
+def test_label_resampling_keeps_every_value_ties_to_the_nearest_and_background_outside():
+    lab = np.zeros((12, 12, 6), np.uint8)
+    lab[2:6, 2:6, 1:5] = 1
+    lab[7:10, 7:10, 1:5] = 2
+    lab[5:7, 2:4, :] = 255  # the ignore value
+    t = torch.from_numpy(lab)[None]
+    same = _sampling_grid(lab.shape, lab.shape, np.eye(3), (0, 0, 0))
+    assert torch.equal(resample_label(t, same, (1, 2, 255)), t)  # on the voxels: the label itself
+    assert torch.equal(resample_label(t, same), t)  # the values read from the label
+    shifted = _sampling_grid(lab.shape, lab.shape, np.eye(3), (0.5, 0, 0))  # halfway between voxels: ties everywhere
+    nearest = torch.nn.functional.grid_sample(t[None].float(), shifted, mode="nearest", align_corners=True)[0].round().to(t.dtype)
+    assert torch.equal(resample_label(t, shifted, (1, 2, 255)), nearest)
+    out = resample_label(t, _sampling_grid(lab.shape, lab.shape, np.eye(3), (0, 0, 3)), (1, 2, 255))
+    assert set(torch.unique(out).tolist()) <= {0, 1, 2, 255} and (out[..., 3:] == 0).all()  # beyond the volume: background
 
 
 def test_extent_covers_the_rotated_patch():
