@@ -14,9 +14,9 @@ What touches the distance map, and how:
   The loader reads just the region the rotated, zoomed patch samples from (clipped to the volume), so
   rotated corners hold real data. Where the patch reaches beyond the volume, image, label and maps are 0, as
   for an unrotated patch that leaves it (and as in nnU-Net): the image at the mean, background, and no
-  boundary term. (Edge values there, as before, copied the volume's last slices, lesion included, under a
-  background label: in thin CT perfusion slabs, which every tilted or zoomed-out patch leaves, that taught
-  the network to call lesion-like voxels background.)
+  boundary term. (Until 2026-11-30 the image and maps took their edge values there under a background
+  label: in thin CT perfusion slabs, which every tilted or zoomed-out patch leaves, a lesion reaching the
+  slab's face was copied under background.)
 - **intensity** (image only), nnU-Net's set with its probabilities and ranges (nnU-Net v2's default training
   transforms): Gaussian noise (p = 0.1, one sigma for all channels), Gaussian blur (p = 0.2, sigma 0.5-1 voxel,
   each channel with p = 0.5), brightness (multiplicative, p = 0.15), contrast about the mean (p = 0.15),
