@@ -147,17 +147,28 @@ def resample_label(label: torch.Tensor, grid: torch.Tensor, values: Sequence[int
     label can hold (None: those it holds)."""
     if values is None:
         values = [int(v) for v in torch.unique(label).tolist() if v != 0]
-    nearest = F.grid_sample(label[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
-    nearest = nearest.round().to(label.dtype)
+
+    def nearest() -> torch.Tensor:
+        out = F.grid_sample(label[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
+        return out.round().to(label.dtype)
+
     if not values:
-        return nearest
+        return nearest()
     indicators = torch.stack([label[0] == v for v in values]).float()[None]
     scores = F.grid_sample(indicators, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-    scores = torch.cat([1.0 - scores.sum(0, keepdim=True), scores])  # background's: all the rest, outside included
-    best, index = scores.max(0, keepdim=True)
-    table = torch.tensor([0, *values], dtype=label.dtype, device=label.device)
-    tied = (scores >= best - 1e-5).sum(0, keepdim=True) > 1
-    return torch.where(tied, nearest, table[index])
+    if len(values) == 1:  # one class: its score against the background's, 1 - score (the usual case, in one pass)
+        out = torch.where(scores > 0.5, values[0], 0).to(label.dtype)
+        tied = (scores - 0.5).abs() < 1e-5
+    else:
+        scores = torch.cat([1.0 - scores.sum(0, keepdim=True), scores])  # background's: all the rest, outside included
+        best, index = scores.max(0, keepdim=True)
+        out = torch.tensor([0, *values], dtype=label.dtype, device=label.device)[index]
+        tied = (scores >= best - 1e-5).sum(0, keepdim=True) > 1
+    # ties need the nearest voxel; on the CPU it is sampled only if there is one (rare unless the grid falls
+    # halfway between voxels), on a GPU always (asking would make the host wait)
+    if label.device.type != "cpu" or bool(tied.any()):
+        out = torch.where(tied, nearest(), out)
+    return out
 
 
 def _sampling_grid(out_size: Sequence[int], in_size: Sequence[int], matrix: np.ndarray, offset: Sequence[float],
