@@ -89,7 +89,7 @@ class JointAffined(Randomizable, MapTransform):
         self.spatial_size = tuple(int(s) for s in spatial_size)
         # the label's values other than background (the classes, the ignore value); None: read from each label
         # (on a GPU that read waits for the device, so the trainer gives them)
-        self.label_values = None if label_values is None else tuple(int(v) for v in label_values if int(v) != 0)
+        self.label_values = None if label_values is None else tuple(int(v) for v in label_values)
         self.image_key, self.label_key, self.sdm_key = image_key, label_key, sdm_key
         self.prob_rotate, self.prob_scale = prob_rotate, prob_scale
         self.max_rotation = np.deg2rad(np.asarray(max_rotation_deg, dtype=float))
@@ -145,8 +145,7 @@ def resample_label(label: torch.Tensor, grid: torch.Tensor, values: Sequence[int
     Nearest-neighbour sampling alone moves a boundary by up to half a voxel against the linearly sampled
     image, a half voxel that in 5 mm slices is 2.5 mm of lesion. ``values``: the values other than 0 the
     label can hold (None: those it holds)."""
-    if values is None:
-        values = [int(v) for v in torch.unique(label).tolist() if v != 0]
+    values = [int(v) for v in (torch.unique(label).tolist() if values is None else values) if int(v) != 0]
 
     def nearest() -> torch.Tensor:
         out = F.grid_sample(label[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
